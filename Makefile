@@ -1,0 +1,28 @@
+# voxelflow — the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install install-system install-python test lint up down demo bench-ingest proto proto-check
+
+install: install-system install-python ## everything a fresh Debian machine lacks
+
+install-system: ## Debian packages: Orthanc + DICOMweb plugin (the PACS), dcmtk, PostgreSQL, Redis
+	ci/install-system.sh
+
+install-python: $(VENV)/.installed ## the services' virtual environment
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+test: install-python ## the whole suite against real servers it starts itself
+	$(PY) -m pytest -q
+
+lint:
+	$(VENV)/bin/ruff check shared services tests
+	$(VENV)/bin/ruff format --check shared services tests
+	$(VENV)/bin/mypy shared services

@@ -1,0 +1,1 @@
+"""Database access: SQLAlchemy 2 models and engines, Alembic migrations per component."""

@@ -1,0 +1,42 @@
+"""Settings shared by every voxelflow service.
+
+Each service declares exactly one subclass of :class:`VoxelflowSettings` in its own ``settings.py``;
+all variables are read from the environment with the ``VOXELFLOW_`` prefix, so one ``stack.env`` file
+(written by ``voxelflow stack up``) or one Kubernetes ConfigMap configures every service alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STATE_DIR = Path(".voxelflow")
+
+
+class VoxelflowSettings(BaseSettings):
+    """Variables every service understands. Field descriptions are the documentation (docs/configuration.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="VOXELFLOW_", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{DEFAULT_STATE_DIR}/voxelflow.db",
+        description="SQLAlchemy URL of the catalogue/audit database. postgresql+psycopg://… in deployments; "
+        "the SQLite default is for a single-machine trial.",
+    )
+    storage_url: str = Field(
+        default=f"file://{DEFAULT_STATE_DIR.resolve()}/objects",
+        description="Object storage: s3://ACCESS:SECRET@HOST:PORT/BUCKET[?secure=true] (MinIO, SeaweedFS, AWS) "
+        "or file:///absolute/path for an embedded store.",
+    )
+    broker_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Celery broker and result backend (Redis).",
+    )
+    log_level: str = Field(default="INFO", description="Python logging level.")
+    log_json: bool = Field(default=True, description="Structured JSON logs (one object per line) when true.")
+    api_max_request_bytes: int = Field(
+        default=2 * 1024**3,
+        description="Largest request body any HTTP endpoint accepts; larger requests get 413.",
+    )
