@@ -1,0 +1,64 @@
+"""Pull studies from a configured PACS (DICOMweb) as a background job."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field, model_validator
+
+from services.ingest.api.deps import ContextDep, OperatorCaller, SessionDep
+from services.ingest.context import PULL_FROM_PACS_TASK
+from services.ingest.models import PullJob
+
+router = APIRouter(prefix="/pacs", tags=["PACS"])
+
+
+class RetrieveRequest(BaseModel):
+    study_instance_uid: str | None = Field(default=None, description="Pull this study.")
+    query: dict[str, str] | None = Field(
+        default=None, description="Or pull every study matching these QIDO keys, e.g. {'PatientID': 'PGBM-002'}."
+    )
+
+    @model_validator(mode="after")
+    def one_of(self) -> RetrieveRequest:
+        if bool(self.study_instance_uid) == bool(self.query):
+            raise ValueError("give exactly one of study_instance_uid or query")
+        return self
+
+
+class PullJobOut(BaseModel):
+    id: str
+    pacs: str
+    query: dict[str, Any]
+    status: str
+    studies_found: int
+    instances_stored: int
+    instances_failed: int
+    error: str | None
+
+
+@router.get("", summary="Configured PACS")
+def list_pacs(ctx: ContextDep, caller: OperatorCaller) -> dict[str, str]:
+    return {name: connection.url for name, connection in ctx.settings.pacs.items()}
+
+
+@router.post("/{name}/retrieve", status_code=202, response_model=PullJobOut, summary="Pull from a PACS")
+def retrieve(name: str, body: RetrieveRequest, ctx: ContextDep, session: SessionDep, caller: OperatorCaller) -> PullJob:
+    if name not in ctx.settings.pacs:
+        raise HTTPException(404, f"no PACS named {name!r}; configured: {sorted(ctx.settings.pacs)}")
+    query = {"StudyInstanceUID": body.study_instance_uid} if body.study_instance_uid else dict(body.query or {})
+    job = PullJob(id=str(uuid.uuid4()), pacs=name, query=query, status="queued", requested_by=caller.name)
+    session.add(job)
+    session.commit()
+    ctx.celery.send_task(PULL_FROM_PACS_TASK, args=[job.id], queue="ingest", task_id=f"pull-{job.id}")
+    return job
+
+
+@router.get("/jobs/{id}", response_model=PullJobOut, summary="Progress of a pull")
+def pull_job(id: str, session: SessionDep, caller: OperatorCaller) -> PullJob:
+    job = session.get(PullJob, id)
+    if job is None:
+        raise HTTPException(404, f"no pull job {id}")
+    return job

@@ -1,0 +1,96 @@
+"""QIDO-RS: search studies, series and instances (PS3.18 10.6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select
+
+from services.ingest.api.deps import ContextDep, QueryCaller, SessionDep
+from services.ingest.models import Series, Study
+from services.ingest.query import (
+    QueryError,
+    build_select,
+    instance_json,
+    parse_query,
+    series_json,
+    study_json,
+)
+
+router = APIRouter(prefix="/dicomweb", tags=["DICOMweb QIDO-RS"])
+
+
+def _search(
+    request: Request, ctx: ContextDep, session: SessionDep, level: str, scope: dict[str, str]
+) -> Response:
+    params = [(k, v) for k, v in request.query_params.multi_items()]
+    params += list(scope.items())
+    try:
+        query = parse_query(level, params)
+    except QueryError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+    def translate(kind: str, original: str) -> str:
+        if kind == "patient":
+            return ctx.deidentifier.pseudonymise_patient_id(original)
+        return ctx.deidentifier.pseudonymise_uid(original)
+
+    base = ctx.settings.public_url.rstrip("/")
+    rows = session.scalars(build_select(query, translate)).all()
+    results: list[dict[str, Any]]
+    if level == "study":
+        results = [study_json(session, row, base, query.includefields) for row in rows]
+    elif level == "series":
+        results = [series_json(session, row, base, query.includefields) for row in rows]
+    else:
+        results = [instance_json(row, base, query.includefields) for row in rows]
+    if not results:
+        return Response(status_code=204)  # PS3.18: no matches
+    return JSONResponse(results, media_type="application/dicom+json")
+
+
+def _require_study(session: SessionDep, ctx: ContextDep, study_uid: str) -> None:
+    candidates = [study_uid, ctx.deidentifier.pseudonymise_uid(study_uid)]
+    if session.scalar(select(Study.id).where(Study.study_instance_uid.in_(candidates))) is None:
+        raise HTTPException(404, f"no study {study_uid}")
+
+
+@router.get("/studies", summary="Search for studies")
+def search_studies(request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> Response:
+    return _search(request, ctx, session, "study", {})
+
+
+@router.get("/series", summary="Search for series")
+def search_all_series(request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> Response:
+    return _search(request, ctx, session, "series", {})
+
+
+@router.get("/studies/{study_uid}/series", summary="Search for series of a study")
+def search_series(
+    study_uid: str, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+) -> Response:
+    _require_study(session, ctx, study_uid)
+    return _search(request, ctx, session, "series", {"StudyInstanceUID": study_uid})
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances", summary="Search for instances of a series")
+def search_instances(
+    study_uid: str, series_uid: str, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+) -> Response:
+    _require_study(session, ctx, study_uid)
+    candidates = [series_uid, ctx.deidentifier.pseudonymise_uid(series_uid)]
+    if session.scalar(select(Series.id).where(Series.series_instance_uid.in_(candidates))) is None:
+        raise HTTPException(404, f"no series {series_uid}")
+    return _search(
+        request, ctx, session, "instance", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
+    )
+
+
+@router.get("/studies/{study_uid}/instances", summary="Search for instances of a study")
+def search_study_instances(
+    study_uid: str, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+) -> Response:
+    _require_study(session, ctx, study_uid)
+    return _search(request, ctx, session, "instance", {"StudyInstanceUID": study_uid})

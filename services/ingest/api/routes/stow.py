@@ -1,0 +1,97 @@
+"""STOW-RS: store instances (PS3.18 10.5). Partial success is the norm: good instances are stored,
+bad ones reported one by one in FailedSOPSequence, and one bad file never fails the whole request."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from services.ingest.api.deps import ContextDep, StoreCaller
+from services.ingest.dicomweb import (
+    MultipartError,
+    Part,
+    UnsupportedMediaTypeError,
+    failed_sop_item,
+    read_parts,
+    referenced_sop_item,
+    stow_boundary,
+    stow_response,
+)
+from services.ingest.validation import FAILURE_STATUS, InstanceRejectedError, RejectReason
+from shared.http import add_audit_uids
+
+router = APIRouter(prefix="/dicomweb", tags=["DICOMweb STOW-RS"])
+
+DICOM_JSON = "application/dicom+json"
+
+
+async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JSONResponse:
+    try:
+        boundary = stow_boundary(request.headers.get("content-type"))
+    except UnsupportedMediaTypeError as exc:
+        raise HTTPException(415, str(exc)) from exc
+    except MultipartError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    try:
+        parts = await read_parts(request.stream(), boundary)
+    except MultipartError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    if not parts:
+        raise HTTPException(400, "the multipart body holds no parts")
+
+    base = ctx.settings.public_url.rstrip("/")
+    referenced: list[dict[str, object]] = []
+    failed: list[dict[str, object]] = []
+
+    def store_part(part: Part) -> None:
+        try:
+            if part.content_type.split(";")[0].strip().lower() != "application/dicom":
+                raise InstanceRejectedError(
+                    RejectReason.UNPARSEABLE, f"part Content-Type {part.content_type!r} is not application/dicom"
+                )
+            received = ctx.receiver.receive_stream(part.file, part.size, "stow", expected_study_uid=study_uid)
+        except InstanceRejectedError as exc:
+            failed.append(
+                failed_sop_item(
+                    exc.sop_class_uid, exc.sop_instance_uid, exc.failure_status, f"{exc.reason.value}: {exc.message}"
+                )
+            )
+            add_audit_uids(request, exc.sop_instance_uid)
+        else:
+            url = (
+                f"{base}/dicomweb/studies/{received.study_instance_uid}/series/{received.series_instance_uid}"
+                f"/instances/{received.sop_instance_uid}"
+            )
+            referenced.append(referenced_sop_item(received.sop_class_uid, received.original_sop_instance_uid, url))
+            add_audit_uids(request, received.sop_instance_uid)
+        finally:
+            part.file.close()
+
+    for part in parts:
+        await anyio.to_thread.run_sync(store_part, part)
+
+    retrieve = f"{base}/dicomweb/studies/{study_uid}" if study_uid else None
+    body = stow_response(retrieve, referenced, failed)
+    if not failed:
+        status = 200
+    elif referenced:
+        status = 202  # PS3.18: some instances stored, some failed
+    else:
+        storage_down = all(
+            item["00081197"]["Value"][0] == FAILURE_STATUS[RejectReason.STORAGE_ERROR] for item in failed  # type: ignore[index]
+        )
+        status = 503 if storage_down else 409
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+@router.post("/studies", summary="Store instances (STOW-RS)")
+async def store_instances(request: Request, ctx: ContextDep, caller: StoreCaller) -> JSONResponse:
+    return await _store(request, ctx, None)
+
+
+@router.post("/studies/{study_uid}", summary="Store instances of one study (STOW-RS)")
+async def store_study_instances(
+    study_uid: str, request: Request, ctx: ContextDep, caller: StoreCaller
+) -> JSONResponse:
+    return await _store(request, ctx, study_uid)

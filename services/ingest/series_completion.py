@@ -1,0 +1,125 @@
+"""A series is complete once no instance arrived for the stable age (DICOM has no end-of-series
+signal; Orthanc's "stable series" works the same way). Then it is rebuilt into a volume, or flagged
+with the reason it is not one, and announced to preprocessing with a ``SeriesIngested`` message.
+
+Idempotent: the outcome is written only if the series is still in the generation that was examined,
+so a redelivered task, or one racing a late instance, never announces a stale or double result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+from sqlalchemy import select, update
+
+from services.ingest import metrics
+from services.ingest.context import SERIES_READY_TASK, IngestContext
+from services.ingest.models import Instance, Series
+from services.ingest.volume import NonVolumetricSeriesError, reconstruct_series
+from shared.db.base import session_scope, utcnow
+from shared.proto.voxelflow.v1.ingest_pb2 import SeriesIngested
+
+log = logging.getLogger("voxelflow.ingest.series")
+
+
+@dataclass(frozen=True)
+class FinalizeOutcome:
+    state: str  # "volume" | "flagged" | "not_stable" | "skipped"
+    retry_in_seconds: float = 0.0
+    message: SeriesIngested | None = None
+
+
+def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None = None) -> FinalizeOutcome:
+    now = now or utcnow()
+    with session_scope(ctx.session_factory) as session:
+        series = session.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+        if series is None or series.status != "receiving":
+            return FinalizeOutcome("skipped")
+        last = series.last_received_at
+        if last.tzinfo is None:  # SQLite returns naive datetimes
+            last = last.replace(tzinfo=dt.UTC)
+        quiet_for = (now - last).total_seconds()
+        if quiet_for < ctx.settings.series_stable_seconds:
+            return FinalizeOutcome("not_stable", ctx.settings.series_stable_seconds - quiet_for)
+        generation = series.generation
+        keys = list(
+            session.scalars(
+                select(Instance.object_key).where(Instance.series_id == series.id, Instance.state == "stored")
+            )
+        )
+        study_uid = series.study.study_instance_uid
+        message = SeriesIngested(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            patient_pseudonym=series.study.patient.pseudonym,
+            modality=series.modality or "",
+            site=series.site,
+            instance_count=len(keys),
+            received_at=last.isoformat(),
+        )
+
+    volumes: list[dict[str, object]] = []
+    reason = None
+    with tempfile.TemporaryDirectory(prefix="vf-series-") as workdir:
+        paths = []
+        for index, key in enumerate(keys):
+            path = Path(workdir) / f"{index:06d}.dcm"
+            ctx.store.download_file(key, str(path))
+            paths.append(path)
+        try:
+            reconstructed = reconstruct_series(paths)
+        except NonVolumetricSeriesError as exc:
+            reason = f"{exc.reason_code}: {exc}"
+        else:
+            for index, volume in enumerate(reconstructed):
+                name = volume.label or ("volume" if len(reconstructed) == 1 else f"volume{index}")
+                key = f"volumes/{series_uid}/g{generation}/{name}.nii.gz"
+                nifti_path = Path(workdir) / f"{name}.nii.gz"
+                volume.to_nifti().to_filename(str(nifti_path))
+                ctx.store.put_file(key, str(nifti_path), "application/gzip")
+                volumes.append(
+                    {
+                        "key": key,
+                        "label": volume.label,
+                        "shape": [int(s) for s in volume.array.shape],
+                        "spacing_mm": [float(s) for s in volume.spacing],
+                        "affine_ras": [[float(v) for v in row] for row in volume.affine],
+                    }
+                )
+
+    status = "flagged" if reason else "volume"
+    with session_scope(ctx.session_factory) as session:
+        written = session.execute(
+            update(Series)
+            .where(
+                Series.series_instance_uid == series_uid,
+                Series.generation == generation,
+                Series.status == "receiving",
+            )
+            .values(status=status, non_volumetric_reason=reason, volumes=volumes)
+        ).rowcount
+    if not written:
+        log.info("series %s changed while it was reconstructed; a later check will finalise it", series_uid)
+        return FinalizeOutcome("skipped")
+
+    metrics.series_reconstructed_total.labels(status).inc()
+    if reason:
+        message.non_volumetric_reason = reason
+    else:
+        first = volumes[0]
+        message.volume_uri = str(first["key"])
+        message.shape.extend(first["shape"])  # type: ignore[arg-type]
+        message.spacing_mm.extend(first["spacing_mm"])  # type: ignore[arg-type]
+    ctx.celery.send_task(
+        SERIES_READY_TASK,
+        args=[MessageToDict(message, preserving_proto_field_name=True)],
+        queue=ctx.settings.preprocessing_queue,
+        task_id=f"series-ready-{series_uid}-g{generation}",
+    )
+    log.info("series %s finalised: %s", series_uid, status, extra={"series_uid": series_uid, "status": status})
+    return FinalizeOutcome(status, message=message)

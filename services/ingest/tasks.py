@@ -1,0 +1,34 @@
+"""Thin Celery tasks of the ingest service: they take IDs and call domain code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from services.ingest.context import FINALIZE_SERIES_TASK, PULL_FROM_PACS_TASK
+
+
+def _context() -> Any:
+    from services.ingest.worker import worker_context
+
+    return worker_context()
+
+
+@shared_task(name=FINALIZE_SERIES_TASK, bind=True)
+def finalize_series_task(self: Any, series_uid: str) -> str:
+    from services.ingest.series_completion import finalize_series
+
+    ctx = _context()
+    outcome = finalize_series(ctx, series_uid)
+    if outcome.state == "not_stable":
+        ctx.schedule_series_check(series_uid, delay=outcome.retry_in_seconds + 0.1)
+    return outcome.state
+
+
+@shared_task(name=PULL_FROM_PACS_TASK, bind=True)
+def pull_from_pacs_task(self: Any, job_id: str) -> dict[str, Any]:
+    from services.ingest.pacs_pull import pull
+
+    job = pull(_context(), job_id)
+    return {"job_id": job.id, "status": job.status, "instances_stored": job.instances_stored}

@@ -1,0 +1,131 @@
+"""Is this a DICOM instance voxelflow can take? Pure checks, one reason code per refusal.
+
+Reason codes are stable strings (they label the ``voxelflow_ingest_instances_rejected_total`` metric and
+appear in STOW-RS responses); each maps to the DICOM failure status a PACS understands.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+
+
+class RejectReason(enum.StrEnum):
+    UNPARSEABLE = "unparseable"
+    MISSING_ATTRIBUTE = "missing_attribute"
+    INVALID_UID = "invalid_uid"
+    UNSUPPORTED_SOP_CLASS = "unsupported_sop_class"
+    NO_PIXEL_DATA = "no_pixel_data"
+    TOO_LARGE = "too_large"
+    STUDY_MISMATCH = "study_mismatch"
+    CONFLICT = "conflict"
+    STORAGE_ERROR = "storage_error"
+
+
+# PS3.18 STOW-RS / PS3.4 C-STORE failure statuses for each reason.
+FAILURE_STATUS: dict[RejectReason, int] = {
+    RejectReason.UNPARSEABLE: 0xC000,  # Cannot understand
+    RejectReason.MISSING_ATTRIBUTE: 0xA900,  # Data set does not match SOP class
+    RejectReason.INVALID_UID: 0xA900,
+    RejectReason.UNSUPPORTED_SOP_CLASS: 0x0122,  # SOP class not supported
+    RejectReason.NO_PIXEL_DATA: 0xA900,
+    RejectReason.TOO_LARGE: 0xA700,  # Out of resources
+    RejectReason.STUDY_MISMATCH: 0xC409,  # Study Instance UID mismatch
+    RejectReason.CONFLICT: 0x0111,  # Duplicate SOP instance (with different content)
+    RejectReason.STORAGE_ERROR: 0x0110,  # Processing failure
+}
+
+
+class InstanceRejectedError(Exception):
+    def __init__(self, reason: RejectReason, message: str, sop_class_uid: str = "", sop_instance_uid: str = ""):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+
+    @property
+    def failure_status(self) -> int:
+        return FAILURE_STATUS[self.reason]
+
+
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+IMAGE_PIXEL_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def is_supported_sop_class(uid: str) -> bool:
+    """Image storage classes (single- and multi-frame, enhanced, legacy) and Segmentation.
+
+    Structured reports, presentation states, waveforms, encapsulated documents and raw data carry no
+    image voxelflow can train on or segment, so they are refused at the door rather than catalogued."""
+    if uid == SEGMENTATION_STORAGE:
+        return True
+    name = UID(uid).name
+    return name.endswith("Image Storage") or "Image Storage -" in name or name.endswith("Image Storage for Processing")
+
+
+def read_instance(stream: BinaryIO) -> Dataset:
+    """Parse a DICOM Part-10 stream (preamble optional, as some PACS send bare datasets with file meta)."""
+    try:
+        return pydicom.dcmread(stream, force=False)
+    except InvalidDicomError:
+        stream.seek(0)
+        try:
+            dataset = pydicom.dcmread(stream, force=True)
+        except Exception as exc:
+            raise InstanceRejectedError(RejectReason.UNPARSEABLE, f"not a DICOM file: {exc}") from exc
+        if "SOPInstanceUID" not in dataset:
+            raise InstanceRejectedError(
+                RejectReason.UNPARSEABLE, "not a DICOM Part-10 file (no preamble/DICM prefix and no SOP Instance UID)"
+            ) from None
+        return dataset
+    except Exception as exc:  # truncated files, bad lengths: pydicom raises many types
+        raise InstanceRejectedError(RejectReason.UNPARSEABLE, f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+
+
+def validate_instance(dataset: Dataset) -> None:
+    """Raise :class:`InstanceRejectedError` with the first problem found."""
+    sop_class = str(dataset.get("SOPClassUID", "") or "")
+    sop_instance = str(dataset.get("SOPInstanceUID", "") or "")
+    try:
+        missing = [kw for kw in REQUIRED_UIDS if not str(dataset.get(kw, "") or "").strip()]
+    except Exception as exc:
+        raise InstanceRejectedError(RejectReason.UNPARSEABLE, f"unreadable header: {exc}") from exc
+    if missing:
+        raise InstanceRejectedError(
+            RejectReason.MISSING_ATTRIBUTE, f"missing required attribute(s): {', '.join(missing)}", sop_class, sop_instance
+        )
+    for keyword in REQUIRED_UIDS:
+        value = str(dataset.get(keyword))
+        if not UID(value).is_valid:
+            raise InstanceRejectedError(
+                RejectReason.INVALID_UID, f"{keyword} {value!r} is not a valid UID", sop_class, sop_instance
+            )
+    if not is_supported_sop_class(sop_class):
+        raise InstanceRejectedError(
+            RejectReason.UNSUPPORTED_SOP_CLASS,
+            f"SOP class {sop_class} ({UID(sop_class).name}) is not an image or segmentation",
+            sop_class,
+            sop_instance,
+        )
+    if not any(kw in dataset for kw in PIXEL_DATA_KEYWORDS):
+        raise InstanceRejectedError(
+            RejectReason.NO_PIXEL_DATA, "image object without pixel data", sop_class, sop_instance
+        )
+    missing_pixel_attrs = [kw for kw in IMAGE_PIXEL_ATTRIBUTES if kw not in dataset]
+    if missing_pixel_attrs:
+        raise InstanceRejectedError(
+            RejectReason.MISSING_ATTRIBUTE,
+            f"pixel data without {', '.join(missing_pixel_attrs)}",
+            sop_class,
+            sop_instance,
+        )

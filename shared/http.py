@@ -1,0 +1,215 @@
+"""The HTTP side every service shares: app factory, request middleware, health and metrics endpoints.
+
+One ASGI middleware does the per-request bookkeeping that must never be forgotten by a route:
+request ID, body-size limit (413), access log, Prometheus metrics by route template, and an audit row
+(who, role, method, path, object UIDs, outcome, time) in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.auth import Principal, TokenAuthenticator
+from shared.db.base import session_scope
+from shared.db.models import AuditEvent
+from shared.observability import metrics
+from shared.observability.logging import request_id_var
+
+log = logging.getLogger("voxelflow.http")
+
+# Probes and scrapes carry no data and are hit every few seconds: neither authenticated nor audited.
+UNAUDITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+ReadinessCheck = Callable[[], None]
+
+
+class RequestTooLargeError(Exception):
+    pass
+
+
+def add_audit_uids(request: Request, *uids: str | None) -> None:
+    """Routes call this to name the objects a request touched beyond its path parameters."""
+    request.state.audit_uids = [*getattr(request.state, "audit_uids", []), *(u for u in uids if u)]
+
+
+def _outcome(status_code: int) -> str:
+    if status_code in (401, 403):
+        return "denied"
+    if status_code >= 500:
+        return "error"
+    if status_code >= 400:
+        return "rejected"
+    return "success"
+
+
+class ObservedRequestMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        service: str,
+        session_factory: sessionmaker[Session],
+        max_request_bytes: int,
+    ):
+        self.app = app
+        self.service = service
+        self.session_factory = session_factory
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})
+        started = time.perf_counter()
+        status_holder = {"status": 500, "sent": False}
+        received = 0
+        metrics.http_requests_in_progress.labels(self.service).inc()
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_request_bytes:
+                    raise RequestTooLargeError
+            return message
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["sent"] = True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
+                raise RequestTooLargeError
+            await self.app(scope, limited_receive, observed_send)
+        except RequestTooLargeError:
+            if status_holder["sent"]:
+                raise
+            response = JSONResponse(
+                {"detail": f"request body exceeds the {self.max_request_bytes}-byte limit"}, status_code=413
+            )
+            await response(scope, receive, observed_send)
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.http_requests_in_progress.labels(self.service).dec()
+            route = scope.get("route")
+            route_template = getattr(route, "path", None) or "unmatched"
+            status_code = int(status_holder["status"])
+            method = scope["method"]
+            metrics.http_requests_total.labels(self.service, method, route_template, str(status_code)).inc()
+            metrics.http_request_duration_seconds.labels(self.service, method, route_template).observe(elapsed)
+            log.info(
+                "request",
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "status": status_code,
+                    "duration_ms": round(elapsed * 1000, 1),
+                },
+            )
+            if scope["path"] not in UNAUDITED_PATHS:
+                await anyio.to_thread.run_sync(self._write_audit, scope, request_id, status_code)
+            request_id_var.reset(token)
+
+    def _write_audit(self, scope: Scope, request_id: str, status_code: int) -> None:
+        state = scope.get("state", {})
+        principal: Principal | None = state.get("principal")
+        uids = [str(v) for k, v in scope.get("path_params", {}).items() if k.endswith("uid") or k == "id"]
+        uids += state.get("audit_uids", [])
+        client = scope.get("client")
+        try:
+            with session_scope(self.session_factory) as session:
+                session.add(
+                    AuditEvent(
+                        service=self.service,
+                        request_id=request_id,
+                        principal=principal.name if principal else None,
+                        role=principal.role.value if principal else None,
+                        method=scope["method"],
+                        path=scope["path"][:2048],
+                        object_uids=list(dict.fromkeys(uids))[:1000],
+                        status_code=status_code,
+                        outcome=_outcome(status_code),
+                        client=f"{client[0]}:{client[1]}" if client else None,
+                    )
+                )
+        except Exception:  # the audit must not turn a served request into a 500 after the fact
+            log.exception("could not write audit event", extra={"audit_request_id": request_id})
+
+
+def health_router(readiness_checks: dict[str, ReadinessCheck]) -> APIRouter:
+    """``/healthz``: the process is alive. ``/readyz``: every dependency answers and the service is loaded."""
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", include_in_schema=False)
+    def readyz(request: Request) -> JSONResponse:
+        failures: dict[str, str] = {}
+        if not getattr(request.app.state, "ready", False):
+            failures["startup"] = "not finished"
+        for name, check in readiness_checks.items():
+            try:
+                check()
+            except Exception as exc:
+                failures[name] = f"{type(exc).__name__}: {exc}"[:300]
+        if failures:
+            return JSONResponse({"status": "not ready", "failures": failures}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @router.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def create_service_app(
+    *,
+    service: str,
+    title: str,
+    description: str,
+    version: str,
+    session_factory: sessionmaker[Session],
+    max_request_bytes: int,
+    routers: Sequence[APIRouter],
+    readiness_checks: dict[str, ReadinessCheck],
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None = None,
+) -> FastAPI:
+    app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
+    app.state.ready = False
+    app.state.authenticator = TokenAuthenticator(session_factory)
+    app.include_router(health_router(readiness_checks))
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(
+        ObservedRequestMiddleware,
+        service=service,
+        session_factory=session_factory,
+        max_request_bytes=max_request_bytes,
+    )
+    return app
+
+
+__all__ = ["Awaitable", "RequestTooLargeError", "add_audit_uids", "create_service_app", "health_router"]

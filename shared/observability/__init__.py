@@ -1,0 +1,1 @@
+"""Logs, metrics and health: what every voxelflow process exposes to its operators."""

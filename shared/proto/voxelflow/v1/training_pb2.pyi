@@ -1,0 +1,56 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TrainingRoundTask(_message.Message):
+    __slots__ = ("run_id", "round", "site", "dataset_version_id", "global_weights_uri", "training_config_uri", "local_epochs", "fedprox_mu", "task_attempt_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_WEIGHTS_URI_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_CONFIG_URI_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    FEDPROX_MU_FIELD_NUMBER: _ClassVar[int]
+    TASK_ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    site: str
+    dataset_version_id: str
+    global_weights_uri: str
+    training_config_uri: str
+    local_epochs: int
+    fedprox_mu: float
+    task_attempt_id: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., dataset_version_id: _Optional[str] = ..., global_weights_uri: _Optional[str] = ..., training_config_uri: _Optional[str] = ..., local_epochs: _Optional[int] = ..., fedprox_mu: _Optional[float] = ..., task_attempt_id: _Optional[str] = ...) -> None: ...
+
+class ModelUpdate(_message.Message):
+    __slots__ = ("run_id", "round", "site", "task_attempt_id", "weights_uri", "num_samples", "metrics", "finished_at")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    TASK_ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_URI_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    site: str
+    task_attempt_id: str
+    weights_uri: str
+    num_samples: int
+    metrics: _containers.ScalarMap[str, float]
+    finished_at: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., task_attempt_id: _Optional[str] = ..., weights_uri: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., finished_at: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,212 @@
+"""Celery for every service: one queue per service, late acks, retries with backoff, dead letters.
+
+Why these settings: tasks here are long (volume reconstruction, training rounds) and must survive a
+killed worker, so messages are acknowledged only after the task finishes (``acks_late``) and requeued
+when the worker dies (``reject_on_worker_lost``); prefetch 1 keeps one long task from blocking others
+behind it. Every task must therefore be idempotent. A task that exhausts its retries, or fails with a
+:class:`PermanentTaskError`, is kept as a :class:`~shared.db.models.DeadLetter` row with its arguments
+and reason, listable and retryable through ``/dead-letters``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any
+
+from celery import Celery, Task, signals
+from fastapi import APIRouter, Depends, HTTPException
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.auth import Principal, Role, role_checker
+from shared.db.base import make_engine, make_session_factory, session_scope, utcnow
+from shared.db.models import DeadLetter
+from shared.observability import metrics
+
+log = logging.getLogger("voxelflow.tasks")
+
+
+class PermanentTaskError(Exception):
+    """Retrying cannot help (bad input, unknown ID): fail now, keep a dead letter with this reason."""
+
+
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+
+
+class VoxelflowTask(Task):  # type: ignore[misc]
+    autoretry_for = RETRYABLE_ERRORS
+    retry_backoff = 2
+    retry_backoff_max = 300
+    retry_jitter = True
+    max_retries = 5
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        record_dead_letter(self.app, self, exc, task_id, args, kwargs)
+
+
+def record_dead_letter(app: Celery, task: Task, exc: BaseException, task_id: str, args: Any, kwargs: Any) -> None:
+    factory = session_factory_for(app)
+    try:
+        with session_scope(factory) as session:
+            if session.scalar(select(DeadLetter).where(DeadLetter.task_id == task_id)) is not None:
+                return  # the same failure reported twice (redelivery) is one dead letter
+            delivery = task.request.delivery_info or {}
+            session.add(
+                DeadLetter(
+                    service=app.conf.voxelflow_service,
+                    task_id=task_id,
+                    task_name=task.name,
+                    queue=delivery.get("routing_key") or app.conf.task_default_queue,
+                    args=list(args or []),
+                    kwargs=dict(kwargs or {}),
+                    exception_type=type(exc).__name__,
+                    exception_message=str(exc)[:10000],
+                    traceback="".join(traceback.format_exception(exc))[-20000:],
+                    retries=task.request.retries or 0,
+                )
+            )
+    except Exception:
+        log.exception("could not record dead letter for task %s", task_id)
+
+
+_session_factories: dict[str, sessionmaker[Session]] = {}
+
+
+def session_factory_for(app: Celery) -> sessionmaker[Session]:
+    url = app.conf.voxelflow_database_url
+    if url not in _session_factories:
+        _session_factories[url] = make_session_factory(make_engine(url))
+    return _session_factories[url]
+
+
+def create_celery_app(service: str, broker_url: str, database_url: str) -> Celery:
+    app = Celery(f"voxelflow.{service}", broker=broker_url, backend=broker_url, task_cls=VoxelflowTask)
+    app.conf.update(
+        voxelflow_service=service,
+        voxelflow_database_url=database_url,
+        task_default_queue=service,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_track_started=True,
+        result_expires=7 * 24 * 3600,
+        broker_connection_retry_on_startup=True,
+        # A redelivered long task must not be handed to a second worker while the first still runs it.
+        broker_transport_options={"visibility_timeout": 6 * 3600},
+        worker_send_task_events=True,
+    )
+    return app
+
+
+_task_started: dict[str, float] = {}
+
+
+@signals.task_prerun.connect
+def _on_prerun(task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        _task_started[task_id] = time.perf_counter()
+
+
+@signals.task_postrun.connect
+def _on_postrun(task_id: str | None = None, task: Task | None = None, state: str | None = None, **_: Any) -> None:
+    if task is None or task_id is None:
+        return
+    service = task.app.conf.get("voxelflow_service", "unknown")
+    started = _task_started.pop(task_id, None)
+    if started is not None:
+        metrics.celery_task_duration_seconds.labels(service, task.name).observe(time.perf_counter() - started)
+    final = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}.get(state or "", None)
+    if final:
+        metrics.celery_tasks_total.labels(service, task.name, final).inc()
+
+
+class QueueLengthCollector(Collector):
+    """Reads Celery queue lengths from Redis at scrape time (for dashboards, alerts and KEDA)."""
+
+    def __init__(self, broker_url: str, queues: list[str]):
+        import redis
+
+        self._redis = redis.Redis.from_url(broker_url, socket_timeout=2)
+        self._queues = queues
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = GaugeMetricFamily(
+            metrics.celery_queue_length._name, metrics.celery_queue_length._documentation, labels=["queue"]
+        )
+        for queue in self._queues:
+            try:
+                family.add_metric([queue], float(self._redis.llen(queue)))
+            except Exception:  # an unreachable broker shows up in /readyz, not as a failed scrape
+                continue
+        yield family
+
+
+def register_queue_length_collector(broker_url: str, queues: list[str]) -> None:
+    try:
+        REGISTRY.unregister(metrics.celery_queue_length)
+    except KeyError:
+        pass
+    REGISTRY.register(QueueLengthCollector(broker_url, queues))
+
+
+class DeadLetterOut(BaseModel):
+    id: int
+    service: str
+    task_id: str
+    task_name: str
+    queue: str | None
+    args: list[Any]
+    kwargs: dict[str, Any]
+    exception_type: str
+    exception_message: str
+    retries: int
+    failed_at: Any
+    requeued_at: Any | None
+    requeued_task_id: str | None
+
+
+def dead_letter_router(service: str, celery_app: Celery, session_factory: sessionmaker[Session]) -> APIRouter:
+    router = APIRouter(prefix="/dead-letters", tags=["operations"])
+    operator = Depends(role_checker(Role.OPERATOR))
+
+    @router.get("", response_model=list[DeadLetterOut])
+    def list_dead_letters(principal: Principal = operator, include_requeued: bool = False) -> list[DeadLetter]:
+        with session_scope(session_factory) as session:
+            query = select(DeadLetter).where(DeadLetter.service == service).order_by(DeadLetter.id)
+            if not include_requeued:
+                query = query.where(DeadLetter.requeued_at.is_(None))
+            rows = list(session.scalars(query))
+            metrics.dead_letters.labels(service).set(
+                session.scalar(
+                    select(func.count(DeadLetter.id)).where(
+                        DeadLetter.service == service, DeadLetter.requeued_at.is_(None)
+                    )
+                )
+                or 0
+            )
+            return rows
+
+    @router.post("/{id}/retry", response_model=DeadLetterOut)
+    def retry_dead_letter(id: int, principal: Principal = operator) -> DeadLetter:
+        with session_scope(session_factory) as session:
+            letter = session.get(DeadLetter, id)
+            if letter is None or letter.service != service:
+                raise HTTPException(404, f"no dead letter {id} in service {service}")
+            if letter.requeued_at is not None:
+                raise HTTPException(409, f"dead letter {id} was already requeued as task {letter.requeued_task_id}")
+            result = celery_app.send_task(letter.task_name, args=letter.args, kwargs=letter.kwargs, queue=letter.queue)
+            letter.requeued_at = utcnow()
+            letter.requeued_task_id = result.id
+            return letter
+
+    return router
