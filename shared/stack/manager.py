@@ -507,7 +507,8 @@ class Stack:
         except (FileNotFoundError, KeyError, ValueError):
             return "voxelflow", secrets.token_hex(20)  # persisted by prepare() on first start
 
-    def _minio(self, timeout: float = 3.0) -> Minio:
+    def minio_client(self, timeout: float = 3.0) -> Minio:
+        """A minio client for the stack's S3 with short timeouts and no retries (fit for health probes)."""
         import urllib3
         from minio import Minio
 
@@ -548,7 +549,7 @@ class Stack:
 
         def health() -> bool:
             try:
-                self._minio(timeout=2).list_buckets()
+                self.minio_client(timeout=2).list_buckets()
                 return True
             except Exception:  # connection refused, 503 while the filer starts, …
                 return False
@@ -557,7 +558,7 @@ class Stack:
             """Create the buckets, then wait until a write succeeds: the volume server may lag the API."""
             from minio.error import S3Error
 
-            client = self._minio(timeout=10)
+            client = self.minio_client(timeout=10)
             for bucket in (self.config.app_bucket, self.config.mlflow_bucket):
                 if not client.bucket_exists(bucket):
                     try:

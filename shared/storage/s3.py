@@ -141,9 +141,18 @@ class S3ObjectStore(ObjectStore):
                 raise
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        for obj in self.client.list_objects(self.bucket, prefix=prefix or None, recursive=True):
-            if obj.object_name is not None and not obj.is_dir:
-                yield obj.object_name
+        """Keys under ``prefix`` in lexical order.
+
+        AWS and MinIO list lexically, but SeaweedFS walks its directory tree ("a/b/x" before "a/b-c"), so
+        the keys are sorted here to keep the contract on every server. That holds the key names (not the
+        objects) in memory, which is fine for the per-study/per-run prefixes services list.
+        """
+        names = [
+            obj.object_name
+            for obj in self.client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
+            if obj.object_name is not None and not obj.is_dir
+        ]
+        return iter(sorted(names))
 
     @staticmethod
     def _user_metadata(headers: Any) -> dict[str, str]:
