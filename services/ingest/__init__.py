@@ -1,0 +1,1 @@
+"""PACS ingest service: series grouping, volume reconstruction, conversion."""
