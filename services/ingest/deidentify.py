@@ -398,7 +398,12 @@ def _is_overlay_group(tag: BaseTag) -> bool:
 
 def _is_empty(elem: DataElement) -> bool:
     value = elem.value
-    return value is None or value == "" or value == b"" or (isinstance(value, list) and not value)
+    return (
+        value is None
+        or value == ""
+        or value == b""
+        or (isinstance(value, Sequence | MultiValue | list) and not value)
+    )
 
 
 def _empty(elem: DataElement) -> None:
