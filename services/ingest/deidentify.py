@@ -453,7 +453,7 @@ def _shift_da(value: str, offset_days: int) -> str | None:
         day = _dt.date(int(text[:4]), int(text[4:6]), int(text[6:])) + _dt.timedelta(days=offset_days)
     except (ValueError, OverflowError):
         return None
-    return day.strftime("%Y%m%d") if day.year >= 1000 else f"{day.year:04d}{day.month:02d}{day.day:02d}"
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"  # strftime does not zero-pad years < 1000
 
 
 def _shift_dt(value: str, offset_days: int) -> str | None:
