@@ -273,7 +273,8 @@ def _check_single_frame_geometry(datasets: Sequence[Dataset]) -> None:
 
 def _explain_irregular_stack(datasets: Sequence[Dataset]) -> NonVolumetricSeriesError:
     """Turn highdicom's "not a regular volume" into a specific reason code."""
-    normal = np.cross(*np.reshape(_orientation(datasets[0]), (2, 3)))
+    row, column = np.reshape(np.asarray(datasets[0].ImageOrientationPatient, dtype=float), (2, 3))
+    normal = np.cross(row, column)
     positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=float) for ds in datasets])
     along = positions @ normal
     order = np.argsort(along)
