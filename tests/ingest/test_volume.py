@@ -310,3 +310,9 @@ def _secondary_capture(path: Path, z: float) -> Path:
 def test_secondary_capture_is_flagged(tmp_path: Path) -> None:
     files = [_secondary_capture(tmp_path / f"sc{i}.dcm", float(i)) for i in range(3)]
     assert _reason(files) == "secondary_capture"
+
+
+def test_non_dicom_file_is_unsupported(hcrop_files: list[Path], tmp_path: Path) -> None:
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a DICOM file")
+    assert _reason([*hcrop_files[:3], junk]) == "unsupported"
