@@ -273,7 +273,8 @@ def _check_single_frame_geometry(datasets: Sequence[Dataset]) -> None:
 
 def _explain_irregular_stack(datasets: Sequence[Dataset]) -> NonVolumetricSeriesError:
     """Turn highdicom's "not a regular volume" into a specific reason code."""
-    normal = np.cross(*np.reshape(_orientation(datasets[0]), (2, 3)))
+    row, column = np.reshape(np.asarray(datasets[0].ImageOrientationPatient, dtype=float), (2, 3))
+    normal = np.cross(row, column)
     positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=float) for ds in datasets])
     along = positions @ normal
     order = np.argsort(along)
@@ -334,7 +335,7 @@ def _reconstruct_single_frame(datasets: list[Dataset]) -> SeriesVolume:
     ordered = sorted(range(len(datasets)), key=lambda n: positions[n])
     try:
         volume = hd.get_volume_from_series(
-            datasets, dtype=np.float64, apply_real_world_transform=False, **kwargs
+            datasets, dtype=np.float32, apply_real_world_transform=False, **kwargs
         )
     except ValueError as exc:  # any inconsistency our checks did not anticipate
         raise NonVolumetricSeriesError("unsupported", f"highdicom refused the series: {exc}") from exc
@@ -438,7 +439,7 @@ def _enhanced_volumes(ds: Dataset) -> list[tuple[str, hd.Volume]]:
         source = ds if len(by_type) == 1 else _frame_subset(ds, frames)
         try:
             image = hd.Image.from_dataset(source, copy=False)
-            volume = image.get_volume(dtype=np.float64, apply_real_world_transform=False, rtol=_SPACING_RTOL)
+            volume = image.get_volume(dtype=np.float32, apply_real_world_transform=False, rtol=_SPACING_RTOL)
         except RuntimeError as exc:  # "Multiple frames found at one or more plane positions"
             raise NonVolumetricSeriesError("duplicate_positions", f"{ds.SOPInstanceUID}: {exc}") from exc
         except ValueError as exc:  # irregular spacing, missing positions, no geometry
