@@ -23,6 +23,7 @@ class RejectReason(enum.StrEnum):
     INVALID_UID = "invalid_uid"
     UNSUPPORTED_SOP_CLASS = "unsupported_sop_class"
     NO_PIXEL_DATA = "no_pixel_data"
+    PIXEL_DATA_SIZE = "pixel_data_size"
     TOO_LARGE = "too_large"
     STUDY_MISMATCH = "study_mismatch"
     CONFLICT = "conflict"
@@ -36,6 +37,7 @@ FAILURE_STATUS: dict[RejectReason, int] = {
     RejectReason.INVALID_UID: 0xA900,
     RejectReason.UNSUPPORTED_SOP_CLASS: 0x0122,  # SOP class not supported
     RejectReason.NO_PIXEL_DATA: 0xA900,
+    RejectReason.PIXEL_DATA_SIZE: 0xA900,
     RejectReason.TOO_LARGE: 0xA700,  # Out of resources
     RejectReason.STUDY_MISMATCH: 0xC409,  # Study Instance UID mismatch
     RejectReason.CONFLICT: 0x0111,  # Duplicate SOP instance (with different content)
@@ -126,6 +128,29 @@ def validate_instance(dataset: Dataset) -> None:
         raise InstanceRejectedError(
             RejectReason.MISSING_ATTRIBUTE,
             f"pixel data without {', '.join(missing_pixel_attrs)}",
+            sop_class,
+            sop_instance,
+        )
+    if "PixelData" in dataset and not dataset.file_meta.get("TransferSyntaxUID", UID("")).is_compressed:
+        _check_native_pixel_data_size(dataset, sop_class, sop_instance)
+
+
+def _check_native_pixel_data_size(dataset: Dataset, sop_class: str, sop_instance: str) -> None:
+    """Uncompressed pixel data must hold Rows x Columns x Frames x Samples x BitsAllocated bits: a
+    truncated transfer would otherwise be stored and only fail much later, at reconstruction."""
+    try:
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        expected_bits = int(dataset.Rows) * int(dataset.Columns) * frames * int(dataset.SamplesPerPixel)
+        expected = (expected_bits * int(dataset.BitsAllocated) + 7) // 8
+        actual = len(dataset.PixelData)
+    except (TypeError, ValueError) as exc:
+        raise InstanceRejectedError(
+            RejectReason.PIXEL_DATA_SIZE, f"unreadable image pixel attributes: {exc}", sop_class, sop_instance
+        ) from exc
+    if actual < expected:
+        raise InstanceRejectedError(
+            RejectReason.PIXEL_DATA_SIZE,
+            f"pixel data holds {actual} bytes, the image attributes need {expected}",
             sop_class,
             sop_instance,
         )

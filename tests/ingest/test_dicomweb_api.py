@@ -70,31 +70,48 @@ def minimal_image(**overrides: object) -> bytes:
     return buffer.getvalue()
 
 
+# The TotalSegmentator CT files were anonymised upstream down to empty Study/Series/SOP Instance UIDs:
+# no catalogue can place them, so ingest must refuse them (and only them) with a clear reason.
+UNPLACEABLE = "totalsegmentator_ct_example"
+
+
 @pytest.fixture(scope="module")
-def stored_everything(ingest_service: IngestService, shared_data: Path) -> dict[str, int]:
+def stored_everything(ingest_service: IngestService, shared_data: Path) -> dict[str, object]:
     """STOW every DICOM file of the bundled data, in batches as a PACS would send them."""
     files = dicom_files(shared_data)
-    outcome = {"files": len(files), "stored": 0, "failed": 0}
+    placeable = [p for p in files if UNPLACEABLE not in p.parts]
+    outcome: dict[str, object] = {"files": len(placeable), "stored": 0, "failed": 0}
     with ingest_service.client("pacs") as client:
-        for start in range(0, len(files), 25):
-            batch = [p.read_bytes() for p in files[start : start + 25]]
+        for start in range(0, len(placeable), 25):
+            batch = [p.read_bytes() for p in placeable[start : start + 25]]
             response = stow(client, batch)
             assert response.status_code in (200, 202), response.text
             body = response.json()
-            outcome["stored"] += len(body.get(REFERENCED, {}).get("Value", []))
-            outcome["failed"] += len(body.get(FAILED, {}).get("Value", []))
+            outcome["stored"] += len(body.get(REFERENCED, {}).get("Value", []))  # type: ignore[operator]
+            outcome["failed"] += len(body.get(FAILED, {}).get("Value", []))  # type: ignore[operator]
+        refused = stow(client, [p.read_bytes() for p in files if UNPLACEABLE in p.parts])
+        outcome["refused"] = refused
     return outcome
 
 
-def test_stow_stores_every_bundled_dicom_file(stored_everything: dict[str, int], ingest_service: IngestService):
-    assert stored_everything["files"] > 300
+def test_stow_stores_every_bundled_dicom_file(stored_everything: dict[str, object], ingest_service: IngestService):
+    assert stored_everything["files"] > 280  # type: ignore[operator]
     assert stored_everything["failed"] == 0, stored_everything
     assert stored_everything["stored"] == stored_everything["files"]
-    assert count_instances(ingest_service) >= stored_everything["files"]
+    assert count_instances(ingest_service) >= stored_everything["files"]  # type: ignore[operator]
+
+
+def test_files_without_study_or_series_uid_are_refused_with_the_reason(stored_everything: dict[str, object]):
+    refused = stored_everything["refused"]
+    assert refused.status_code == 409  # type: ignore[attr-defined]
+    items = refused.json()[FAILED]["Value"]  # type: ignore[attr-defined]
+    assert len(items) == 20
+    assert all(item[FAILURE_REASON]["Value"] == [0xA900] for item in items)
+    assert all("StudyInstanceUID, SeriesInstanceUID" in item["00000902"]["Value"][0] for item in items)
 
 
 def test_qido_finds_studies_by_original_and_pseudonymised_patient_id(
-    stored_everything: dict[str, int], ingest_service: IngestService
+    stored_everything: dict[str, object], ingest_service: IngestService
 ):
     with ingest_service.client("researcher") as client:
         by_original = client.get("/dicomweb/studies", params={"PatientID": "PGBM-002"})
@@ -110,7 +127,7 @@ def test_qido_finds_studies_by_original_and_pseudonymised_patient_id(
 
 
 def test_qido_matching_keys_limit_offset_and_includefield(
-    stored_everything: dict[str, int], ingest_service: IngestService
+    stored_everything: dict[str, object], ingest_service: IngestService
 ):
     with ingest_service.client("researcher") as client:
         ct = client.get("/dicomweb/studies", params={"ModalitiesInStudy": "CT"}).json()
@@ -138,7 +155,7 @@ def test_qido_matching_keys_limit_offset_and_includefield(
 
 
 def test_wado_returns_deidentified_instances_with_identical_pixels(
-    stored_everything: dict[str, int], ingest_service: IngestService, shared_data: Path
+    stored_everything: dict[str, object], ingest_service: IngestService, shared_data: Path
 ):
     original_path = sorted((shared_data / TCIA / "Study1" / "13_HCropVolume").iterdir())[0]
     original = pydicom.dcmread(original_path)
@@ -180,7 +197,7 @@ def test_same_instance_twice_is_stored_once_and_different_content_is_a_conflict(
         again = stow(client, [data])
         assert again.status_code == 200 and len(again.json()[REFERENCED]["Value"]) == 1
         assert count_instances(ingest_service) == before + 1
-        original = pydicom.dcmread(io.BytesIO(data))
+        original = pydicom.dcmread(io.BytesIO(data), force=True)
         changed = minimal_image(
             SOPInstanceUID=original.SOPInstanceUID,
             StudyInstanceUID=original.StudyInstanceUID,
@@ -197,7 +214,8 @@ def test_bad_instances_are_reported_one_by_one_and_good_ones_stored(ingest_servi
     sr = minimal_image(SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR
     cases = {
         "unparseable": b"this is not DICOM at all" * 10,
-        "truncated": minimal_image()[:200],
+        "truncated_header": minimal_image()[:200],
+        "truncated_pixels": minimal_image()[:-10],
         "missing_uid": minimal_image(SeriesInstanceUID=None),
         "unsupported": sr,
         "no_pixels": minimal_image(PixelData=None),
@@ -212,10 +230,11 @@ def test_bad_instances_are_reported_one_by_one_and_good_ones_stored(ingest_servi
         assert len(body[REFERENCED]["Value"]) == 2
         codes = failure_codes(body)
         assert len(codes) == len(cases)
-        assert codes == [0xC000, 0xC000, 0xA900, 0x0122, 0xA900, 0xA900]
+        assert codes == [0xC000, 0xA900, 0xA900, 0xA900, 0x0122, 0xA900, 0xA900]
         comments = [item["00000902"]["Value"][0] for item in body[FAILED]["Value"]]
-        assert comments[2].startswith("missing_attribute") and "SeriesInstanceUID" in comments[2]
-        assert comments[3].startswith("unsupported_sop_class")
+        assert comments[2].startswith("pixel_data_size: pixel data holds 22 bytes, the image attributes need 32")
+        assert comments[3].startswith("missing_attribute") and "SeriesInstanceUID" in comments[3]
+        assert comments[4].startswith("unsupported_sop_class")
         assert count_instances(ingest_service) == before + 2
 
 
@@ -272,7 +291,7 @@ def test_concurrent_stow_loses_nothing(ingest_service: IngestService, shared_dat
 
 def test_every_request_is_audited_and_reidentification_is_admin_only(ingest_service: IngestService):
     data = minimal_image(PatientID="AUDIT-ME")
-    original = pydicom.dcmread(io.BytesIO(data))
+    original = pydicom.dcmread(io.BytesIO(data), force=True)
     with ingest_service.client("pacs") as client:
         stored = stow(client, [data]).json()
     url = stored[REFERENCED]["Value"][0]["00081190"]["Value"][0]
