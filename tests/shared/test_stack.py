@@ -43,6 +43,16 @@ def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.down(purge=True)
 
 
+@pytest.fixture
+def scratch_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack for one test, purged afterwards even when the test fails."""
+    stack = Stack(StackConfig(state_dir=tmp_path / "s", base_port=free_base_port(), ephemeral=True))
+    try:
+        yield stack
+    finally:
+        stack.down(purge=True)
+
+
 def test_up_components_answer_real_clients(own_stack: Stack) -> None:
     env = dict(line.split("=", 1) for line in own_stack.env_file.read_text().splitlines() if "=" in line)
     assert env["VOXELFLOW_DATABASE_URL"].startswith("postgresql+psycopg://")
@@ -116,18 +126,17 @@ def test_cli_status_and_env(own_stack: Stack) -> None:
     assert printed.returncode == 0 and "VOXELFLOW_STORAGE_URL=s3://" in printed.stdout
 
 
-def test_port_taken_by_a_stranger_gives_a_clear_error(tmp_path: Path) -> None:
-    stack = Stack(StackConfig(state_dir=tmp_path / "s", base_port=free_base_port()))
+def test_port_taken_by_a_stranger_gives_a_clear_error(scratch_stack: Stack) -> None:
+    stack = scratch_stack
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", stack.config.port(PortOffsets.REDIS)))
         squatter.listen()
         with pytest.raises(StackError, match="taken by another program"):
             stack.up(only=["redis"])
-    stack.down(purge=True)
 
 
-def test_a_crashing_component_points_at_its_log(tmp_path: Path) -> None:
-    stack = Stack(StackConfig(state_dir=tmp_path / "s", base_port=free_base_port()))
+def test_a_crashing_component_points_at_its_log(scratch_stack: Stack) -> None:
+    stack = scratch_stack
     port = stack.config.port(PortOffsets.INGEST_API)
     code = "import sys; print('boom: no config'); sys.exit(3)"
     stack.components["bogus"] = stack.service("bogus", [sys.executable, "-c", code], (), port, "/healthz")
@@ -136,11 +145,10 @@ def test_a_crashing_component_points_at_its_log(tmp_path: Path) -> None:
     message = str(error.value)
     assert "exited with code 3" in message
     assert str(stack.procs.logfile("bogus")) in message and "boom: no config" in message
-    stack.down(purge=True)
 
 
-def test_down_frees_every_port_and_is_idempotent(tmp_path: Path) -> None:
-    stack = Stack(StackConfig(state_dir=tmp_path / "s", base_port=free_base_port(), ephemeral=True))
+def test_down_frees_every_port_and_is_idempotent(scratch_stack: Stack) -> None:
+    stack = scratch_stack
     stack.up(only=COMPONENTS)
     ports = [p for name in COMPONENTS for p in stack.components[name].ports]
     assert all(port_in_use(p) for p in (stack.config.port(PortOffsets.POSTGRES), stack.orthanc_dicom_port))
