@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install install-system install-python test lint up down demo bench-ingest proto proto-check
+.PHONY: install install-system install-python test lint up down status stack-env demo bench-ingest proto proto-check
 
 install: install-system install-python ## everything a fresh Debian machine lacks
 
@@ -26,3 +26,19 @@ lint:
 	$(VENV)/bin/ruff check shared services tests
 	$(VENV)/bin/ruff format --check shared services tests
 	$(VENV)/bin/mypy shared services
+
+# The local stack (PostgreSQL, Redis, SeaweedFS S3, Orthanc, MLflow) on 127.0.0.1, state in .voxelflow/stack.
+# STACK_ARGS passes options through, e.g. `make up STACK_ARGS="--only postgres,redis,s3"` or "--with-services".
+STACK_ARGS ?=
+
+up: ## start the local stack and write .voxelflow/stack/stack.env
+	$(PY) -m shared.stack up $(STACK_ARGS)
+
+down: ## stop everything `make up` started
+	$(PY) -m shared.stack down
+
+status: ## each component of the local stack with its URL and state
+	$(PY) -m shared.stack status
+
+stack-env: ## print the VOXELFLOW_* variables of the running stack
+	$(PY) -m shared.stack env

@@ -63,8 +63,13 @@ def http_ok(url: str, timeout: float = 2.0) -> Callable[[], bool]:
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """True when something already listens on (or holds) ``host:port``."""
+    """True when a socket is bound to ``host:port``.
+
+    SO_REUSEADDR, like the servers themselves use, so connections lingering in TIME_WAIT after a server
+    stopped do not count as "in use".
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

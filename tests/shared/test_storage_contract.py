@@ -143,5 +143,5 @@ def test_s3_store_hides_secret_and_refuses_a_wrong_one(s3_url: str) -> None:
     parts = urlsplit(s3_url)
     wrong = s3_url.replace(f":{secret}@", ":not-the-secret@")
     assert wrong != s3_url and parts.hostname
-    with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+    with pytest.raises(Exception, match=r"SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
         S3ObjectStore.from_url(wrong).put_bytes("x", b"x")
