@@ -42,3 +42,6 @@ status: ## each component of the local stack with its URL and state
 
 stack-env: ## print the VOXELFLOW_* variables of the running stack
 	$(PY) -m shared.stack env
+
+demo: install-python ## the end-to-end story on the bundled data (see README)
+	$(PY) -m shared.demo

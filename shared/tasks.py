@@ -151,12 +151,19 @@ class QueueLengthCollector(Collector):
         yield family
 
 
+_queue_collector: QueueLengthCollector | None = None
+
+
 def register_queue_length_collector(broker_url: str, queues: list[str]) -> None:
-    try:
-        REGISTRY.unregister(metrics.celery_queue_length)
-    except KeyError:
-        pass
-    REGISTRY.register(QueueLengthCollector(broker_url, queues))
+    """Replace the static gauge with a scrape-time reader; calling it again replaces the reader."""
+    global _queue_collector
+    for previous in (metrics.celery_queue_length, _queue_collector):
+        try:
+            REGISTRY.unregister(previous)  # type: ignore[arg-type]
+        except KeyError:
+            pass
+    _queue_collector = QueueLengthCollector(broker_url, queues)
+    REGISTRY.register(_queue_collector)
 
 
 class DeadLetterOut(BaseModel):

@@ -49,6 +49,7 @@ class PortOffsets:
     S3 = 5
     WEED_MASTER = 6  # .. 12: master, volume, filer HTTP + gRPC, s3 gRPC
     INGEST_API = 20
+    INGEST_DIMSE = 21
     SPAN = 30  # ports base .. base+SPAN-1 belong to one stack
 
 
@@ -760,40 +761,35 @@ class Stack:
 
     def _services(self) -> list[Component]:
         api_port = self.config.port(PortOffsets.INGEST_API)
+        dimse_port = self.config.port(PortOffsets.INGEST_DIMSE)
         py = sys.executable
+        requires = ("postgres", "redis", "s3", "orthanc")
+        ingest_env = {
+            "VOXELFLOW_PUBLIC_URL": f"http://127.0.0.1:{api_port}",
+            "VOXELFLOW_DEID_KEY_FILE": str(self.state_dir / "deid.key"),
+            "VOXELFLOW_DIMSE_PORT": str(dimse_port),
+            "VOXELFLOW_PACS": json.dumps({"orthanc": {"url": f"{self.orthanc_url}/dicom-web"}}),
+        }
         return [
             self.service(
                 "ingest-api",
-                [
-                    py,
-                    "-m",
-                    "uvicorn",
-                    "services.ingest.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(api_port),
-                ],
-                requires=("postgres", "redis", "s3", "orthanc"),
+                [py, "-m", "uvicorn", "services.ingest.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
+                requires=requires,
                 port=api_port,
-                health_path="/healthz",
+                health_path="/readyz",
+                env=ingest_env,
             ),
             self.service(
                 "ingest-worker",
-                [
-                    py,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "services.ingest.worker",
-                    "worker",
-                    "-Q",
-                    "ingest",
-                    "--concurrency",
-                    "1",
-                    "--loglevel",
-                    "INFO",
-                ],
-                requires=("postgres", "redis", "s3", "orthanc"),
+                [py, "-m", "celery", "-A", "services.ingest.worker", "worker", "-Q", "ingest",
+                 "--concurrency", "1", "--loglevel", "INFO"],
+                requires=requires,
+                env=ingest_env,
+            ),
+            self.service(
+                "ingest-dimse",
+                [py, "-m", "services.ingest.dimse"],
+                requires=requires,
+                env=ingest_env,
             ),
         ]
