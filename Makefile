@@ -26,3 +26,11 @@ lint:
 	$(VENV)/bin/ruff check shared services tests
 	$(VENV)/bin/ruff format --check shared services tests
 	$(VENV)/bin/mypy shared services
+
+helm-lint: ## Helm chart: lint + render + strict schema validation + invariants (tests/deploy)
+	ci/install-helm.sh
+	$(PY) -m pytest -q tests/deploy
+
+k8s: ## regenerate the plain manifests in k8s/ from the Helm chart
+	ci/install-helm.sh
+	VOXELFLOW_PYTHON=$(PY) k8s/render.sh
