@@ -27,6 +27,7 @@ lint:
 	$(VENV)/bin/ruff format --check shared services tests
 	$(VENV)/bin/mypy shared services
 
+.PHONY: helm-lint k8s
 helm-lint: ## Helm chart: lint + render + strict schema validation + invariants (tests/deploy)
 	ci/install-helm.sh
 	$(PY) -m pytest -q tests/deploy

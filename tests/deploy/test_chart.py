@@ -108,9 +108,13 @@ def test_scalers_target_existing_deployments(rendered, scenario):
 def test_gpu_scenario_scalers(rendered):
     docs = rendered["gpu"]
     hpa = {d["metadata"]["name"]: d for d in kinds(docs, "HorizontalPodAutoscaler")}
-    triton = hpa[f"vf-voxelflow-triton"]
+    triton = hpa["vf-voxelflow-triton"]
     metrics = {m["pods"]["metric"]["name"] for m in triton["spec"]["metrics"] if m["type"] == "Pods"}
-    assert metrics == {"DCGM_FI_DEV_GPU_UTIL", "nv_inference_queue_duration_us", "nv_inference_request_success"}
+    assert metrics == {
+        "DCGM_FI_DEV_GPU_UTIL",
+        "nv_inference_queue_duration_us",
+        "nv_inference_request_success",
+    }
     scaled = kinds(docs, "ScaledObject")
     assert scaled, "gpu scenario enables KEDA"
     deployments = {d["metadata"]["name"]: d for d in kinds(docs, "Deployment")}
@@ -138,14 +142,17 @@ def test_network_policies(rendered, scenario):
         assert selector_matches(deny[0]["spec"]["podSelector"], labels), f"{name(wl)} not default-denied"
         own = [p for p in specific if selector_matches(p["spec"]["podSelector"], labels)]
         assert own, f"{name(wl)} selected by no specific NetworkPolicy"
-    # Only the DICOM port accepts traffic from IP blocks (outside the cluster); APIs only from the ingress controller.
+    # Only the DICOM port accepts IP blocks (outside the cluster); APIs only from the ingress controller.
     for p in specific:
         for rule in p["spec"].get("ingress", []):
             if any("ipBlock" in peer for peer in rule.get("from", [])):
                 assert p["metadata"]["name"].endswith("-ingest-dimse"), p["metadata"]["name"]
                 assert [pt["port"] for pt in rule["ports"]] == ["dicom"]
-            if any("namespaceSelector" in peer and "podSelector" not in peer or "ingress-nginx" in json.dumps(peer)
-                   for peer in rule.get("from", [])) and any(pt["port"] == "http" for pt in rule.get("ports", [])):
+            if any(
+                ("namespaceSelector" in peer and "podSelector" not in peer)
+                or "ingress-nginx" in json.dumps(peer)
+                for peer in rule.get("from", [])
+            ) and any(pt["port"] == "http" for pt in rule.get("ports", [])):
                 comp = p["metadata"]["labels"]["app.kubernetes.io/component"]
                 monitoring = "monitoring" in json.dumps(rule["from"])
                 assert monitoring or comp in EXPOSED_COMPONENTS, f"{comp} reachable from another namespace"
@@ -153,11 +160,15 @@ def test_network_policies(rendered, scenario):
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_egress_least_privilege(rendered, scenario):
-    """Each app reaches only the dependencies it needs (e.g. the model registry never talks to Redis/Triton)."""
+    """Each app reaches only the dependencies it needs (e.g. the model registry never reaches Redis)."""
     docs = rendered[scenario]
-    by_comp = {p["metadata"]["labels"].get("app.kubernetes.io/component"): p for p in kinds(docs, "NetworkPolicy")}
+    by_comp = {
+        p["metadata"]["labels"].get("app.kubernetes.io/component"): p for p in kinds(docs, "NetworkPolicy")
+    }
+
     def egress_text(comp):
         return json.dumps(by_comp[comp]["spec"].get("egress", []))
+
     if scenario != "external-deps":
         assert 'component": "redis"' not in egress_text("model-registry-api")
         assert 'component": "triton"' not in egress_text("ingest-worker")
@@ -201,7 +212,7 @@ def test_no_plaintext_credentials(rendered, rendered_text, scenario):
                     continue
                 if CREDENTIAL_NAME.search(e["name"]):
                     problems.append(f"{name(wl)}: {e['name']} has a literal value")
-                for user, password in URL_CREDS.findall(value):
+                for _user, password in URL_CREDS.findall(value):
                     if password and not re.fullmatch(r"\$\([A-Z0-9_]+\)", password):
                         problems.append(f"{name(wl)}: {e['name']} embeds a literal password")
             for arg in c.get("args", []) + c.get("command", []):
@@ -215,7 +226,11 @@ def test_generated_secrets_are_kept(rendered):
     """Chart-generated credentials survive upgrade (lookup) and uninstall (resource-policy keep)."""
     generated = kinds(rendered["cpu"], "Secret")
     assert {s["metadata"]["name"] for s in generated} == {
-        "vf-voxelflow-app", "vf-voxelflow-postgresql", "vf-voxelflow-redis", "vf-voxelflow-minio"}
+        "vf-voxelflow-app",
+        "vf-voxelflow-postgresql",
+        "vf-voxelflow-redis",
+        "vf-voxelflow-minio",
+    }
     for s in generated:
         assert s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert not kinds(rendered["external-deps"], "Secret"), "external-deps uses existingSecrets only"
@@ -252,8 +267,11 @@ def test_only_ingest_and_inference_exposed(rendered, scenario):
             for path in rule["http"]["paths"]:
                 svc = services[path["backend"]["service"]["name"]]
                 assert svc["metadata"]["labels"]["app.kubernetes.io/component"] in EXPOSED_COMPONENTS
-    exposed = {s["metadata"]["labels"]["app.kubernetes.io/component"]
-               for s in services.values() if s["spec"].get("type", "ClusterIP") != "ClusterIP"}
+    exposed = {
+        s["metadata"]["labels"]["app.kubernetes.io/component"]
+        for s in services.values()
+        if s["spec"].get("type", "ClusterIP") != "ClusterIP"
+    }
     assert exposed <= {"ingest-dimse"}, exposed
 
 
@@ -287,11 +305,20 @@ def test_training_worker_per_site(rendered, scenario):
 
 def test_gpu_resources_only_in_gpu_scenario(rendered):
     def gpu_users(docs):
-        return {wl["metadata"]["name"] for wl, tpl in pod_templates(docs)
-                for c in containers(tpl) if "nvidia.com/gpu" in c["resources"].get("limits", {})}
+        return {
+            wl["metadata"]["name"]
+            for wl, tpl in pod_templates(docs)
+            for c in containers(tpl)
+            if "nvidia.com/gpu" in c["resources"].get("limits", {})
+        }
+
     assert gpu_users(rendered["cpu"]) == set()
-    assert gpu_users(rendered["gpu"]) == {"vf-voxelflow-triton", "vf-voxelflow-inference-worker",
-                                          "vf-voxelflow-training-worker-site-a", "vf-voxelflow-training-worker-site-b"}
+    assert gpu_users(rendered["gpu"]) == {
+        "vf-voxelflow-triton",
+        "vf-voxelflow-inference-worker",
+        "vf-voxelflow-training-worker-site-a",
+        "vf-voxelflow-training-worker-site-b",
+    }
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -316,14 +343,26 @@ def test_crds_structurally(rendered, scenario):
             assert r["labels"]["severity"] in {"critical", "warning", "info"}
             assert re.fullmatch(r"\d+[smh]", r["for"])
             assert r["annotations"]["summary"] and r["annotations"]["description"]
-        assert {r["alert"] for r in alerts} >= {"VoxelflowHighErrorRate", "VoxelflowHighLatencyP99",
-                                                 "VoxelflowQueueBacklog", "VoxelflowGPUMemoryPressure",
-                                                 "VoxelflowNoDataFromPACS"}
+        assert {r["alert"] for r in alerts} >= {
+            "VoxelflowHighErrorRate",
+            "VoxelflowHighLatencyP99",
+            "VoxelflowQueueBacklog",
+            "VoxelflowGPUMemoryPressure",
+            "VoxelflowNoDataFromPACS",
+        }
     for so in kinds(docs, "ScaledObject"):
         assert so["apiVersion"] == "keda.sh/v1alpha1"
         spec = so["spec"]
-        assert set(spec) <= {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "minReplicaCount",
-                             "maxReplicaCount", "triggers", "advanced", "fallback"}
+        assert set(spec) <= {
+            "scaleTargetRef",
+            "pollingInterval",
+            "cooldownPeriod",
+            "minReplicaCount",
+            "maxReplicaCount",
+            "triggers",
+            "advanced",
+            "fallback",
+        }
         assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
         for t in spec["triggers"]:
             assert set(t["metadata"]) <= {"address", "databaseIndex", "listName", "listLength", "enableTLS"}
@@ -332,7 +371,10 @@ def test_crds_structurally(rendered, scenario):
 
 def test_dashboards_configmaps(rendered):
     cms = [c for c in kinds(rendered["cpu"], "ConfigMap") if "-dashboard-" in c["metadata"]["name"]]
-    assert {c["metadata"]["name"] for c in cms} == {"vf-voxelflow-dashboard-operations", "vf-voxelflow-dashboard-data"}
+    assert {c["metadata"]["name"] for c in cms} == {
+        "vf-voxelflow-dashboard-operations",
+        "vf-voxelflow-dashboard-data",
+    }
     for c in cms:
         assert c["metadata"]["labels"]["grafana_dashboard"] == "1"
         (content,) = c["data"].values()
@@ -342,7 +384,10 @@ def test_dashboards_configmaps(rendered):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["--set", "postgresql.enabled=false", "--set", "externalDatabase.host=db"], "externalDatabase.existingSecret"),
+        (
+            ["--set", "postgresql.enabled=false", "--set", "externalDatabase.host=db"],
+            "externalDatabase.existingSecret",
+        ),
         (["--set", "redis.enabled=false", "--set", "externalRedis.host=r"], "externalRedis.existingSecret"),
         (["--set", "minio.enabled=false", "--set", "externalS3.host=s3"], "externalS3.existingSecret"),
         (["--set", "mlflow.enabled=false"], "externalMlflow.trackingUri"),

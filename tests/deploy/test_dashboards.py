@@ -32,13 +32,17 @@ def test_dashboard_metrics_are_known(path):
     exprs = dashboard_expressions(dashboard)
     assert len(exprs) >= 8
     for expr in exprs:
-        scoped = expr.startswith("label_values(") and expr.endswith(", namespace)")  # the namespace picker itself
+        scoped = expr.startswith("label_values(") and expr.endswith(
+            ", namespace)"
+        )  # the namespace picker itself
         names = {base_metric_name(n) for n in metric_names(expr)}
         assert names, f"no metric in {expr!r}"
         assert names <= ALLOWED_METRICS, f"unknown metric(s) {names - ALLOWED_METRICS} in {expr!r}"
-        assert scoped or "$namespace" in expr or not (names & {n for n in ALLOWED_METRICS if n.startswith(("voxelflow_", "nv_"))}), (
-            f"voxelflow/Triton query not scoped to $namespace: {expr!r}"
-        )
+        assert (
+            scoped
+            or "$namespace" in expr
+            or not (names & {n for n in ALLOWED_METRICS if n.startswith(("voxelflow_", "nv_"))})
+        ), f"voxelflow/Triton query not scoped to $namespace: {expr!r}"
     # unique panel ids and the datasource variable
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -54,13 +58,19 @@ def test_rule_metrics_are_known(rendered):
 
 
 def test_dashboards_cover_the_platform(rendered):
-    """Operations: HTTP rate/latency/errors, queues, GPU, Triton; data: ingest volume, rejections, reconstruction."""
+    """Operations: HTTP, queues, GPU, Triton; data: ingest volume, rejections, reconstruction."""
     used = chart_metric_names(_rules(rendered))
     must = {
-        "voxelflow_http_requests_total", "voxelflow_http_request_duration_seconds", "voxelflow_celery_queue_length",
-        "voxelflow_ingest_instances_received_total", "voxelflow_ingest_instances_rejected_total",
-        "voxelflow_ingest_series_reconstructed_total", "voxelflow_ingest_last_received_timestamp_seconds",
-        "DCGM_FI_DEV_GPU_UTIL", "nv_gpu_memory_used_bytes", "nv_inference_queue_duration_us",
+        "voxelflow_http_requests_total",
+        "voxelflow_http_request_duration_seconds",
+        "voxelflow_celery_queue_length",
+        "voxelflow_ingest_instances_received_total",
+        "voxelflow_ingest_instances_rejected_total",
+        "voxelflow_ingest_series_reconstructed_total",
+        "voxelflow_ingest_last_received_timestamp_seconds",
+        "DCGM_FI_DEV_GPU_UTIL",
+        "nv_gpu_memory_used_bytes",
+        "nv_inference_queue_duration_us",
     }
     assert must <= used, must - used
     assert used <= ALLOWED_METRICS
@@ -69,13 +79,24 @@ def test_dashboards_cover_the_platform(rendered):
 @pytest.mark.parametrize(
     ("expr", "expected"),
     [
-        ('sum by (service) (rate(voxelflow_http_requests_total{status=~"5.."}[5m]))', {"voxelflow_http_requests_total"}),
-        ("histogram_quantile(0.99, sum by (le) (rate(voxelflow_http_request_duration_seconds_bucket[$__rate_interval])))",
-         {"voxelflow_http_request_duration_seconds_bucket"}),
-        ("time() - max(voxelflow_ingest_last_received_timestamp_seconds) > 3600",
-         {"voxelflow_ingest_last_received_timestamp_seconds"}),
+        (
+            'sum by (service) (rate(voxelflow_http_requests_total{status=~"5.."}[5m]))',
+            {"voxelflow_http_requests_total"},
+        ),
+        (
+            "histogram_quantile(0.99, sum by (le) "
+            "(rate(voxelflow_http_request_duration_seconds_bucket[$__rate_interval])))",
+            {"voxelflow_http_request_duration_seconds_bucket"},
+        ),
+        (
+            "time() - max(voxelflow_ingest_last_received_timestamp_seconds) > 3600",
+            {"voxelflow_ingest_last_received_timestamp_seconds"},
+        ),
         ("a / on (pod) group_left (node) b offset 5m", {"a", "b"}),
-        ('label_values(voxelflow_http_requests_total{namespace="x"}, service)', {"voxelflow_http_requests_total"}),
+        (
+            'label_values(voxelflow_http_requests_total{namespace="x"}, service)',
+            {"voxelflow_http_requests_total"},
+        ),
         ("clamp_min(rate(x[5m]), 1e-9) / 1e6", {"x"}),
     ],
 )
