@@ -45,3 +45,12 @@ stack-env: ## print the VOXELFLOW_* variables of the running stack
 
 demo: install-python ## the end-to-end story on the bundled data (see README)
 	$(PY) -m shared.demo
+
+.PHONY: helm-lint k8s
+helm-lint: ## Helm chart: lint + render + strict schema validation + invariants (tests/deploy)
+	ci/install-helm.sh
+	$(PY) -m pytest -q tests/deploy
+
+k8s: ## regenerate the plain manifests in k8s/ from the Helm chart
+	ci/install-helm.sh
+	VOXELFLOW_PYTHON=$(PY) k8s/render.sh
