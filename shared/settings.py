@@ -36,6 +36,11 @@ class VoxelflowSettings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="Python logging level.")
     log_json: bool = Field(default=True, description="Structured JSON logs (one object per line) when true.")
+    metrics_port: int | None = Field(
+        default=None,
+        description="Port of a Prometheus /metrics server for processes without an HTTP API (Celery workers, "
+        "the DICOM receiver); the chart sets 9100. HTTP services serve /metrics on their own port.",
+    )
     api_max_request_bytes: int = Field(
         default=2 * 1024**3,
         description="Largest request body any HTTP endpoint accepts; larger requests get 413.",

@@ -92,6 +92,10 @@ def main() -> None:
     configure_logging("ingest-dimse", settings.log_level, settings.log_json)
     ctx = IngestContext(settings)
     ctx.migrate()
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port)
     server = start_receiver(ctx)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -17,5 +17,9 @@ def worker_context() -> IngestContext:
 settings = worker_context().settings
 configure_logging("ingest-worker", settings.log_level, settings.log_json)
 celery_app = worker_context().celery
+if settings.metrics_port:
+    from prometheus_client import start_http_server
+
+    start_http_server(settings.metrics_port)
 
 import services.ingest.tasks  # noqa: E402,F401  (registers the tasks)
