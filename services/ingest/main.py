@@ -58,5 +58,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
 def __getattr__(name: str) -> FastAPI:
     """``services.ingest.main:app`` builds the app from the environment on first access (uvicorn)."""
     if name == "app":
-        return create_app()
+        # cached: uvicorn resolves "main:app" twice (uvicorn.run and Config.load), and a second create_app()
+        # would register the queue-length collector again (prometheus DuplicateTimeseries)
+        app = create_app()
+        globals()["app"] = app
+        return app
     raise AttributeError(name)
