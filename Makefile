@@ -42,3 +42,6 @@ status: ## each component of the local stack with its URL and state
 
 stack-env: ## print the VOXELFLOW_* variables of the running stack
 	$(PY) -m shared.stack env
+
+bench-ingest: ## STOW-RS throughput of the ingest API vs Orthanc (private stack; out/bench-ingest.json)
+	$(PY) ci/bench_ingest.py $(BENCH_ARGS)
