@@ -454,7 +454,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=True,
         help="PostgreSQL with fsync (default; --no-fsync: the test suite's throw-away setting)",
     )
-    parser.add_argument("--profile", type=Path, help="run the ingest API under yappi and write pstats here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="profile the ingest API with yappi (wall clock, all threads; needs yappi) into this pstats file",
+    )
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "out" / "bench-ingest.json")
     args = parser.parse_args(argv)
     args.client_counts = [int(c) for c in str(args.clients).split(",") if c.strip()]
