@@ -54,3 +54,6 @@ helm-lint: ## Helm chart: lint + render + strict schema validation + invariants 
 k8s: ## regenerate the plain manifests in k8s/ from the Helm chart
 	ci/install-helm.sh
 	VOXELFLOW_PYTHON=$(PY) k8s/render.sh
+
+bench-ingest: ## STOW-RS throughput of the ingest API vs Orthanc (private stack; out/bench-ingest.json)
+	$(PY) ci/bench_ingest.py $(BENCH_ARGS)
