@@ -117,8 +117,7 @@ def make_workload(files: list[bytes], batch: int) -> Workload:
     for start in range(0, len(files), batch):
         chunk = files[start : start + batch]
         body = b"".join(
-            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
-            for data in chunk
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n" for data in chunk
         )
         body += f"--{BOUNDARY}--\r\n".encode()
         bodies.append((body, len(chunk), sum(len(d) for d in chunk)))
@@ -440,9 +439,7 @@ def summarise(rows: list[Row]) -> list[Row]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated")
     parser.add_argument("--batch", type=int, default=10, help="instances per STOW-RS request (default 10)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per (server, clients) (default 1)")

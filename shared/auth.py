@@ -91,9 +91,7 @@ class TokenAuthenticator:
             )
         with session_scope(self._session_factory) as session:
             token = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(secret)))
-            principal = (
-                Principal(token.name, Role(token.role)) if token and token.revoked_at is None else None
-            )
+            principal = Principal(token.name, Role(token.role)) if token and token.revoked_at is None else None
         if principal is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,

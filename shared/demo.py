@@ -113,8 +113,9 @@ def main() -> None:
     jobs = [client.post("/pacs/orthanc/retrieve", json={"study_instance_uid": uid}).json()["id"] for uid in studies]
     for job_id in jobs:
         job = wait_until(
-            lambda job_id=job_id: (j := client.get(f"/pacs/jobs/{job_id}").json())["status"] in ("done", "failed")
-            and j,
+            lambda job_id=job_id: (
+                (j := client.get(f"/pacs/jobs/{job_id}").json())["status"] in ("done", "failed") and j
+            ),
             600,
             "pull jobs",
         )
@@ -141,9 +142,11 @@ def main() -> None:
         detail = state["non_volumetric_reason"] or ""
         if state["volumes"]:
             volume = state["volumes"][0]
-            detail = f"{'x'.join(map(str, volume['shape']))} voxels @ " + "x".join(
-                f"{s:.2f}" for s in volume["spacing_mm"]
-            ) + " mm"
+            detail = (
+                f"{'x'.join(map(str, volume['shape']))} voxels @ "
+                + "x".join(f"{s:.2f}" for s in volume["spacing_mm"])
+                + " mm"
+            )
         pseudonym = client.get(f"/dicomweb/studies/{state['study_instance_uid']}/metadata").json()[0]
         patient = pseudonym.get("00100020", {}).get("Value", ["?"])[0]
         print(f"{number:>8} {modality:<8} {patient:<30} {state['instance_count']:>3}  {state['status']:<8} {detail}")

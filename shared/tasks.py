@@ -10,6 +10,7 @@ and reason, listable and retryable through ``/dead-letters``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -125,7 +126,7 @@ def _on_postrun(task_id: str | None = None, task: Task | None = None, state: str
     started = _task_started.pop(task_id, None)
     if started is not None:
         metrics.celery_task_duration_seconds.labels(service, task.name).observe(time.perf_counter() - started)
-    final = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}.get(state or "", None)
+    final = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}.get(state or "")
     if final:
         metrics.celery_tasks_total.labels(service, task.name, final).inc()
 
@@ -158,10 +159,8 @@ def register_queue_length_collector(broker_url: str, queues: list[str]) -> None:
     """Replace the static gauge with a scrape-time reader; calling it again replaces the reader."""
     global _queue_collector
     for previous in (metrics.celery_queue_length, _queue_collector):
-        try:
+        with contextlib.suppress(KeyError):
             REGISTRY.unregister(previous)  # type: ignore[arg-type]
-        except KeyError:
-            pass
     _queue_collector = QueueLengthCollector(broker_url, queues)
     REGISTRY.register(_queue_collector)
 

@@ -91,9 +91,7 @@ class SessionStack:
 
 
 @pytest.fixture(scope="session")
-def test_stack(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SessionStack]:
+def test_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionStack]:
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
 
@@ -158,9 +156,7 @@ def s3_url(test_stack: SessionStack) -> str:
 def orthanc(test_stack: SessionStack) -> OrthancServer:
     """The private Orthanc PACS: HTTP/DICOMweb at ``.url``, DICOM at ``.dicom_port`` with AET ``.aet``."""
     stack = test_stack.ensure("orthanc")
-    return OrthancServer(
-        url=stack.orthanc_url, dicom_port=stack.orthanc_dicom_port, aet=stack.config.orthanc_aet
-    )
+    return OrthancServer(url=stack.orthanc_url, dicom_port=stack.orthanc_dicom_port, aet=stack.config.orthanc_aet)
 
 
 @pytest.fixture(scope="session")

@@ -111,9 +111,7 @@ class MaskedRule:
 
     def matches(self, tag: int) -> bool:
         """True when ``tag`` falls in this row's repeating group/element range."""
-        return ((tag >> 16) & self.group_mask) == self.group and (
-            tag & 0xFFFF & self.element_mask
-        ) == self.element
+        return ((tag >> 16) & self.group_mask) == self.group and (tag & 0xFFFF & self.element_mask) == self.element
 
 
 def _load_profile_table() -> tuple[dict[BaseTag, str], tuple[MaskedRule, ...]]:
@@ -324,9 +322,7 @@ class Deidentifier:
             if not self._apply(ds, elem, action, call, dummy_leaves=dummy_leaves):
                 del ds[tag]
 
-    def _apply(
-        self, ds: Dataset, elem: DataElement, action: str | None, call: _Call, *, dummy_leaves: bool
-    ) -> bool:
+    def _apply(self, ds: Dataset, elem: DataElement, action: str | None, call: _Call, *, dummy_leaves: bool) -> bool:
         """Apply one action to ``elem``; returns False when the element must be removed."""
         vr = str(elem.VR)
         if vr in ("DA", "DT") and elem.tag not in _BIRTH_TAGS:
@@ -399,10 +395,7 @@ def _is_overlay_group(tag: BaseTag) -> bool:
 def _is_empty(elem: DataElement) -> bool:
     value = elem.value
     return (
-        value is None
-        or value == ""
-        or value == b""
-        or (isinstance(value, Sequence | MultiValue | list) and not value)
+        value is None or value == "" or value == b"" or (isinstance(value, Sequence | MultiValue | list) and not value)
     )
 
 

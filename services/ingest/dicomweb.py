@@ -41,7 +41,8 @@ def stow_boundary(content_type_header: str | None) -> bytes:
     media_type, params = parse_options_header(content_type_header)
     if media_type != b"multipart/related":
         raise UnsupportedMediaTypeError(
-            f'Content-Type {media_type.decode()!r} is not supported; expected multipart/related; type="application/dicom"'
+            f"Content-Type {media_type.decode()!r} is not supported; "
+            'expected multipart/related; type="application/dicom"'
         )
     part_type = params.get(b"type", b"application/dicom").decode().strip('"').lower()
     if part_type != "application/dicom":
@@ -65,7 +66,7 @@ async def read_parts(body: AsyncIterator[bytes], boundary: bytes) -> list[Part]:
     def on_part_begin() -> None:
         current.clear()
         current["headers"] = {}
-        current["file"] = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES)
+        current["file"] = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES)  # noqa: SIM115 (closed by caller)
         current["size"] = 0
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
@@ -87,7 +88,12 @@ async def read_parts(body: AsyncIterator[bytes], boundary: bytes) -> list[Part]:
         current["file"].seek(0)
         headers = current["headers"]
         parts.append(
-            Part(headers.get("content-type", "application/dicom"), current["file"], current["size"], dict(headers))
+            Part(
+                headers.get("content-type", "application/dicom"),
+                current["file"],
+                current["size"],
+                dict(headers),
+            )
         )
 
     parser = MultipartParser(
@@ -114,7 +120,9 @@ async def read_parts(body: AsyncIterator[bytes], boundary: bytes) -> list[Part]:
     return parts
 
 
-def multipart_stream(parts: Iterable[Iterator[bytes]], content_type: str = "application/dicom") -> tuple[str, Iterator[bytes]]:
+def multipart_stream(
+    parts: Iterable[Iterator[bytes]], content_type: str = "application/dicom"
+) -> tuple[str, Iterator[bytes]]:
     """A multipart/related response body streamed from per-part chunk iterators."""
     boundary = uuid.uuid4().hex
 
@@ -130,6 +138,7 @@ def multipart_stream(parts: Iterable[Iterator[bytes]], content_type: str = "appl
 
 
 # --- DICOM JSON helpers -------------------------------------------------------------------------
+
 
 def element(vr: str, *values: Any) -> dict[str, Any]:
     clean = [v for v in values if v is not None and v != ""]

@@ -3,7 +3,9 @@
 from prometheus_client import Counter, Gauge
 
 instances_received_total = Counter(
-    "voxelflow_ingest_instances_received_total", "DICOM instances accepted (stored or already stored).", ["source"]
+    "voxelflow_ingest_instances_received_total",
+    "DICOM instances accepted (stored or already stored).",
+    ["source"],
 )
 instances_rejected_total = Counter(
     "voxelflow_ingest_instances_rejected_total", "DICOM instances refused, by reason.", ["source", "reason"]

@@ -48,11 +48,22 @@ def _keyword(key: str) -> str:
 
 
 MATCHING_KEYS = {
-    "study": {"StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "AccessionNumber", "ModalitiesInStudy",
-              "StudyDescription"},
+    "study": {
+        "StudyInstanceUID",
+        "PatientID",
+        "PatientName",
+        "StudyDate",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "StudyDescription",
+    },
 }
-MATCHING_KEYS["series"] = MATCHING_KEYS["study"] | {"Modality", "SeriesInstanceUID", "SeriesNumber",
-                                                    "SeriesDescription"}
+MATCHING_KEYS["series"] = MATCHING_KEYS["study"] | {
+    "Modality",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+}
 MATCHING_KEYS["instance"] = MATCHING_KEYS["series"] | {"SOPInstanceUID", "SOPClassUID", "InstanceNumber"}
 
 
@@ -171,9 +182,7 @@ def study_json(session: Session, study: Study, base_url: str, includefields: set
         .join(Instance, Instance.series_id == Series.id, isouter=True)
         .where(Series.study_id == study.id)
     ).one()
-    modalities = sorted(
-        {m for m in session.scalars(select(Series.modality).where(Series.study_id == study.id)) if m}
-    )
+    modalities = sorted({m for m in session.scalars(select(Series.modality).where(Series.study_id == study.id)) if m})
     out = {
         "00080020": element("DA", study.study_date),
         "00080030": element("TM", study.study_time),
@@ -188,9 +197,7 @@ def study_json(session: Session, study: Study, base_url: str, includefields: set
         "00201208": element("IS", instance_count),
     }
     if includefields:
-        first = session.scalar(
-            select(Instance.dicom_json).join(Series).where(Series.study_id == study.id).limit(1)
-        )
+        first = session.scalar(select(Instance.dicom_json).join(Series).where(Series.study_id == study.id).limit(1))
         _from_header(first or {}, includefields, out)
     return dict(sorted(out.items()))
 
@@ -203,7 +210,8 @@ def series_json(session: Session, series: Series, base_url: str, includefields: 
         "00080070": element("LO", series.manufacturer),
         "0008103E": element("LO", series.series_description),
         "00081190": element(
-            "UR", f"{base_url}/dicomweb/studies/{study.study_instance_uid}/series/{series.series_instance_uid}"
+            "UR",
+            f"{base_url}/dicomweb/studies/{study.study_instance_uid}/series/{series.series_instance_uid}",
         ),
         "0020000D": element("UI", study.study_instance_uid),
         "0020000E": element("UI", series.series_instance_uid),

@@ -118,7 +118,8 @@ class InstanceReceiver:
         try:
             if size > self.max_instance_bytes:
                 raise InstanceRejectedError(
-                    RejectReason.TOO_LARGE, f"instance of {size} bytes exceeds the {self.max_instance_bytes}-byte limit"
+                    RejectReason.TOO_LARGE,
+                    f"instance of {size} bytes exceeds the {self.max_instance_bytes}-byte limit",
                 )
             dataset = read_instance(stream)
             return self._receive(dataset, size, source, expected_study_uid)
@@ -136,9 +137,7 @@ class InstanceReceiver:
             metrics.instances_rejected_total.labels(source, exc.reason.value).inc()
             raise
 
-    def _receive(
-        self, dataset: Dataset, size: int, source: str, expected_study_uid: str | None
-    ) -> ReceivedInstance:
+    def _receive(self, dataset: Dataset, size: int, source: str, expected_study_uid: str | None) -> ReceivedInstance:
         validate_instance(dataset)
         original_sop_uid = str(dataset.SOPInstanceUID)
         sop_class_uid = str(dataset.SOPClassUID)
@@ -213,7 +212,13 @@ class InstanceReceiver:
             _insert_ignoring_conflicts(
                 session,
                 ReidentificationEntry,
-                {"kind": kind, "pseudonym": new, "original": old, "date_offset_days": offset, "created_at": utcnow()},
+                {
+                    "kind": kind,
+                    "pseudonym": new,
+                    "original": old,
+                    "date_offset_days": offset,
+                    "created_at": utcnow(),
+                },
             )
         patient_id = session.scalar(select(Patient.id).where(Patient.pseudonym == pseudonym))
         _insert_ignoring_conflicts(
@@ -247,9 +252,7 @@ class InstanceReceiver:
                 "volumes": [],
             },
         )
-        series_id = session.scalar(
-            select(Series.id).where(Series.series_instance_uid == str(clean.SeriesInstanceUID))
-        )
+        series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == str(clean.SeriesInstanceUID)))
         sop_uid = str(clean.SOPInstanceUID)
         _insert_ignoring_conflicts(
             session,
@@ -273,7 +276,9 @@ class InstanceReceiver:
             },
         )
         existing = session.execute(
-            select(Instance.content_hash, Instance.state, Instance.series_id).where(Instance.sop_instance_uid == sop_uid)
+            select(Instance.content_hash, Instance.state, Instance.series_id).where(
+                Instance.sop_instance_uid == sop_uid
+            )
         ).one()
         if existing.content_hash != digest:
             raise InstanceRejectedError(

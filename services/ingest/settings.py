@@ -29,7 +29,8 @@ class IngestSettings(VoxelflowSettings):
         "random key is created once in deid_key_file (fine on one machine; set it explicitly in a cluster).",
     )
     deid_key_file: Path = Field(
-        default=DEFAULT_STATE_DIR / "deid.key", description="Where the generated key is kept when deid_key is unset."
+        default=DEFAULT_STATE_DIR / "deid.key",
+        description="Where the generated key is kept when deid_key is unset.",
     )
     max_instance_bytes: int = Field(
         default=1024**3, description="Largest single DICOM instance accepted (STOW part or C-STORE)."

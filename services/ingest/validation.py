@@ -7,14 +7,12 @@ appear in STOW-RS responses); each maps to the DICOM failure status a PACS under
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-
 
 
 class RejectReason(enum.StrEnum):
@@ -87,7 +85,8 @@ def read_instance(stream: BinaryIO) -> Dataset:
             raise InstanceRejectedError(RejectReason.UNPARSEABLE, f"not a DICOM file: {exc}") from exc
         if "SOPInstanceUID" not in dataset:
             raise InstanceRejectedError(
-                RejectReason.UNPARSEABLE, "not a DICOM Part-10 file (no preamble/DICM prefix and no SOP Instance UID)"
+                RejectReason.UNPARSEABLE,
+                "not a DICOM Part-10 file (no preamble/DICM prefix and no SOP Instance UID)",
             ) from None
         return dataset
     except Exception as exc:  # truncated files, bad lengths: pydicom raises many types
@@ -104,7 +103,10 @@ def validate_instance(dataset: Dataset) -> None:
         raise InstanceRejectedError(RejectReason.UNPARSEABLE, f"unreadable header: {exc}") from exc
     if missing:
         raise InstanceRejectedError(
-            RejectReason.MISSING_ATTRIBUTE, f"missing required attribute(s): {', '.join(missing)}", sop_class, sop_instance
+            RejectReason.MISSING_ATTRIBUTE,
+            f"missing required attribute(s): {', '.join(missing)}",
+            sop_class,
+            sop_instance,
         )
     for keyword in REQUIRED_UIDS:
         value = str(dataset.get(keyword))

@@ -167,9 +167,7 @@ def reconstruct_series(paths: Sequence[str | Path]) -> list[SeriesVolume]:
 
     multi = [ds for ds in datasets if _is_enhanced(ds)]
     if multi and len(multi) != len(datasets):
-        raise NonVolumetricSeriesError(
-            "unsupported", "series mixes enhanced multi-frame and single-frame instances"
-        )
+        raise NonVolumetricSeriesError("unsupported", "series mixes enhanced multi-frame and single-frame instances")
     if multi:
         return _reconstruct_enhanced(datasets)
     return [_reconstruct_single_frame(datasets)]
@@ -220,14 +218,10 @@ def _check_series_level(datasets: Sequence[Dataset]) -> None:
             )
     for ds in datasets:
         if not any(kw in ds for kw in _PIXEL_DATA_KEYWORDS):
-            raise NonVolumetricSeriesError(
-                "no_pixel_data", f"{ds.get('SOPInstanceUID', '?')} has no pixel data"
-            )
+            raise NonVolumetricSeriesError("no_pixel_data", f"{ds.get('SOPInstanceUID', '?')} has no pixel data")
     for ds in datasets:
         if "LOCALIZER" in _image_types(ds):
-            raise NonVolumetricSeriesError(
-                "localizer", f"{ds.get('SOPInstanceUID', '?')} is a localizer (scout) image"
-            )
+            raise NonVolumetricSeriesError("localizer", f"{ds.get('SOPInstanceUID', '?')} is a localizer (scout) image")
     for ds in datasets:
         if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) not in ("MONOCHROME1", "MONOCHROME2"):
             raise NonVolumetricSeriesError(
@@ -334,9 +328,7 @@ def _reconstruct_single_frame(datasets: list[Dataset]) -> SeriesVolume:
         raise _explain_irregular_stack(datasets)
     ordered = sorted(range(len(datasets)), key=lambda n: positions[n])
     try:
-        volume = hd.get_volume_from_series(
-            datasets, dtype=np.float32, apply_real_world_transform=False, **kwargs
-        )
+        volume = hd.get_volume_from_series(datasets, dtype=np.float32, apply_real_world_transform=False, **kwargs)
     except ValueError as exc:  # any inconsistency our checks did not anticipate
         raise NonVolumetricSeriesError("unsupported", f"highdicom refused the series: {exc}") from exc
     return _to_series_volume(
@@ -385,9 +377,7 @@ def _drop_private_dimension_indices(ds: Dataset) -> None:
     """
     if "DimensionIndexSequence" not in ds:
         return
-    keep = [
-        n for n, item in enumerate(ds.DimensionIndexSequence) if not item.DimensionIndexPointer.is_private
-    ]
+    keep = [n for n, item in enumerate(ds.DimensionIndexSequence) if not item.DimensionIndexPointer.is_private]
     if len(keep) == len(ds.DimensionIndexSequence):
         return
     ds.DimensionIndexSequence = DicomSequence([ds.DimensionIndexSequence[n] for n in keep])
@@ -414,9 +404,7 @@ def _frame_subset(ds: Dataset, frames: Sequence[int]) -> Dataset:
             sub.add(copy.copy(element))
     sub.file_meta = FileMetaDataset(ds.file_meta)
     sub.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    sub.PerFrameFunctionalGroupsSequence = DicomSequence(
-        [ds.PerFrameFunctionalGroupsSequence[n] for n in frames]
-    )
+    sub.PerFrameFunctionalGroupsSequence = DicomSequence([ds.PerFrameFunctionalGroupsSequence[n] for n in frames])
     sub.NumberOfFrames = len(frames)
     sub.PixelData = np.ascontiguousarray(stored[list(frames)]).tobytes()
     sub["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
@@ -433,9 +421,7 @@ def _enhanced_volumes(ds: Dataset) -> list[tuple[str, hd.Volume]]:
     results = []
     for key, frames in by_type.items():
         if len(frames) == 1:
-            raise NonVolumetricSeriesError(
-                "single_slice", f"{ds.SOPInstanceUID}: only one frame of type {key or '?'}"
-            )
+            raise NonVolumetricSeriesError("single_slice", f"{ds.SOPInstanceUID}: only one frame of type {key or '?'}")
         source = ds if len(by_type) == 1 else _frame_subset(ds, frames)
         try:
             image = hd.Image.from_dataset(source, copy=False)

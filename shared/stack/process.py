@@ -128,9 +128,7 @@ class ProcessTable:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **extra_env, **component.env}
         with open(self.logfile(component.name), "ab") as log:
-            log.write(
-                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(component.argv)}\n".encode()
-            )
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(component.argv)}\n".encode())
             log.flush()
             try:
                 proc = subprocess.Popen(

@@ -108,9 +108,7 @@ class FileObjectStore(ObjectStore):
                 os.fsync(out.fileno())
             if 0 <= length != size:
                 raise ValueError(f"stream for {key!r} ended after {size} bytes, {length} were announced")
-            info = ObjectInfo(
-                key=key, size=size, etag=digest.hexdigest(), content_type=content_type, metadata=meta
-            )
+            info = ObjectInfo(key=key, size=size, etag=digest.hexdigest(), content_type=content_type, metadata=meta)
             tmp_meta.write_text(
                 json.dumps({"etag": info.etag, "content_type": content_type, "metadata": meta}), "utf-8"
             )

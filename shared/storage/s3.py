@@ -99,9 +99,7 @@ class S3ObjectStore(ObjectStore):
             part_size=MULTIPART_PART_SIZE if length < 0 else 0,
         )
         size = length if length >= 0 else reader.count
-        return ObjectInfo(
-            key=key, size=size, etag=result.etag or "", content_type=content_type, metadata=meta
-        )
+        return ObjectInfo(key=key, size=size, etag=result.etag or "", content_type=content_type, metadata=meta)
 
     def iter_chunks(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
         # The GET is issued here, not on the first next(), so a missing key raises at the call site.

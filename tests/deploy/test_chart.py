@@ -149,8 +149,7 @@ def test_network_policies(rendered, scenario):
                 assert p["metadata"]["name"].endswith("-ingest-dimse"), p["metadata"]["name"]
                 assert [pt["port"] for pt in rule["ports"]] == ["dicom"]
             if any(
-                ("namespaceSelector" in peer and "podSelector" not in peer)
-                or "ingress-nginx" in json.dumps(peer)
+                ("namespaceSelector" in peer and "podSelector" not in peer) or "ingress-nginx" in json.dumps(peer)
                 for peer in rule.get("from", [])
             ) and any(pt["port"] == "http" for pt in rule.get("ports", [])):
                 comp = p["metadata"]["labels"]["app.kubernetes.io/component"]
@@ -162,9 +161,7 @@ def test_network_policies(rendered, scenario):
 def test_egress_least_privilege(rendered, scenario):
     """Each app reaches only the dependencies it needs (e.g. the model registry never reaches Redis)."""
     docs = rendered[scenario]
-    by_comp = {
-        p["metadata"]["labels"].get("app.kubernetes.io/component"): p for p in kinds(docs, "NetworkPolicy")
-    }
+    by_comp = {p["metadata"]["labels"].get("app.kubernetes.io/component"): p for p in kinds(docs, "NetworkPolicy")}
 
     def egress_text(comp):
         return json.dumps(by_comp[comp]["spec"].get("egress", []))

@@ -32,9 +32,7 @@ def test_dashboard_metrics_are_known(path):
     exprs = dashboard_expressions(dashboard)
     assert len(exprs) >= 8
     for expr in exprs:
-        scoped = expr.startswith("label_values(") and expr.endswith(
-            ", namespace)"
-        )  # the namespace picker itself
+        scoped = expr.startswith("label_values(") and expr.endswith(", namespace)")  # the namespace picker itself
         names = {base_metric_name(n) for n in metric_names(expr)}
         assert names, f"no metric in {expr!r}"
         assert names <= ALLOWED_METRICS, f"unknown metric(s) {names - ALLOWED_METRICS} in {expr!r}"

@@ -18,18 +18,14 @@ OVERLAYS = ["dev-cpu", "prod-gpu"]
 
 def test_render_is_up_to_date(tools):
     env = dict(os.environ, VOXELFLOW_PYTHON=sys.executable, HELM=str(tools["helm"]))
-    proc = subprocess.run(
-        [str(ROOT / "k8s" / "render.sh"), "--check"], env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run([str(ROOT / "k8s" / "render.sh"), "--check"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + "\nRun k8s/render.sh and commit the result."
 
 
 def test_base_has_no_secrets_or_helm_leftovers():
     text = (ROOT / "k8s" / "base" / "voxelflow.yaml").read_text()
     docs = [d for d in yaml.safe_load_all(text) if d]
-    assert not [d for d in docs if d["kind"] == "Secret"], (
-        "plain manifests must not carry generated credentials"
-    )
+    assert not [d for d in docs if d["kind"] == "Secret"], "plain manifests must not carry generated credentials"
     assert "helm.sh/" not in text and "managed-by: Helm" not in text
 
 
@@ -61,9 +57,7 @@ def test_overlay_validates(overlays, overlay, tmp_path):
 def test_dev_overlay(overlays):
     docs = overlays["dev-cpu"]
     assert {d["metadata"]["namespace"] for d in docs} == {"voxelflow-dev"}
-    dimse = next(
-        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "voxelflow-ingest-dimse"
-    )
+    dimse = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "voxelflow-ingest-dimse")
     assert dimse["spec"]["type"] == "NodePort"
 
 

@@ -19,8 +19,7 @@ def test_dashboard_and_alert_metrics_are_exported_by_the_running_service(ingest_
     with httpx.Client(base_url=ingest_service.url) as client:
         text = client.get("/metrics").text
     exported = {
-        base_metric_name(re.sub(r"_(created)$", "", match))
-        for match in re.findall(r"^# TYPE (\S+) ", text, flags=re.M)
+        base_metric_name(re.sub(r"_(created)$", "", match)) for match in re.findall(r"^# TYPE (\S+) ", text, flags=re.M)
     }
     # prometheus_client declares counters without their _total suffix in TYPE lines
     exported |= {f"{name}_total" for name in exported}

@@ -173,9 +173,7 @@ def test_profile_action(deid: Deidentifier, tag: BaseTag, action: str) -> None:
 # -- synthetic instances: consistency ------------------------------------------------------
 
 
-def _instance(
-    sop: str, *, pid: str = PID, study_date: str = "20200101", refs: tuple[str, ...] = ()
-) -> Dataset:
+def _instance(sop: str, *, pid: str = PID, study_date: str = "20200101", refs: tuple[str, ...] = ()) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
@@ -302,11 +300,7 @@ def test_pseudonym_formats(deid: Deidentifier) -> None:
     assert all(part.isdigit() and (part == "0" or part[0] != "0") for part in uid.split("."))
     pid = deid.pseudonymise_patient_id(PID)
     assert pid.startswith("VF-") and len(pid) <= 64 and pid.isascii()
-    assert (
-        deid.pseudonymise_uid("1.2.3 ")
-        == deid.pseudonymise_uid("1.2.3\x00")
-        == deid.pseudonymise_uid("1.2.3")
-    )
+    assert deid.pseudonymise_uid("1.2.3 ") == deid.pseudonymise_uid("1.2.3\x00") == deid.pseudonymise_uid("1.2.3")
 
 
 def test_same_output_in_another_process(deid: Deidentifier) -> None:
@@ -404,9 +398,7 @@ def test_real_mr_studies(deid: Deidentifier, shared_data: Path) -> None:
         original = pydicom.dcmread(path)
         secrets = {str(original.PatientID), str(original.PatientName), str(original.SOPInstanceUID)}
         out = deid.deidentify(original).dataset
-        leaked = secrets.intersection(_strings(out)) | {
-            s for s in _strings(out) for secret in secrets if secret in s
-        }
+        leaked = secrets.intersection(_strings(out)) | {s for s in _strings(out) for secret in secrets if secret in s}
         assert not leaked, f"{path}: {leaked}"
         assert all(not elem.tag.is_private for elem in out.iterall()), path
         assert Tag(0x0013, 0x1010) not in out

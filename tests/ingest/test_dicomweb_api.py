@@ -184,12 +184,14 @@ def test_wado_returns_deidentified_instances_with_identical_pixels(
         assert (retrieved.pixel_array == original.pixel_array).all()
         assert retrieved.PatientIdentityRemoved == "YES"
         metadata = client.get(f"/dicomweb/studies/{study_uid}/metadata")
-        assert metadata.status_code == 200 and len(metadata.json()) == 5 * 22 + 32 - 22 * 0 or True
+        assert (metadata.status_code == 200 and len(metadata.json()) == 5 * 22 + 32 - 22 * 0) or True
         assert all("7FE00010" not in item for item in metadata.json())
         assert client.get("/dicomweb/studies/1.2.3.999").status_code == 404
 
 
-def test_same_instance_twice_is_stored_once_and_different_content_is_a_conflict(ingest_service: IngestService):
+def test_same_instance_twice_is_stored_once_and_different_content_is_a_conflict(
+    ingest_service: IngestService,
+):
     data = minimal_image()
     with ingest_service.client("pacs") as client:
         before = count_instances(ingest_service)
@@ -242,7 +244,10 @@ def test_request_level_errors(ingest_service: IngestService):
     data = minimal_image()
     body, content_type = multipart_body([data])
     with ingest_service.client("pacs") as client:
-        assert client.post("/dicomweb/studies", content=data, headers={"Content-Type": "application/dicom"}).status_code == 415
+        assert (
+            client.post("/dicomweb/studies", content=data, headers={"Content-Type": "application/dicom"}).status_code
+            == 415
+        )
         json_form = content_type.replace("application/dicom", "application/dicom+json")
         assert client.post("/dicomweb/studies", content=body, headers={"Content-Type": json_form}).status_code == 415
         no_boundary = 'multipart/related; type="application/dicom"'
@@ -253,10 +258,15 @@ def test_request_level_errors(ingest_service: IngestService):
         other_study = stow(client, [data], study="1.2.3.4.5")
         assert other_study.status_code == 409 and failure_codes(other_study.json()) == [0xC409]
     with ingest_service.client(role="") as anonymous:
-        assert anonymous.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type}).status_code == 401
+        assert (
+            anonymous.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type}).status_code == 401
+        )
         assert anonymous.get("/dicomweb/studies").status_code == 401
     with ingest_service.client("researcher") as researcher:
-        assert researcher.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type}).status_code == 403
+        assert (
+            researcher.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type}).status_code
+            == 403
+        )
         assert researcher.get("/admin/reidentification", params={"value": "x"}).status_code == 403
     import httpx
 
@@ -298,7 +308,14 @@ def test_every_request_is_audited_and_reidentification_is_admin_only(ingest_serv
     new_sop_uid = url.rsplit("/", 1)[1]
     with ingest_service.client("admin") as admin:
         rows = admin.get("/admin/reidentification", params={"value": new_sop_uid}).json()
-        assert rows == [{"kind": "uid", "pseudonym": new_sop_uid, "original": original.SOPInstanceUID, "date_offset_days": None}]
+        assert rows == [
+            {
+                "kind": "uid",
+                "pseudonym": new_sop_uid,
+                "original": original.SOPInstanceUID,
+                "date_offset_days": None,
+            }
+        ]
         patient = admin.get("/admin/reidentification", params={"value": "AUDIT-ME"}).json()
         assert patient[0]["kind"] == "patient" and patient[0]["pseudonym"].startswith("VF-")
     with ingest_service.client(role="") as anonymous:

@@ -68,8 +68,11 @@ def test_complete_series_is_reconstructed_and_announced(
     nifti = ingest_service.ctx.store.get_bytes(volume["key"])  # type: ignore[attr-defined]
     assert nifti[:2] == b"\x1f\x8b"  # gzip
     messages = wait_for(
-        lambda: [m for m in series_ready_messages(ingest_env["VOXELFLOW_BROKER_URL"])
-                 if m["message"]["series_instance_uid"] == status["series_instance_uid"]],
+        lambda: [
+            m
+            for m in series_ready_messages(ingest_env["VOXELFLOW_BROKER_URL"])
+            if m["message"]["series_instance_uid"] == status["series_instance_uid"]
+        ],
         what="series ready message",
     )
     assert len(messages) == 1 and messages[0]["task"] == "preprocessing.series_ready"
@@ -132,7 +135,10 @@ def test_storescu_push_and_echoscu(ingest_service: IngestService, shared_data: P
     server = start_receiver(ctx)  # type: ignore[arg-type]
     try:
         echo = subprocess.run(
-            ["echoscu", "-aec", "VOXELFLOW", "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30
+            ["echoscu", "-aec", "VOXELFLOW", "127.0.0.1", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert echo.returncode == 0, echo.stderr
         files = sorted((shared_data / TCIA / "Study1" / "36459-FLAIRreg-76244").iterdir())
@@ -149,9 +155,7 @@ def test_storescu_push_and_echoscu(ingest_service: IngestService, shared_data: P
         server.shutdown()
     pseudonymised = [ctx.deidentifier.pseudonymise_uid(pydicom.dcmread(f).SOPInstanceUID) for f in files]  # type: ignore[attr-defined]
     with ctx.session_factory() as session:  # type: ignore[attr-defined]
-        stored = session.scalars(
-            select(Instance.source).where(Instance.sop_instance_uid.in_(pseudonymised))
-        ).all()
+        stored = session.scalars(select(Instance.source).where(Instance.sop_instance_uid.in_(pseudonymised))).all()
     assert len(stored) == len(files) == 22
 
 
@@ -167,7 +171,9 @@ def test_a_task_that_fails_for_good_becomes_a_retryable_dead_letter(
     ctx.celery.send_task("ingest.pull_from_pacs", args=["00000000-dead-0000-0000-000000000001"], queue="ingest")  # type: ignore[attr-defined]
     with ingest_service.client("operator") as client:
         letters = wait_for(
-            lambda: [d for d in client.get("/dead-letters").json() if d["args"] == ["00000000-dead-0000-0000-000000000001"]],
+            lambda: [
+                d for d in client.get("/dead-letters").json() if d["args"] == ["00000000-dead-0000-0000-000000000001"]
+            ],
             what="dead letter",
         )
         letter = letters[0]

@@ -32,9 +32,7 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
-def _to_reference_grid(
-    array: np.ndarray, affine: np.ndarray, ref_affine: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _to_reference_grid(array: np.ndarray, affine: np.ndarray, ref_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder ``array`` (axis permutation + flips) into the voxel order of the reference.
 
     Returns the reordered array and the affine that goes with it, so the

@@ -32,9 +32,7 @@ COMPONENTS = ["postgres", "redis", "s3", "orthanc"]
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(
-        StackConfig(
-            state_dir=tmp_path_factory.mktemp("own-stack"), base_port=free_base_port(), ephemeral=True
-        )
+        StackConfig(state_dir=tmp_path_factory.mktemp("own-stack"), base_port=free_base_port(), ephemeral=True)
     )
     stack.up(only=COMPONENTS)
     try:

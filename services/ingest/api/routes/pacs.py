@@ -18,7 +18,8 @@ router = APIRouter(prefix="/pacs", tags=["PACS"])
 class RetrieveRequest(BaseModel):
     study_instance_uid: str | None = Field(default=None, description="Pull this study.")
     query: dict[str, str] | None = Field(
-        default=None, description="Or pull every study matching these QIDO keys, e.g. {'PatientID': 'PGBM-002'}."
+        default=None,
+        description="Or pull every study matching these QIDO keys, e.g. {'PatientID': 'PGBM-002'}.",
     )
 
     @model_validator(mode="after")

@@ -22,9 +22,7 @@ from services.ingest.query import (
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb QIDO-RS"])
 
 
-def _search(
-    request: Request, ctx: ContextDep, session: SessionDep, level: str, scope: dict[str, str]
-) -> Response:
+def _search(request: Request, ctx: ContextDep, session: SessionDep, level: str, scope: dict[str, str]) -> Response:
     params = [(k, v) for k, v in request.query_params.multi_items()]
     params += list(scope.items())
     try:
@@ -77,15 +75,18 @@ def search_series(
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances", summary="Search for instances of a series")
 def search_instances(
-    study_uid: str, series_uid: str, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: str,
+    series_uid: str,
+    request: Request,
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: QueryCaller,
 ) -> Response:
     _require_study(session, ctx, study_uid)
     candidates = [series_uid, ctx.deidentifier.pseudonymise_uid(series_uid)]
     if session.scalar(select(Series.id).where(Series.series_instance_uid.in_(candidates))) is None:
         raise HTTPException(404, f"no series {series_uid}")
-    return _search(
-        request, ctx, session, "instance", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
-    )
+    return _search(request, ctx, session, "instance", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
 
 
 @router.get("/studies/{study_uid}/instances", summary="Search for instances of a study")

@@ -48,13 +48,17 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
         try:
             if part.content_type.split(";")[0].strip().lower() != "application/dicom":
                 raise InstanceRejectedError(
-                    RejectReason.UNPARSEABLE, f"part Content-Type {part.content_type!r} is not application/dicom"
+                    RejectReason.UNPARSEABLE,
+                    f"part Content-Type {part.content_type!r} is not application/dicom",
                 )
             received = ctx.receiver.receive_stream(part.file, part.size, "stow", expected_study_uid=study_uid)
         except InstanceRejectedError as exc:
             failed.append(
                 failed_sop_item(
-                    exc.sop_class_uid, exc.sop_instance_uid, exc.failure_status, f"{exc.reason.value}: {exc.message}"
+                    exc.sop_class_uid,
+                    exc.sop_instance_uid,
+                    exc.failure_status,
+                    f"{exc.reason.value}: {exc.message}",
                 )
             )
             add_audit_uids(request, exc.sop_instance_uid)
@@ -79,7 +83,8 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
         status = 202  # PS3.18: some instances stored, some failed
     else:
         storage_down = all(
-            item["00081197"]["Value"][0] == FAILURE_STATUS[RejectReason.STORAGE_ERROR] for item in failed  # type: ignore[index]
+            item["00081197"]["Value"][0] == FAILURE_STATUS[RejectReason.STORAGE_ERROR]
+            for item in failed  # type: ignore[index]
         )
         status = 503 if storage_down else 409
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
@@ -91,7 +96,5 @@ async def store_instances(request: Request, ctx: ContextDep, caller: StoreCaller
 
 
 @router.post("/studies/{study_uid}", summary="Store instances of one study (STOW-RS)")
-async def store_study_instances(
-    study_uid: str, request: Request, ctx: ContextDep, caller: StoreCaller
-) -> JSONResponse:
+async def store_study_instances(study_uid: str, request: Request, ctx: ContextDep, caller: StoreCaller) -> JSONResponse:
     return await _store(request, ctx, study_uid)

@@ -17,7 +17,11 @@ router = APIRouter(prefix="/dicomweb", tags=["DICOMweb WADO-RS"])
 
 
 def _instances(
-    session: SessionDep, ctx: ContextDep, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    session: SessionDep,
+    ctx: ContextDep,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
 ) -> list[Instance]:
     def either(uid: str) -> list[str]:
         return [uid, ctx.deidentifier.pseudonymise_uid(uid)]
@@ -48,7 +52,8 @@ def _retrieve(ctx: ContextDep, instances: list[Instance]) -> StreamingResponse:
 def _metadata(ctx: ContextDep, instances: list[Instance]) -> JSONResponse:
     base = ctx.settings.public_url.rstrip("/")
     return JSONResponse(
-        [instance_json(instance, base, {"all"}) for instance in instances], media_type="application/dicom+json"
+        [instance_json(instance, base, {"all"}) for instance in instances],
+        media_type="application/dicom+json",
     )
 
 
