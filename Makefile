@@ -57,3 +57,9 @@ k8s: ## regenerate the plain manifests in k8s/ from the Helm chart
 
 bench-ingest: ## STOW-RS throughput of the ingest API vs Orthanc (private stack; out/bench-ingest.json)
 	$(PY) ci/bench_ingest.py $(BENCH_ARGS)
+
+proto: ## regenerate shared/proto from proto/voxelflow/v1/*.proto
+	PYTHON=$(PY) ci/generate-proto.sh
+
+proto-check: ## fail if the committed generated code differs from a fresh generation
+	tmp=$$(mktemp -d) && PYTHON=$(PY) ci/generate-proto.sh $$tmp && diff -r -x __init__.py -x __pycache__ $$tmp/voxelflow shared/proto/voxelflow && rm -rf $$tmp
