@@ -42,6 +42,8 @@ import httpx  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
+from shared.data import shared_data_dir  # noqa: E402
+
 DATASET = "tcia_brain_tumor_progression_mr"
 BOUNDARY = "vfbenchboundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -55,15 +57,11 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def shared_data_dir() -> Path:
-    candidates = []
-    if os.environ.get("VOXELFLOW_SHARED_DATA"):
-        candidates.append(Path(os.environ["VOXELFLOW_SHARED_DATA"]))
-    candidates += [REPO_ROOT.parent / "shared" / "data", Path("/work/shared/data")]
-    for candidate in candidates:
-        if (candidate / DATASET).is_dir():
-            return candidate
-    raise SystemExit(f"shared data with {DATASET}/ not found: set VOXELFLOW_SHARED_DATA")
+def bench_data_dir() -> Path:
+    root = shared_data_dir()
+    if root is None or not (root / DATASET).is_dir():
+        raise SystemExit(f"shared data with {DATASET}/ not found: set VOXELFLOW_SHARED_DATA")
+    return root
 
 
 def load_datasets(root: Path, limit: int | None) -> list[pydicom.Dataset]:
@@ -474,7 +472,7 @@ def main(argv: list[str]) -> int:
         return 0
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
-    data = shared_data_dir()
+    data = bench_data_dir()
     datasets = load_datasets(data, args.limit or None)
     log(
         f"{len(datasets)} files of {data / DATASET}, batch {args.batch}, clients {args.client_counts}, "

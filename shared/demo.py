@@ -10,6 +10,7 @@ the results can be explored (``make down`` stops it). It talks to the services o
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from shared.auth import Role, create_token
+from shared.data import shared_data_dir
 from shared.db.base import make_engine, make_session_factory, session_scope
 from shared.stack import Stack, StackConfig
 from shared.storage import open_object_store
@@ -31,10 +33,10 @@ def say(message: str) -> None:
 
 
 def data_dir() -> Path:
-    for candidate in (os.environ.get("VOXELFLOW_SHARED_DATA"), REPO.parent / "shared" / "data"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    sys.exit("demo data not found: put it at ../shared/data or set VOXELFLOW_SHARED_DATA")
+    found = shared_data_dir()
+    if found is None:
+        sys.exit("demo data not found: put it at ../shared/data or set VOXELFLOW_SHARED_DATA")
+    return found
 
 
 def load_into_pacs(orthanc_url: str, folder: Path) -> list[str]:
@@ -65,7 +67,7 @@ def render_png(volume_bytes: bytes, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import nibabel as nib
 
-    image = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(volume_bytes))
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(volume_bytes))
     data = image.get_fdata()
     figure, axes = plt.subplots(1, 3, figsize=(9, 3.4))
     for axis, (name, plane) in zip(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -212,4 +212,4 @@ def create_service_app(
     return app
 
 
-__all__ = ["Awaitable", "RequestTooLargeError", "add_audit_uids", "create_service_app", "health_router"]
+__all__ = ["RequestTooLargeError", "add_audit_uids", "create_service_app", "health_router"]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
@@ -246,4 +246,4 @@ def instance_json(instance: Instance, base_url: str, includefields: set[str]) ->
     return dict(sorted(out.items()))
 
 
-__all__ = ["LEVELS", "QidoQuery", "QueryError", "build_select", "dictionary_VR", "parse_query"]
+__all__ = ["LEVELS", "QidoQuery", "QueryError", "build_select", "parse_query"]

@@ -113,8 +113,8 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
     else:
         first = volumes[0]
         message.volume_uri = str(first["key"])
-        message.shape.extend(first["shape"])  # type: ignore[arg-type]
-        message.spacing_mm.extend(first["spacing_mm"])  # type: ignore[arg-type]
+        message.shape.extend(first["shape"])
+        message.spacing_mm.extend(first["spacing_mm"])
     ctx.celery.send_task(
         SERIES_READY_TASK,
         args=[MessageToDict(message, preserving_proto_field_name=True)],

@@ -7,25 +7,7 @@ from pathlib import Path
 
 import pytest
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def shared_data_dir() -> Path | None:
-    """The shared real-data folder, or None when it is not available.
-
-    Order: ``$VOXELFLOW_SHARED_DATA``, then ``<repo>/../shared/data`` (the
-    layout of the main checkout), then ``/work/shared/data`` (git worktrees
-    live elsewhere, so the relative path does not resolve from them).
-    """
-    candidates = []
-    env = os.environ.get("VOXELFLOW_SHARED_DATA")
-    if env:
-        candidates.append(Path(env))
-    candidates += [_REPO_ROOT.parent / "shared" / "data", Path("/work/shared/data")]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    return None
+from shared.data import shared_data_dir
 
 
 @pytest.fixture(scope="session")
