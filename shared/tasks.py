@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -39,7 +40,7 @@ class PermanentTaskError(Exception):
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
 
 
-class VoxelflowTask(Task):  # type: ignore[misc]
+class VoxelflowTask(Task):
     autoretry_for = RETRYABLE_ERRORS
     retry_backoff = 2
     retry_backoff_max = 300
@@ -140,7 +141,7 @@ class QueueLengthCollector(Collector):
         self._redis = redis.Redis.from_url(broker_url, socket_timeout=2)
         self._queues = queues
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             metrics.celery_queue_length._name, metrics.celery_queue_length._documentation, labels=["queue"]
         )
@@ -160,12 +161,13 @@ def register_queue_length_collector(broker_url: str, queues: list[str]) -> None:
     global _queue_collector
     for previous in (metrics.celery_queue_length, _queue_collector):
         with contextlib.suppress(KeyError):
-            REGISTRY.unregister(previous)  # type: ignore[arg-type]
+            if previous is not None:
+                REGISTRY.unregister(previous)
     _queue_collector = QueueLengthCollector(broker_url, queues)
     REGISTRY.register(_queue_collector)
 
 
-class DeadLetterOut(BaseModel):
+class DeadLetterOut(BaseModel):  # type: ignore[no-redef]  # pydantic plugin: field "kwargs" vs __init__(**kwargs)
     id: int
     service: str
     task_id: str

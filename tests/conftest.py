@@ -153,6 +153,21 @@ def s3_url(test_stack: SessionStack) -> str:
 
 
 @pytest.fixture(scope="session")
+def new_s3_bucket(test_stack: SessionStack, s3_url: str) -> Callable[[str], str]:
+    """A factory of fresh, empty buckets on the session's S3: for tests that count what they write
+    (content-addressed keys such as the preprocessing cache are shared by every test using ``s3_url``)."""
+    stack = test_stack.stack
+    client = stack.minio_client()
+
+    def create(prefix: str) -> str:
+        bucket = f"{prefix}-{secrets.token_hex(4)}"
+        client.make_bucket(bucket)
+        return stack.storage_url(bucket)
+
+    return create
+
+
+@pytest.fixture(scope="session")
 def orthanc(test_stack: SessionStack) -> OrthancServer:
     """The private Orthanc PACS: HTTP/DICOMweb at ``.url``, DICOM at ``.dicom_port`` with AET ``.aet``."""
     stack = test_stack.ensure("orthanc")
@@ -177,3 +192,18 @@ def mlflow_uri(test_stack: SessionStack) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@dataclass(frozen=True)
+class TritonServer:
+    """A private tritonserver (explicit model control): gRPC at ``url``, reading ``model_repository``."""
+
+    url: str
+    model_repository: Path
+
+
+@pytest.fixture(scope="session")
+def triton_server(test_stack: SessionStack) -> TritonServer:
+    """The CPU tritonserver from .venv-triton (``make install-triton``), started on first use (~2 s)."""
+    stack = test_stack.ensure("triton")
+    return TritonServer(url=stack.triton_url, model_repository=stack.triton_model_repository)

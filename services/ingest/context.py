@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from celery import Celery
-from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.ingest import models
@@ -15,6 +14,7 @@ from services.ingest.receiver import InstanceReceiver
 from services.ingest.settings import IngestSettings
 from shared.db import models as shared_models
 from shared.db.base import make_engine, make_session_factory, run_migrations
+from shared.readiness import ReadinessProbes
 from shared.storage import ObjectStore, open_object_store
 from shared.tasks import create_celery_app
 
@@ -25,7 +25,7 @@ SERIES_READY_TASK = "preprocessing.series_ready"
 
 
 @dataclass
-class IngestContext:
+class IngestContext(ReadinessProbes):
     settings: IngestSettings
 
     @cached_property
@@ -67,14 +67,3 @@ class IngestContext:
     def migrate(self) -> None:
         run_migrations(self.settings.database_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)
         run_migrations(self.settings.database_url, models.MIGRATIONS, models.VERSION_TABLE)
-
-    def check_database(self) -> None:
-        with self.session_factory() as session:
-            session.execute(text("SELECT 1"))
-
-    def check_storage(self) -> None:
-        self.store.exists("readyz-probe")
-
-    def check_broker(self) -> None:
-        with self.celery.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=2)

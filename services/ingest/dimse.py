@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.filewriter import dcmwrite
@@ -51,7 +52,7 @@ def _audit(ctx: IngestContext, event: Any, uids: list[str], status: int) -> None
         )
 
 
-def make_store_handler(ctx: IngestContext):  # type: ignore[no-untyped-def]
+def make_store_handler(ctx: IngestContext) -> Callable[[Any], int]:
     allowed = {title.strip() for title in ctx.settings.dimse_allowed_ae_titles}
 
     def handle_store(event: Any) -> int:
@@ -81,7 +82,7 @@ def start_receiver(ctx: IngestContext, block: bool = False) -> Any:
     ae.supported_contexts = AllStoragePresentationContexts
     ae.add_supported_context(Verification)
     ae.maximum_pdu_size = 0
-    handlers = [(evt.EVT_C_STORE, make_store_handler(ctx))]
+    handlers: list[Any] = [(evt.EVT_C_STORE, make_store_handler(ctx))]
     address = (ctx.settings.dimse_host, ctx.settings.dimse_port)
     log.info("DICOM receiver %s listening on %s:%d", ctx.settings.dimse_ae_title, *address)
     return ae.start_server(address, block=block, evt_handlers=handlers)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
@@ -78,7 +78,7 @@ def content_hash(header: dict[str, Any], dataset: Dataset) -> str:
 def _insert_ignoring_conflicts(session: Session, table: Any, values: dict[str, Any]) -> None:
     dialect = session.get_bind().dialect.name
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    session.execute(insert(table).values(**values).on_conflict_do_nothing())
+    session.execute(insert(table).values(**values).on_conflict_do_nothing())  # type: ignore[attr-defined]
 
 
 def _text(dataset: Dataset, keyword: str, limit: int) -> str | None:
@@ -112,7 +112,7 @@ class InstanceReceiver:
         self.on_series_receiving = on_series_receiving
 
     def receive_stream(
-        self, stream: BinaryIO, size: int, source: str, expected_study_uid: str | None = None
+        self, stream: IO[bytes], size: int, source: str, expected_study_uid: str | None = None
     ) -> ReceivedInstance:
         """Receive a Part-10 file. Raises :class:`InstanceRejectedError`; counts metrics either way."""
         try:
@@ -206,7 +206,9 @@ class InstanceReceiver:
         reid = result.reidentification
         pseudonym = str(clean.PatientID)
         _insert_ignoring_conflicts(session, Patient, {"pseudonym": pseudonym, "created_at": utcnow()})
-        entries = [("patient", pseudonym, reid.original_patient_id, reid.date_offset_days)]
+        entries: list[tuple[str, str, str, int | None]] = [
+            ("patient", pseudonym, reid.original_patient_id, reid.date_offset_days)
+        ]
         entries += [("uid", new, old, None) for old, new in reid.uid_map.items()]
         for kind, new, old, offset in entries:
             _insert_ignoring_conflicts(
@@ -295,5 +297,5 @@ class InstanceReceiver:
             update(Series)
             .where(Series.id == series_id, Series.status != "receiving")
             .values(status="receiving", generation=Series.generation + 1)
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]
         return "pending", bool(restarted)

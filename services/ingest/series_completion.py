@@ -102,7 +102,7 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
                 Series.status == "receiving",
             )
             .values(status=status, non_volumetric_reason=reason, volumes=volumes)
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]
     if not written:
         log.info("series %s changed while it was reconstructed; a later check will finalise it", series_uid)
         return FinalizeOutcome("skipped")

@@ -7,7 +7,7 @@ appear in STOW-RS responses); each maps to the DICOM failure status a PACS under
 from __future__ import annotations
 
 import enum
-from typing import BinaryIO
+from typing import IO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -73,7 +73,7 @@ def is_supported_sop_class(uid: str) -> bool:
     return name.endswith("Image Storage") or "Image Storage -" in name or name.endswith("Image Storage for Processing")
 
 
-def read_instance(stream: BinaryIO) -> Dataset:
+def read_instance(stream: IO[bytes]) -> Dataset:
     """Parse a DICOM Part-10 stream (preamble optional, as some PACS send bare datasets with file meta)."""
     try:
         return pydicom.dcmread(stream, force=False)

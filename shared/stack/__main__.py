@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.up(only=args.only.split(",") if args.only else None, with_services=args.with_services)
             print(f"stack is up; environment in {stack.env_file}:")
             print(stack.env_file.read_text(), end="")
+            if "VOXELFLOW_MLFLOW_TRACKING_URI" in stack.env_file.read_text():
+                print(f"MLflow UI: {stack.mlflow_uri}")
         elif args.command == "down":
             stack.down(purge=args.purge)
             print("stack is down")

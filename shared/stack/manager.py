@@ -1,4 +1,4 @@
-"""voxelflow's local stack: PostgreSQL, Redis, SeaweedFS (S3), Orthanc (PACS) and MLflow on one machine.
+"""voxelflow's local stack: PostgreSQL, Redis, SeaweedFS (S3), Orthanc (PACS), MLflow and Triton on one machine.
 
 Everything binds 127.0.0.1 on ports derived from one base port, and keeps its data, logs, pidfiles and
 the generated ``stack.env`` under one state directory, so several stacks (a developer's and the test
@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = Path(".voxelflow/stack")
 DEFAULT_BASE_PORT = 17000
 #: Names accepted by ``--only`` and by ``VOXELFLOW_STACK_<NAME>_URL``, in start order.
-INFRA = ("postgres", "redis", "s3", "orthanc", "mlflow")
+INFRA = ("postgres", "redis", "s3", "orthanc", "mlflow", "triton")
 SERVICES_GROUP = "services"
 
 
@@ -48,8 +48,15 @@ class PortOffsets:
     MLFLOW = 4
     S3 = 5
     WEED_MASTER = 6  # .. 12: master, volume, filer HTTP + gRPC, s3 gRPC
+    TRITON_HTTP = 13
+    TRITON_GRPC = 14
+    TRITON_METRICS = 15
     INGEST_API = 20
     INGEST_DIMSE = 21
+    PREPROCESSING_API = 22
+    AGGREGATION_API = 23
+    MODEL_REGISTRY_API = 24
+    INFERENCE_API = 25
     SPAN = 30  # ports base .. base+SPAN-1 belong to one stack
 
 
@@ -68,6 +75,8 @@ class StackConfig:
     orthanc_aet: str = "ORTHANC"
     #: throw-away stacks (tests) trade durability for speed: PostgreSQL runs with fsync=off
     ephemeral: bool = False
+    #: federated sites simulated on this machine: one training worker (queue ``training.<site>``) each
+    training_sites: tuple[str, ...] = ("site-1", "site-2", "site-3")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> StackConfig:
@@ -83,6 +92,9 @@ class StackConfig:
             state_dir=Path(env.get("VOXELFLOW_STACK_DIR", str(DEFAULT_STATE_DIR))),
             base_port=int(env.get("VOXELFLOW_STACK_BASE_PORT", DEFAULT_BASE_PORT)),
             external=external,
+            training_sites=tuple(
+                site.strip() for site in env.get("VOXELFLOW_STACK_SITES", "site-1,site-2,site-3").split(",") if site
+            ),
         )
 
     def port(self, offset: int) -> int:
@@ -124,6 +136,7 @@ class Stack:
                 self._s3(),
                 self._orthanc(),
                 self._mlflow(),
+                self._triton(),
                 *self._services(),
             )
         }
@@ -182,6 +195,16 @@ class Stack:
             "/"
         )
 
+    @property
+    def triton_url(self) -> str:
+        """``host:port`` of Triton's gRPC endpoint (what tritonclient.grpc takes)."""
+        return self.config.external.get("triton", f"127.0.0.1:{self.config.port(PortOffsets.TRITON_GRPC)}")
+
+    @property
+    def triton_model_repository(self) -> Path:
+        """The directory the local tritonserver reads; models are synced into it from object storage."""
+        return self.state_dir / "triton" / "models"
+
     def env_vars(self, names: Iterable[str] | None = None) -> dict[str, str]:
         """The variables voxelflow services (and MLflow/boto3 clients) read, for the given components."""
         wanted = set(INFRA if names is None else names)
@@ -203,6 +226,10 @@ class Stack:
         if "mlflow" in wanted:
             env["VOXELFLOW_MLFLOW_TRACKING_URI"] = self.mlflow_uri
             env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        if "triton" in wanted:
+            env["VOXELFLOW_TRITON_URL"] = self.triton_url
+            if "triton" not in self.config.external:
+                env["VOXELFLOW_TRITON_MODEL_REPOSITORY"] = str(self.triton_model_repository)
         return env
 
     @property
@@ -610,8 +637,12 @@ class Stack:
             ports=(port, *weed_ports),
             prepare=prepare,
             after_ready=after_ready,
-            ready_timeout=60,
+            ready_timeout=120,  # SeaweedFS mini starts master, volume, filer and S3 in turn: slow on a busy machine
             external=external,
+            # SeaweedFS takes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from its environment as an identity that
+            # replaces -s3.config: a caller holding another stack's S3 credentials (an MLflow client) would
+            # lock this server's own keys out
+            unset_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"),
         )
 
     # ---------------------------------------------------------------- Orthanc (PACS)
@@ -718,6 +749,63 @@ class Stack:
             external=external,
         )
 
+    # ---------------------------------------------------------------- Triton Inference Server
+
+    def _triton(self) -> Component:
+        """The CPU tritonserver from nvidia-pytriton in .venv-triton (``make install-triton``).
+
+        Started through ``shared.stack.triton``, which finds that environment's paths and execs the server
+        with explicit model control; models are synced from object storage into
+        :attr:`triton_model_repository` and loaded through the API (services/inference/backends.py).
+        """
+        external = "triton" in self.config.external
+        ports = (
+            self.config.port(PortOffsets.TRITON_HTTP),
+            self.config.port(PortOffsets.TRITON_GRPC),
+            self.config.port(PortOffsets.TRITON_METRICS),
+        )
+        venv = Path(os.environ.get("VOXELFLOW_TRITON_VENV", str(REPO_ROOT / ".venv-triton")))
+        url = self.triton_url
+
+        def health() -> bool:
+            import tritonclient.grpc as grpcclient
+
+            try:
+                client = grpcclient.InferenceServerClient(url)
+            except Exception:
+                return False
+            try:
+                return bool(client.is_server_ready(client_timeout=2))
+            except Exception:  # connection refused while starting, timeouts
+                return False
+            finally:
+                client.close()
+
+        argv: list[str] = []
+        if not external:
+            argv = [
+                sys.executable,
+                "-m",
+                "shared.stack.triton",
+                f"--venv={venv}",
+                f"--repository={self.triton_model_repository}",
+                f"--backends-dir={self.state_dir / 'triton' / 'backends'}",
+                f"--http-port={ports[0]}",
+                f"--grpc-port={ports[1]}",
+                f"--metrics-port={ports[2]}",
+            ]
+        return Component(
+            name="triton",
+            argv=argv,
+            url=f"grpc://{url}",
+            health=health,
+            ports=ports if not external else (),
+            cwd=REPO_ROOT,
+            prepare=lambda: self.triton_model_repository.mkdir(parents=True, exist_ok=True),
+            ready_timeout=60,
+            external=external,
+        )
+
     # ---------------------------------------------------------------- voxelflow's own services
 
     def service(
@@ -805,5 +893,195 @@ class Stack:
                 [py, "-m", "services.ingest.dimse"],
                 requires=requires,
                 env=ingest_env,
+            ),
+            *self._preprocessing_services(),
+            *self._training_services(),
+            *self._aggregation_services(),
+            *self._model_registry_services(),
+            *self._inference_services(),
+        ]
+
+    def _preprocessing_services(self) -> list[Component]:
+        """The preprocessing API and its worker (the worker consumes ingest's "series ready" messages)."""
+        api_port = self.config.port(PortOffsets.PREPROCESSING_API)
+        py = sys.executable
+        requires = ("postgres", "redis", "s3")
+        return [
+            self.service(
+                "preprocessing-api",
+                [
+                    py,
+                    "-m",
+                    "uvicorn",
+                    "services.preprocessing.main:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                ],
+                requires=requires,
+                port=api_port,
+                health_path="/readyz",
+            ),
+            self.service(
+                "preprocessing-worker",
+                [
+                    py,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "services.preprocessing.worker",
+                    "worker",
+                    "-Q",
+                    "preprocessing",
+                    "--concurrency",
+                    "1",
+                    "--loglevel",
+                    "INFO",
+                ],
+                requires=requires,
+            ),
+        ]
+
+    def _training_services(self) -> list[Component]:
+        """One training worker per simulated site; each consumes only ``training.<site>`` and reads only its cases.
+
+        ``-P solo``: one round at a time in the worker process itself (a round owns the CPU; prefork would fork
+        a copy of torch per task). One thread each, so that three sites share a small machine fairly.
+        """
+        return [
+            self.service(
+                f"training-worker-{site}",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "services.training_worker.worker",
+                    "worker",
+                    "-Q",
+                    f"training.{site}",
+                    "-P",
+                    "solo",
+                    "--hostname",
+                    f"training-{site}@%h",
+                    "--loglevel",
+                    "INFO",
+                ],
+                requires=("postgres", "redis", "s3"),  # PostgreSQL: dead letters of refused rounds
+                env={"VOXELFLOW_SITE": site, "VOXELFLOW_TORCH_THREADS": "1"},
+            )
+            for site in self.config.training_sites
+        ]
+
+    def _aggregation_services(self) -> list[Component]:
+        """The aggregation API and the aggregator worker (federated runs; logs to the stack's MLflow)."""
+        api_port = self.config.port(PortOffsets.AGGREGATION_API)
+        requires = ("postgres", "redis", "s3", "mlflow")
+        return [
+            self.service(
+                "aggregation-api",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "services.aggregation.main:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                ],
+                requires=requires,
+                port=api_port,
+                health_path="/readyz",
+            ),
+            self.service(
+                "aggregation-worker",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "services.aggregation.worker",
+                    "worker",
+                    "-Q",
+                    "aggregation",
+                    "--concurrency",
+                    "2",
+                    "--loglevel",
+                    "INFO",
+                ],
+                requires=requires,
+            ),
+        ]
+
+    def _model_registry_services(self) -> list[Component]:
+        """The model-registry API (MLflow is its store; the database only holds tokens and the audit)."""
+        api_port = self.config.port(PortOffsets.MODEL_REGISTRY_API)
+        return [
+            self.service(
+                "model-registry-api",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "services.model_registry.main:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                ],
+                requires=("postgres", "s3", "mlflow"),
+                port=api_port,
+                health_path="/readyz",
+            )
+        ]
+
+    def _inference_services(self) -> list[Component]:
+        """The inference API and its worker; both serve the registry's champion from the stack's MLflow.
+
+        The worker shares the inference queue's jobs (large volumes); the API answers small ones itself and
+        reads sources from ingest (catalogue) and Orthanc (the PACS), where it also sends DICOM SEG.
+        Windows go to the stack's tritonserver; ``VOXELFLOW_STACK_INFERENCE_BACKEND=onnxruntime`` runs them
+        in the service itself (embedded ONNX Runtime) instead.
+        """
+        api_port = self.config.port(PortOffsets.INFERENCE_API)
+        py = sys.executable
+        backend = os.environ.get("VOXELFLOW_STACK_INFERENCE_BACKEND", "triton")
+        requires: tuple[str, ...] = ("postgres", "redis", "s3", "orthanc", "mlflow")
+        if backend == "triton":
+            requires += ("triton",)
+        env = {
+            "VOXELFLOW_INGEST_URL": f"http://127.0.0.1:{self.config.port(PortOffsets.INGEST_API)}",
+            "VOXELFLOW_PACS_URL": f"{self.orthanc_url}/dicom-web",
+            "VOXELFLOW_BACKEND": backend,
+        }
+        return [
+            self.service(
+                "inference-api",
+                [py, "-m", "uvicorn", "services.inference.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
+                requires=requires,
+                port=api_port,
+                health_path="/healthz",  # /readyz stays 503 until a champion is registered
+                env=env,
+            ),
+            self.service(
+                "inference-worker",
+                [
+                    py,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "services.inference.worker",
+                    "worker",
+                    "-Q",
+                    "inference",
+                    "--concurrency",
+                    "1",
+                    "--loglevel",
+                    "INFO",
+                ],
+                requires=requires,
+                env=env,
             ),
         ]

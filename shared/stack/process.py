@@ -47,6 +47,8 @@ class Component:
     ready_timeout: float = 60.0
     external: bool = False
     optional_group: str | None = None  # e.g. "services": started only when that group is asked for
+    #: variables of the caller's environment the process must not inherit (they would change its behaviour)
+    unset_env: Sequence[str] = ()
 
 
 def http_ok(url: str, timeout: float = 2.0) -> Callable[[], bool]:
@@ -127,6 +129,8 @@ class ProcessTable:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **extra_env, **component.env}
+        for name in component.unset_env:
+            env.pop(name, None)
         with open(self.logfile(component.name), "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(component.argv)}\n".encode())
             log.flush()

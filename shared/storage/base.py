@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import IO
 
 
 class ObjectNotFoundError(KeyError):
@@ -35,7 +35,7 @@ class ObjectStore(abc.ABC):
     def put_stream(
         self,
         key: str,
-        stream: BinaryIO,
+        stream: IO[bytes],
         length: int = -1,
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,

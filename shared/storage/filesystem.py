@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 from urllib.parse import unquote, urlsplit
 
 from shared.storage.base import ObjectInfo, ObjectNotFoundError, ObjectStore
@@ -79,7 +79,7 @@ class FileObjectStore(ObjectStore):
     def put_stream(
         self,
         key: str,
-        stream: BinaryIO,
+        stream: IO[bytes],
         length: int = -1,
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,

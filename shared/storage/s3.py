@@ -8,7 +8,7 @@ stream as multipart uploads (``part_size``), so a whole DICOM series never has t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import IO, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from minio import Minio
@@ -30,7 +30,7 @@ def _truthy(value: str) -> bool:
 class _CountingReader:
     """Counts bytes as the SDK reads them, so an upload of unknown length can report its size."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
         self.count = 0
 
@@ -82,7 +82,7 @@ class S3ObjectStore(ObjectStore):
     def put_stream(
         self,
         key: str,
-        stream: BinaryIO,
+        stream: IO[bytes],
         length: int = -1,
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,

@@ -113,15 +113,18 @@ def ingest_service(ingest_env: dict[str, str]) -> Iterator[IngestService]:
 
 
 @pytest.fixture(scope="session")
-def ingest_worker(ingest_service: IngestService) -> Iterator[object]:
-    """A real Celery worker (in a thread) consuming the ingest queue from the session's Redis."""
-    from celery.contrib.testing.worker import start_worker
+def ingest_worker(
+    ingest_service: IngestService, ingest_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[object]:
+    """A real Celery worker process consuming the ingest queue from the session's Redis."""
+    from tests.celery_workers import CeleryWorkerProcess
 
-    import services.ingest.tasks  # noqa: F401
-    from services.ingest.worker import celery_app
-
-    with start_worker(celery_app, queues=["ingest"], perform_ping_check=False, shutdown_timeout=30) as worker:
-        yield worker
+    worker = CeleryWorkerProcess(
+        "services.ingest.worker", "ingest", ingest_env, tmp_path_factory.mktemp("ingest-worker") / "worker.log"
+    )
+    worker.start()
+    yield worker
+    worker.stop()
 
 
 def multipart_body(files: list[bytes], boundary: str = "vfboundary") -> tuple[bytes, str]:

@@ -13,7 +13,8 @@ from shared.auth import Principal, Role, role_checker
 
 
 def get_context(request: Request) -> IngestContext:
-    return request.app.state.ctx  # type: ignore[no-any-return]
+    ctx: IngestContext = request.app.state.ctx
+    return ctx
 
 
 def get_session(ctx: Annotated[IngestContext, Depends(get_context)]) -> Iterator[Session]:

@@ -3,6 +3,8 @@ bad ones reported one by one in FailedSOPSequence, and one bad file never fails 
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -42,7 +44,7 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
 
     base = ctx.settings.public_url.rstrip("/")
     referenced: list[dict[str, object]] = []
-    failed: list[dict[str, object]] = []
+    failed: list[dict[str, Any]] = []
 
     def store_part(part: Part) -> None:
         try:
@@ -83,8 +85,7 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
         status = 202  # PS3.18: some instances stored, some failed
     else:
         storage_down = all(
-            item["00081197"]["Value"][0] == FAILURE_STATUS[RejectReason.STORAGE_ERROR]
-            for item in failed  # type: ignore[index]
+            item["00081197"]["Value"][0] == FAILURE_STATUS[RejectReason.STORAGE_ERROR] for item in failed
         )
         status = 503 if storage_down else 409
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
