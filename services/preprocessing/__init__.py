@@ -1,0 +1,1 @@
+"""The preprocessing service: candidate cases, versioned datasets (sites, splits, QC) and cached preprocessing."""

@@ -1,0 +1,55 @@
+"""Thin Celery tasks of the preprocessing service: they take IDs or messages and call domain code.
+
+All are idempotent: cases are upserted by source, versions are content-addressed, preprocessed cases are
+keyed by (case hash, pipeline hash). Bad input raises PermanentTaskError (dead letter, no retry).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from services.preprocessing.context import BUILD_DATASET_TASK, PRECOMPUTE_TASK, SERIES_READY_TASK
+from shared.tasks import PermanentTaskError
+
+
+def _context() -> Any:
+    from services.preprocessing.worker import worker_context
+
+    return worker_context()
+
+
+@shared_task(name=SERIES_READY_TASK, bind=True)
+def series_ready_task(self: Any, message: dict[str, Any]) -> str:
+    from services.preprocessing.case_files import CaseFileError
+    from services.preprocessing.catalogue_cases import SeriesMessageError, record_series
+
+    ctx = _context()
+    try:
+        return record_series(ctx.store, ctx.session_factory, message, ctx.settings.catalogue_collection)
+    except (SeriesMessageError, CaseFileError) as exc:
+        raise PermanentTaskError(str(exc)) from exc
+
+
+@shared_task(name=BUILD_DATASET_TASK, bind=True)
+def build_dataset_task(self: Any, build_id: str) -> str:
+    from services.preprocessing.dataset_builder import BuildError, build_version
+    from services.preprocessing.sites import SiteAssignmentError
+    from services.preprocessing.splits import SplitError
+    from shared.datasets import ManifestError
+    from shared.preprocessing import SpecError
+
+    ctx = _context()
+    try:
+        return build_version(ctx.store, ctx.session_factory, build_id, ctx.settings.default_spec)
+    except (BuildError, SiteAssignmentError, SplitError, ManifestError, SpecError, ValueError) as exc:
+        raise PermanentTaskError(str(exc)) from exc
+
+
+@shared_task(name=PRECOMPUTE_TASK, bind=True)
+def precompute_task(self: Any, job: dict[str, Any]) -> dict[str, int]:
+    from services.preprocessing.precompute import run_precompute
+
+    ctx = _context()
+    return run_precompute(ctx.store, ctx.session_factory, job)
