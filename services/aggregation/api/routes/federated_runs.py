@@ -1,0 +1,293 @@
+"""Federated training runs: start one, follow it round by round and site by site, list, cancel."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import select
+
+from services.aggregation import federated_storage as fs
+from services.aggregation.api.deps import ContextDep, RunCaller, SessionDep
+from services.aggregation.dataset_check import DatasetProblem, check_sites
+from services.aggregation.evaluation import evaluation_available
+from services.aggregation.model_setup import validate_training_config
+from services.aggregation.models import TERMINAL_STATUSES, FederatedRound, FederatedRun, RoundSite, SiteUpdate
+from services.aggregation.privacy import PrivacyConfig
+from services.aggregation.strategies import ServerOptimizerConfig, Strategy
+from shared.db.base import utcnow
+from shared.http import add_audit_uids
+
+router = APIRouter(prefix="/federated-runs", tags=["federated training"])
+
+SITE = rf"^{fs.SITE_PATTERN}$"
+
+
+class PrivacyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    clip_norm: float = Field(gt=0, description="L2 bound of each site's update (over all weights).")
+    noise_multiplier: float = Field(ge=0, description="Gaussian noise std on the mean, in units of its sensitivity.")
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee that is reported.")
+
+
+class ServerOptimizerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(default=0.01, gt=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+
+
+class FederatedRunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset_version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="e.g. ds-0123456789abcdef")
+    sites: list[str] = Field(
+        min_length=1, max_length=64, description="Sites that train; each has queue training.<site>."
+    )
+    rounds: int = Field(ge=1, le=1000)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    strategy: Strategy = Strategy.FEDAVG
+    fedprox_mu: float = Field(default=0.0, ge=0, description="FedProx proximal weight (strategy fedprox only).")
+    server_optimizer: ServerOptimizerIn = Field(
+        default_factory=ServerOptimizerIn, description="FedAdam/FedYogi server optimiser."
+    )
+    min_sites: int | None = Field(default=None, ge=1, description="Quorum per round; default: every site.")
+    round_timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    privacy: PrivacyIn | None = Field(default=None, description="Update clipping + Gaussian noise; off by default.")
+    training_config: dict[str, Any] = Field(default_factory=dict, description="shared.training.TrainingConfig fields.")
+    initial_weights_key: str | None = Field(default=None, description="Warm start: a state dict in object storage.")
+    evaluate: bool = Field(
+        default=True,
+        description="Score the global model on each site's holdout.val after every round and on holdout.test at "
+        "the end (per-case Dice logged and attached to the registered version for the promotion gate).",
+    )
+    seed: int = Field(default=0, ge=0, lt=2**31)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedRunCreate:
+        import re
+
+        bad = [s for s in self.sites if not re.fullmatch(SITE[1:-1], s)]
+        if bad:
+            raise ValueError(f"site names must be lower-case letters, digits and '-' (queue names): {bad}")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError("sites must be unique")
+        if self.min_sites is not None and self.min_sites > len(self.sites):
+            raise ValueError(f"min_sites {self.min_sites} exceeds the {len(self.sites)} sites")
+        if self.fedprox_mu > 0 and self.strategy is not Strategy.FEDPROX:
+            raise ValueError("fedprox_mu applies only to strategy 'fedprox'")
+        return self
+
+
+class SiteProgress(BaseModel):
+    site: str
+    attempt_id: str
+    state: str
+    num_samples: int | None
+    metrics: dict[str, float]
+    update_norm: float | None
+    reason: str | None
+    delivered_at: dt.datetime | None
+
+
+class DiscardedUpdate(BaseModel):
+    site: str
+    attempt_id: str
+    key: str
+    reason: str | None
+    seen_at: dt.datetime
+
+
+class RoundProgress(BaseModel):
+    round: int
+    status: str
+    started_at: dt.datetime
+    deadline: dt.datetime
+    closed_at: dt.datetime | None
+    num_updates: int
+    total_samples: int
+    metrics: dict[str, Any]
+    epsilon: float | None
+    noise_std: float | None
+    error: str | None
+    sites: list[SiteProgress]
+    discarded: list[DiscardedUpdate]
+
+
+class RunSummary(BaseModel):
+    id: str
+    status: str
+    dataset_version: str
+    sites: list[str]
+    strategy: str
+    rounds: int
+    current_round: int
+    min_sites: int
+    epsilon: float | None
+    error: str | None
+    created_by: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    mlflow_run_id: str | None
+    model_name: str | None
+    model_version: str | None
+
+
+class RunDetail(RunSummary):
+    local_epochs: int
+    fedprox_mu: float
+    server_optimizer: dict[str, float]
+    round_timeout_seconds: float
+    privacy: dict[str, float] | None
+    training_config: dict[str, Any]
+    evaluate: bool
+    seed: int
+    final_weights_key: str | None
+    round_progress: list[RoundProgress]
+
+
+def _summary(run: FederatedRun) -> dict[str, Any]:
+    return {name: getattr(run, name) for name in RunSummary.model_fields}
+
+
+def _detail(session: SessionDep, run: FederatedRun) -> RunDetail:
+    rounds = list(
+        session.scalars(select(FederatedRound).where(FederatedRound.run_id == run.id).order_by(FederatedRound.round))
+    )
+    sites = list(session.scalars(select(RoundSite).where(RoundSite.run_id == run.id).order_by(RoundSite.site)))
+    discarded = list(
+        session.scalars(
+            select(SiteUpdate)
+            .where(SiteUpdate.run_id == run.id, SiteUpdate.status == "discarded")
+            .order_by(SiteUpdate.id)
+        )
+    )
+    progress = [
+        RoundProgress(
+            **{name: getattr(rnd, name) for name in RoundProgress.model_fields if name not in ("sites", "discarded")},
+            sites=[
+                SiteProgress(**{n: getattr(rs, n) for n in SiteProgress.model_fields})
+                for rs in sites
+                if rs.round == rnd.round
+            ],
+            discarded=[
+                DiscardedUpdate(**{n: getattr(u, n) for n in DiscardedUpdate.model_fields})
+                for u in discarded
+                if u.round == rnd.round
+            ],
+        )
+        for rnd in rounds
+    ]
+    return RunDetail(
+        **_summary(run),
+        local_epochs=run.local_epochs,
+        fedprox_mu=run.fedprox_mu,
+        server_optimizer=run.server_optimizer,
+        round_timeout_seconds=run.round_timeout_seconds,
+        privacy=run.privacy,
+        training_config=run.training_config,
+        evaluate=run.evaluate,
+        seed=run.seed,
+        final_weights_key=fs.global_key(run.id, run.rounds) if run.status == "succeeded" else None,
+        round_progress=progress,
+    )
+
+
+@router.post("", response_model=RunDetail, status_code=201)
+async def create_run(
+    body: FederatedRunCreate, request: Request, ctx: ContextDep, session: SessionDep, principal: RunCaller
+) -> RunDetail:
+    """Check the dataset version and sites, persist the run, and hand it to the aggregator worker."""
+    try:
+        await anyio.to_thread.run_sync(check_sites, ctx.store, body.dataset_version, body.sites)
+    except DatasetProblem as exc:
+        raise HTTPException(422, str(exc)) from exc
+    if body.initial_weights_key and not await anyio.to_thread.run_sync(ctx.store.exists, body.initial_weights_key):
+        raise HTTPException(422, f"initial_weights_key {body.initial_weights_key!r} does not exist in object storage")
+    if body.evaluate and (problem := evaluation_available()):
+        raise HTTPException(422, f"{problem}; create the run with evaluate=false")
+    try:
+        training_config = validate_training_config(body.training_config)
+        if body.privacy:
+            PrivacyConfig(**body.privacy.model_dump())
+        ServerOptimizerConfig(**body.server_optimizer.model_dump())
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    run_id = f"fr-{uuid.uuid4().hex[:16]}"
+    add_audit_uids(request, run_id, body.dataset_version)
+    poll_task_id = uuid.uuid4().hex
+    run = FederatedRun(
+        id=run_id,
+        status="pending",
+        dataset_version=body.dataset_version,
+        sites=list(body.sites),
+        rounds=body.rounds,
+        local_epochs=body.local_epochs,
+        strategy=body.strategy.value,
+        fedprox_mu=body.fedprox_mu,
+        server_optimizer=body.server_optimizer.model_dump(),
+        min_sites=body.min_sites or len(body.sites),
+        round_timeout_seconds=body.round_timeout_seconds or ctx.settings.default_round_timeout_seconds,
+        privacy=body.privacy.model_dump() if body.privacy else None,
+        training_config=training_config,
+        initial_weights_key=body.initial_weights_key,
+        evaluate=body.evaluate,
+        seed=body.seed,
+        created_by=principal.name,
+        poll_task_id=poll_task_id,
+    )
+    session.add(run)
+    session.commit()
+    await anyio.to_thread.run_sync(lambda: ctx.kick(run_id, task_id=poll_task_id))
+    return _detail(session, run)
+
+
+@router.get("", response_model=list[RunSummary])
+def list_runs(
+    session: SessionDep,
+    principal: RunCaller,
+    status: str | None = Query(default=None, description="Only runs with this status."),
+    limit: int = Query(default=50, ge=1, le=500),
+    offset: int = Query(default=0, ge=0),
+) -> list[RunSummary]:
+    query = select(FederatedRun).order_by(FederatedRun.created_at.desc(), FederatedRun.id)
+    if status:
+        query = query.where(FederatedRun.status == status)
+    return [RunSummary(**_summary(run)) for run in session.scalars(query.limit(limit).offset(offset))]
+
+
+@router.get("/{run_id}", response_model=RunDetail)
+def get_run(run_id: str, session: SessionDep, principal: RunCaller) -> RunDetail:
+    """The run with every round's aggregate metrics, each site's state and every discarded update."""
+    run = session.get(FederatedRun, run_id)
+    if run is None:
+        raise HTTPException(404, f"no federated run {run_id}")
+    return _detail(session, run)
+
+
+@router.post("/{run_id}/cancel", response_model=RunDetail)
+def cancel_run(run_id: str, ctx: ContextDep, session: SessionDep, principal: RunCaller) -> RunDetail:
+    """Stop a run: no further round is dispatched or aggregated; the current round's site tasks are revoked."""
+    run = session.scalar(select(FederatedRun).where(FederatedRun.id == run_id).with_for_update())
+    if run is None:
+        raise HTTPException(404, f"no federated run {run_id}")
+    if run.status in TERMINAL_STATUSES:
+        raise HTTPException(409, f"run {run_id} is already {run.status}")
+    run.status, run.finished_at = "cancelled", utcnow()
+    run.error = f"cancelled by {principal.name}"
+    pending = [
+        rs.attempt_id
+        for rs in session.scalars(
+            select(RoundSite).where(
+                RoundSite.run_id == run_id, RoundSite.round == run.current_round, RoundSite.state == "dispatched"
+            )
+        )
+    ]
+    session.commit()
+    if pending:
+        ctx.celery.control.revoke(pending)
+    return _detail(session, run)

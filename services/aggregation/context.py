@@ -1,0 +1,75 @@
+"""Everything a request handler or task of the aggregation service needs, built once per process."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.aggregation import models
+from services.aggregation.settings import AggregationSettings
+from shared.db import models as shared_models
+from shared.db.base import make_engine, make_session_factory, run_migrations
+from shared.readiness import ReadinessProbes
+from shared.storage import ObjectStore, open_object_store
+from shared.tasks import create_celery_app
+
+SERVICE = "aggregation"
+ADVANCE_RUN_TASK = "aggregation.advance_run"
+TRAIN_ROUND_TASK = "training.train_round"
+
+
+@dataclass
+class AggregationContext(ReadinessProbes):
+    settings: AggregationSettings
+
+    @cached_property
+    def engine(self) -> Any:
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def session_factory(self) -> sessionmaker[Session]:
+        return make_session_factory(self.engine)
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        return open_object_store(self.settings.storage_url)
+
+    @cached_property
+    def celery(self) -> Celery:
+        return create_celery_app(SERVICE, self.settings.broker_url, self.settings.database_url)
+
+    @cached_property
+    def git_sha(self) -> str:
+        if self.settings.git_sha:
+            return self.settings.git_sha
+        try:
+            return subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+
+    def training_queue(self, site: str) -> str:
+        return f"{self.settings.training_queue_prefix}{site}"
+
+    def kick(self, run_id: str, task_id: str | None = None, force: bool = False) -> str:
+        """Send ``aggregation.advance_run`` for a run; ``force`` takes the polling chain over (recovery)."""
+        task_id = task_id or uuid.uuid4().hex
+        self.celery.send_task(
+            ADVANCE_RUN_TASK,
+            args=[run_id],
+            kwargs={"force": force} if force else {},
+            queue=self.settings.aggregation_queue,
+            task_id=task_id,
+        )
+        return task_id
+
+    def migrate(self) -> None:
+        run_migrations(self.settings.database_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)
+        run_migrations(self.settings.database_url, models.MIGRATIONS, models.VERSION_TABLE)

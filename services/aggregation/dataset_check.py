@@ -1,0 +1,39 @@
+"""What a run may train on: the dataset version must exist and every requested site must have training cases."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from shared.storage import ObjectStore
+
+
+class DatasetProblem(ValueError):
+    """The run cannot start on this dataset version (the message says why)."""
+
+
+def manifest_key(version_id: str) -> str:
+    return f"datasets/{version_id}/manifest.json"
+
+
+def training_cases_per_site(store: ObjectStore, version_id: str) -> Counter[str]:
+    """Number of ``holdout.train`` cases of each site in the dataset version (the federated training split)."""
+    from shared.datasets import load_manifest
+
+    try:
+        manifest = load_manifest(store, version_id)
+    except (KeyError, FileNotFoundError, LookupError) as exc:
+        raise DatasetProblem(f"dataset version {version_id!r} does not exist in object storage") from exc
+    except ValueError as exc:  # ManifestError: malformed id or corrupt manifest
+        raise DatasetProblem(f"dataset version {version_id!r}: {exc}") from exc
+    return Counter(case.site for case in manifest.select(split="holdout", part="train"))
+
+
+def check_sites(store: ObjectStore, version_id: str, sites: list[str]) -> Counter[str]:
+    counts = training_cases_per_site(store, version_id)
+    empty = [site for site in sites if counts.get(site, 0) == 0]
+    if empty:
+        known = ", ".join(f"{s} ({n})" for s, n in sorted(counts.items())) or "none"
+        raise DatasetProblem(
+            f"sites without training cases in {version_id}: {', '.join(empty)}; sites with holdout.train cases: {known}"
+        )
+    return counts

@@ -1,0 +1,91 @@
+"""Evaluation of the global model: on each site's validation split after every round, on the test split at the end.
+
+Thin: the scoring is ``shared.evaluation.held_out`` (the same code the centralised baseline uses), on the
+cached preprocessed cases of the run's dataset version. It runs on the aggregator's CPU, so torch's
+threads are limited by ``VOXELFLOW_EVALUATION_TORCH_THREADS`` and the cases stay in memory between rounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shared.storage import ObjectStore
+from shared.tasks import PermanentTaskError
+
+
+def evaluation_available() -> str | None:
+    """None when the shared evaluation stack is importable, else why not."""
+    try:
+        import shared.datasets
+        import shared.evaluation.held_out
+        import shared.training  # noqa: F401
+    except ImportError as exc:
+        return f"evaluation needs shared.datasets, shared.training and shared.evaluation: {exc}"
+    return None
+
+
+def _inputs(store: ObjectStore, run: Any) -> tuple[Any, Any]:
+    from shared.datasets import ManifestError, load_manifest
+    from shared.training import TrainingConfig
+
+    try:
+        manifest = load_manifest(store, run.dataset_version)
+    except (KeyError, ManifestError) as exc:
+        raise PermanentTaskError(f"evaluation: dataset version {run.dataset_version}: {exc}") from exc
+    return manifest, TrainingConfig.model_validate(run.training_config)
+
+
+def _records(store: ObjectStore, run: Any, state: dict[str, np.ndarray], part: str, site: str | None, threads: int):
+    from shared.datasets import CacheError
+    from shared.evaluation.held_out import evaluate_state
+
+    manifest, config = _inputs(store, run)
+    try:
+        return evaluate_state(store, manifest, config, state, part=part, site=site, threads=threads)
+    except (ValueError, CacheError) as exc:  # weights that do not fit the config; a case not preprocessed
+        raise PermanentTaskError(f"evaluation of the global model on holdout.{part}: {exc}") from exc
+
+
+def summarise_sites(per_site: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Round metrics from each site's records: per site mean Dice (overall and per label) and case count;
+    ``mean`` pools every validation case (each case counts once, whichever site holds it)."""
+    from shared.evaluation import mean_dice_per_case
+
+    sites: dict[str, dict[str, float]] = {}
+    pooled: dict[str, float] = {}
+    for site, records in sorted(per_site.items()):
+        scores = mean_dice_per_case(records)
+        if not scores:
+            continue
+        pooled.update({f"{site}/{case}": v for case, v in scores.items()})
+        values: dict[str, float] = {"val_dice": float(np.mean(list(scores.values()))), "val_cases": float(len(scores))}
+        by_label: dict[str, list[float]] = {}
+        for record in records:
+            by_label.setdefault(str(record["label_name"]), []).append(float(record["dice"]))
+        values.update({f"val_dice_{label}": float(np.mean(v)) for label, v in sorted(by_label.items())})
+        sites[site] = values
+    if not pooled:
+        return {}
+    mean = float(np.mean(list(pooled.values())))
+    return {
+        "sites": sites,
+        "mean": {"val_dice": mean, "val_cases": float(len(pooled))},
+        "val_dice": {site: values["val_dice"] for site, values in sites.items()},
+        "val_dice_mean": mean,
+    }
+
+
+def evaluate_on_sites(store: ObjectStore, run: Any, state: dict[str, np.ndarray], threads: int = 1) -> dict[str, Any]:
+    """``{"sites": {site: {"val_dice", "val_cases", "val_dice_<label>"}}, "mean": {...}, "val_dice": {site: x},
+    "val_dice_mean": x}`` of the global weights ``state`` on each site's ``holdout.val``; {} when no site has one."""
+    return summarise_sites({site: _records(store, run, state, "val", site, threads) for site in run.sites})
+
+
+def evaluate_on_test(store: ObjectStore, run: Any, state: dict[str, np.ndarray], threads: int = 1) -> list[dict]:
+    """Per-case records of the final weights on ``holdout.test`` of all sites (what the promotion gate compares).
+
+    All sites, not only the run's: the test set is the dataset version's, so every run and the centralised
+    baseline on that version are scored on the same cases."""
+    return list(_records(store, run, state, "test", None, threads))

@@ -1,0 +1,181 @@
+"""MLflow logging of federated runs: parameters, per-round and per-site metrics, curves, the registered model.
+
+Every call is safe to repeat: after a crash the aggregator re-logs a round's metrics at the same step
+(same values) and looks a run's model version up by its ``federated_run_id`` tag before registering
+another one, so a resumed run never registers twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("voxelflow.aggregation.tracking")
+
+
+class RunTracker(Protocol):
+    def start(self, run: Any, params: dict[str, Any], tags: dict[str, str]) -> str | None: ...
+
+    def log_round(self, mlflow_run_id: str | None, round_index: int, metrics: dict[str, float]) -> None: ...
+
+    def finish(
+        self,
+        mlflow_run_id: str | None,
+        federated_run_id: str,
+        history: list[dict[str, Any]],
+        artifacts: dict[str, bytes],
+        version_tags: dict[str, str],
+        per_case: list[dict[str, Any]] | None = None,
+    ) -> tuple[str | None, str | None]: ...
+
+    def fail(self, mlflow_run_id: str | None, reason: str) -> None: ...
+
+
+class NullTracker:
+    """No tracking server configured: nothing is logged (single-machine trials)."""
+
+    def start(self, run: Any, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+        log.warning("no MLflow tracking URI configured: federated run %s is not logged", run.id)
+        return None
+
+    def log_round(self, mlflow_run_id: str | None, round_index: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def finish(self, mlflow_run_id, federated_run_id, history, artifacts, version_tags, per_case=None):
+        return None, None
+
+    def fail(self, mlflow_run_id: str | None, reason: str) -> None:
+        return None
+
+
+def curves_png(history: list[dict[str, Any]]) -> bytes:
+    """One panel per metric family over rounds (global mean and per site)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({name for entry in history for name in entry["metrics"]})
+    fig, axes = plt.subplots(max(1, len(names)), 1, figsize=(7, 2.2 * max(1, len(names))), squeeze=False)
+    for axis, name in zip(axes[:, 0], names, strict=False):
+        points = [(e["round"], e["metrics"][name]) for e in history if name in e["metrics"]]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("round")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class MlflowTracker:
+    def __init__(self, tracking_uri: str, experiment: str, model_name: str) -> None:
+        import os
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # see shared/registry/client.py
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.experiment = experiment
+        self.model_name = model_name
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(self.client.create_experiment(self.experiment))
+        except Exception:  # created concurrently by another aggregator
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def start(self, run: Any, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+        existing = self.client.search_runs(
+            [self._experiment_id()], filter_string=f"tags.federated_run_id = '{run.id}'", max_results=1
+        )
+        if existing:
+            return str(existing[0].info.run_id)
+        created = self.client.create_run(
+            self._experiment_id(), run_name=run.id, tags={**tags, "federated_run_id": run.id}
+        )
+        mlflow_run_id = str(created.info.run_id)
+        from mlflow.entities import Param
+
+        self.client.log_batch(mlflow_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return mlflow_run_id
+
+    def log_round(self, mlflow_run_id: str | None, round_index: int, metrics: dict[str, float]) -> None:
+        if mlflow_run_id is None:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            mlflow_run_id, metrics=[Metric(k, float(v), now, round_index) for k, v in sorted(metrics.items())]
+        )
+
+    def finish(self, mlflow_run_id, federated_run_id, history, artifacts, version_tags, per_case=None):
+        """Log the model files and curves, then register through ``shared.registry.register_evaluated_version``
+        (test metrics, ``evaluation/per_case.json``, ``test_dice`` tag, alias ``candidate``): the same path
+        as the centralised baseline, so the promotion gate can compare the two."""
+        if mlflow_run_id is None:
+            return None, None
+        from shared.registry import register_evaluated_version
+
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            (root / "model").mkdir()
+            for name, data in artifacts.items():
+                (root / "model" / name).write_bytes(data)
+            self.client.log_artifacts(mlflow_run_id, str(root / "model"), "model")
+            (root / "curves.png").write_bytes(curves_png(history))
+            (root / "history.json").write_text(json.dumps(history, indent=1))
+            self.client.log_artifact(mlflow_run_id, str(root / "curves.png"))
+            self.client.log_artifact(mlflow_run_id, str(root / "history.json"))
+        version = self._registered_version(federated_run_id)
+        if version is None:
+            version = str(
+                register_evaluated_version(
+                    mlflow_run_id,
+                    self.model_name,
+                    per_case,
+                    {**version_tags, "federated_run_id": federated_run_id},
+                    client=self.client,
+                )
+            )
+        self.client.set_terminated(mlflow_run_id, "FINISHED")
+        return self.model_name, version
+
+    def _registered_version(self, federated_run_id: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{self.model_name}'")
+        except MlflowException:
+            return None
+        for version in versions:
+            if (version.tags or {}).get("federated_run_id") == federated_run_id:
+                return str(version.version)
+        return None
+
+    def fail(self, mlflow_run_id: str | None, reason: str) -> None:
+        if mlflow_run_id is None:
+            return
+        self.client.set_tag(mlflow_run_id, "failure_reason", reason[:5000])
+        self.client.set_terminated(mlflow_run_id, "FAILED")
+
+
+def make_tracker(tracking_uri: str | None, experiment: str, model_name: str) -> RunTracker:
+    if not tracking_uri:
+        return NullTracker()
+    return MlflowTracker(tracking_uri, experiment, model_name)

@@ -1,0 +1,54 @@
+"""Everything a request handler of the model-registry service needs, built once per process.
+
+The registry keeps no tables of its own: MLflow is the source of truth for models, versions, tags and
+aliases; the database holds only the shared API tokens and the audit trail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from mlflow import MlflowClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.model_registry.promotion import GateConfig
+from services.model_registry.settings import ModelRegistrySettings
+from shared.db import models as shared_models
+from shared.db.base import make_engine, make_session_factory, run_migrations
+from shared.readiness import ReadinessProbes
+from shared.registry import registry_client
+
+SERVICE = "model-registry"
+
+
+@dataclass
+class ModelRegistryContext(ReadinessProbes):
+    settings: ModelRegistrySettings
+
+    @cached_property
+    def session_factory(self) -> sessionmaker[Session]:
+        return make_session_factory(make_engine(self.settings.database_url))
+
+    @cached_property
+    def mlflow(self) -> MlflowClient:
+        return registry_client(self.settings.mlflow_tracking_uri)
+
+    @property
+    def gate(self) -> GateConfig:
+        return GateConfig(
+            min_dice=self.settings.promotion_min_dice,
+            alpha=self.settings.promotion_alpha,
+            min_cases=self.settings.promotion_min_cases,
+            margin=self.settings.promotion_margin,
+        )
+
+    @property
+    def ui_url(self) -> str:
+        return (self.settings.mlflow_ui_url or self.settings.mlflow_tracking_uri).rstrip("/")
+
+    def migrate(self) -> None:
+        run_migrations(self.settings.database_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)
+
+    def check_mlflow(self) -> None:
+        self.mlflow.search_registered_models(max_results=1)

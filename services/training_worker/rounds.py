@@ -1,0 +1,168 @@
+"""One federated round at one site: validate the task, train from the global weights, deliver the update.
+
+Delivery protocol (docs/contracts.md): everything of an attempt lives under
+``federated/{run_id}/round-{r:04d}/{site}/{attempt_id}/``; ``weights.pt`` is written first and
+``update.json`` last, so the existence of ``update.json`` means "delivered" and a redelivered task that
+finds it returns it without training again (a result is never produced twice). ``checkpoint.pt`` is
+rewritten after every epoch; a task redelivered after the worker was killed resumes from it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+
+from services.training_worker import metrics
+from services.training_worker.context import TrainingWorkerContext
+from shared.proto.voxelflow.v1 import training_pb2
+from shared.storage import ObjectNotFoundError
+from shared.tasks import PermanentTaskError
+from shared.training import EpochRecord, TrainingConfig, TrainingDiverged, train_local
+from shared.training.data import MissingCachedCase, UnknownDatasetVersion, load_site_data
+from shared.training.state import state_from_bytes, state_to_bytes
+
+log = logging.getLogger("voxelflow.training_worker")
+
+
+def attempt_prefix(task: training_pb2.TrainingRoundTask) -> str:
+    return f"federated/{task.run_id}/round-{task.round:04d}/{task.site}/{task.task_attempt_id}/"
+
+
+@dataclass(frozen=True)
+class RoundKeys:
+    weights: str
+    update: str
+    checkpoint: str
+
+    @classmethod
+    def for_task(cls, task: training_pb2.TrainingRoundTask) -> RoundKeys:
+        prefix = attempt_prefix(task)
+        return cls(prefix + "weights.pt", prefix + "update.json", prefix + "checkpoint.pt")
+
+
+def parse_task(message: dict[str, Any], site: str) -> training_pb2.TrainingRoundTask:
+    """The TrainingRoundTask in ``message``; PermanentTaskError when it is malformed or for another site."""
+    try:
+        task = json_format.ParseDict(message, training_pb2.TrainingRoundTask())
+    except (json_format.ParseError, TypeError, AttributeError) as exc:
+        raise PermanentTaskError(f"not a TrainingRoundTask: {exc}") from exc
+    missing = [
+        name
+        for name in ("run_id", "site", "dataset_version_id", "global_weights_uri", "training_config_uri")
+        if not getattr(task, name)
+    ]
+    if not task.task_attempt_id:
+        missing.append("task_attempt_id")
+    if missing:
+        raise PermanentTaskError(f"round task lacks {', '.join(missing)}")
+    for name in ("run_id", "site", "task_attempt_id"):
+        if "/" in getattr(task, name) or getattr(task, name) in (".", ".."):
+            raise PermanentTaskError(f"round task field {name}={getattr(task, name)!r} is not a valid key segment")
+    if task.round < 0 or task.local_epochs < 0 or task.fedprox_mu < 0:
+        raise PermanentTaskError("round, local_epochs and fedprox_mu must not be negative")
+    if task.site != site:
+        raise PermanentTaskError(f"round task for site {task.site!r} reached the worker of site {site!r}")
+    return task
+
+
+def _load(ctx: TrainingWorkerContext, key: str, what: str) -> bytes:
+    try:
+        return ctx.store.get_bytes(key)
+    except ObjectNotFoundError:
+        raise PermanentTaskError(f"{what} {key!r} does not exist in object storage") from None
+
+
+def run_round(
+    ctx: TrainingWorkerContext,
+    message: dict[str, Any],
+    report: Callable[[dict[str, Any]], None] = lambda meta: None,
+) -> dict[str, Any]:
+    """Run (or resume, or replay) one round task; returns the ModelUpdate as a dict."""
+    site = ctx.settings.site
+    try:
+        task = parse_task(message, site)
+    except PermanentTaskError:
+        metrics.rounds_total.labels(site, "refused").inc()
+        raise
+    keys = RoundKeys.for_task(task)
+    if ctx.store.exists(keys.update):
+        metrics.rounds_total.labels(site, "replayed").inc()
+        log.info("update already delivered for %s: not training again", keys.update)
+        return json.loads(ctx.store.get_bytes(keys.update))
+
+    try:
+        config = TrainingConfig.from_yaml(_load(ctx, task.training_config_uri, "training configuration"))
+        global_state = state_from_bytes(_load(ctx, task.global_weights_uri, "global weights"))
+        data = load_site_data(ctx.store, task.dataset_version_id, site)
+        if len(data.train) == 0:
+            raise PermanentTaskError(f"site {site!r} has no cases in holdout.train of {task.dataset_version_id}")
+    except (ValueError, UnknownDatasetVersion, MissingCachedCase) as exc:
+        metrics.rounds_total.labels(site, "refused").inc()
+        raise PermanentTaskError(str(exc)) from exc
+
+    def load_checkpoint() -> dict[str, Any] | None:
+        try:
+            data = ctx.store.get_bytes(keys.checkpoint)
+        except ObjectNotFoundError:
+            return None
+        checkpoint = state_from_bytes(data)
+        log.info("resuming %s after epoch %s", keys.checkpoint, checkpoint["epoch"])
+        return checkpoint
+
+    def save_checkpoint(checkpoint: dict[str, Any]) -> None:
+        ctx.store.put_bytes(keys.checkpoint, state_to_bytes(checkpoint))
+
+    epochs = task.local_epochs or config.epochs
+
+    def on_epoch(record: EpochRecord) -> None:
+        labels = (site, task.run_id)
+        metrics.epochs_total.labels(*labels).inc()
+        metrics.samples_per_second.labels(*labels).set(record.samples_per_second)
+        metrics.train_loss.labels(*labels).set(record.train_loss)
+        if record.val_dice is not None:
+            metrics.val_dice.labels(*labels).set(record.val_dice)
+        report({"epoch": record.epoch, "epochs": epochs, "loss": record.train_loss, "val_dice": record.val_dice})
+
+    try:
+        result = train_local(
+            config,
+            data.train,
+            data.val,
+            global_state,
+            augment=data.augment,
+            epochs=epochs,
+            fedprox_mu=task.fedprox_mu,
+            load_checkpoint=load_checkpoint,
+            save_checkpoint=save_checkpoint,
+            progress=on_epoch,
+            device=ctx.settings.device,
+        )
+    except TrainingDiverged as exc:
+        metrics.rounds_total.labels(site, "diverged").inc()
+        raise PermanentTaskError(str(exc)) from exc
+    except ValueError as exc:  # e.g. global weights of another architecture than the configuration's
+        metrics.rounds_total.labels(site, "refused").inc()
+        raise PermanentTaskError(str(exc)) from exc
+
+    ctx.store.put_bytes(keys.weights, state_to_bytes(result.state_dict))
+    update = training_pb2.ModelUpdate(
+        run_id=task.run_id,
+        round=task.round,
+        site=site,
+        task_attempt_id=task.task_attempt_id,
+        weights_uri=keys.weights,
+        num_samples=result.num_samples,
+        metrics={**result.metrics, "resumed_from_epoch": float(result.resumed_from_epoch)},
+        finished_at=dt.datetime.now(dt.UTC).isoformat(),
+    )
+    body = json_format.MessageToDict(update, preserving_proto_field_name=True)
+    ctx.store.put_bytes(keys.update, json.dumps(body).encode(), content_type="application/json")  # written last
+    metrics.rounds_total.labels(site, "resumed" if result.resumed_from_epoch else "trained").inc()
+    log.info("delivered %s (%d samples, %s)", keys.update, result.num_samples, result.metrics)
+    return body

@@ -1,0 +1,147 @@
+"""Training configuration: one YAML file describes a local training job, for a federated site or centrally.
+
+The same :class:`TrainingConfig` travels with a federated run (``federated/{run_id}/training-config.yaml``)
+and is logged with a registered model, so every field has a default sized for the hippocampus set on a
+2-core CPU and every unknown key is an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+Triple = tuple[PositiveInt, PositiveInt, PositiveInt]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkConfig(_Strict):
+    name: Literal["unet", "dynunet", "segresnet", "swinunetr"] = "unet"
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Constructor arguments of the MONAI network, over voxelflow's defaults."
+    )
+
+
+class LossConfig(_Strict):
+    name: Literal["dice_ce"] = "dice_ce"
+    lambda_dice: float = Field(default=1.0, ge=0)
+    lambda_ce: float = Field(default=1.0, ge=0)
+    include_background: bool = False
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: PositiveFloat = 2e-3
+    weight_decay: float = Field(default=1e-5, ge=0)
+    momentum: float = Field(default=0.99, ge=0, lt=1, description="SGD only.")
+    nesterov: bool = Field(default=True, description="SGD only.")
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["constant", "cosine_warm_restarts", "poly"] = "constant"
+    t_0: PositiveInt = Field(default=10, description="Cosine: epochs until the first restart.")
+    t_mult: PositiveInt = Field(default=1, description="Cosine: period growth after each restart.")
+    eta_min: float = Field(default=0.0, ge=0, description="Cosine: lowest learning rate.")
+    power: PositiveFloat = Field(default=0.9, description="Poly: lr = lr0 * (1 - epoch/epochs) ** power.")
+
+
+class PatchConfig(_Strict):
+    sampler: Literal["whole", "pos_neg", "uniform"] = Field(
+        default="pos_neg",
+        description="whole: whole volumes padded to a multiple of `divisible`; pos_neg: RandCropByPosNegLabeld; "
+        "uniform: RandSpatialCropd.",
+    )
+    size: Triple = (32, 32, 32)
+    pos: float = Field(default=1.0, ge=0)
+    neg: float = Field(default=1.0, ge=0)
+    num_samples: PositiveInt = Field(default=2, description="Patches drawn per volume and iteration.")
+    divisible: PositiveInt = Field(default=16, description="Whole volumes are padded to a multiple of this.")
+
+
+class ValidationConfig(_Strict):
+    every: PositiveInt = Field(default=1, description="Validate every N epochs (and after the last).")
+    roi_size: Triple = Field(default=(48, 64, 48), description="sliding_window_inference window.")
+    sw_batch_size: PositiveInt = 1
+    overlap: float = Field(default=0.25, ge=0, lt=1)
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: PositiveInt | None = Field(
+        default=None, description="Stop after this many validations without a val Dice gain; None = never."
+    )
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class DivergenceConfig(_Strict):
+    max_loss: PositiveFloat = Field(
+        default=100.0, description="A training loss above this is 'exploding' (DiceCE starts near 1.5 to 2)."
+    )
+
+
+class TrainingConfig(_Strict):
+    """Everything :func:`shared.training.local.train_local` needs besides data and starting weights."""
+
+    network: NetworkConfig = NetworkConfig()
+    num_classes: int = Field(default=3, ge=2, description="Output channels including background.")
+    in_channels: PositiveInt = 1
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    epochs: PositiveInt = 2
+    batch_size: PositiveInt = 2
+    patch: PatchConfig = PatchConfig()
+    validation: ValidationConfig = ValidationConfig()
+    grad_clip_norm: PositiveFloat | None = Field(default=12.0, description="Max gradient L2 norm; None = off.")
+    bf16: bool = Field(default=True, description="bf16 autocast; only ever applied on CUDA devices.")
+    seed: int = 0
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    divergence: DivergenceConfig = DivergenceConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.network.name == "swinunetr":
+            # Swin's five patch-merging stages halve the grid five times.
+            sizes = [self.validation.roi_size] + ([] if self.patch.sampler == "whole" else [self.patch.size])
+            if any(s % 32 for size in sizes for s in size) or (
+                self.patch.sampler == "whole" and self.patch.divisible % 32
+            ):
+                raise ValueError("swinunetr needs patch, window and padding sizes divisible by 32")
+        return self
+
+    @classmethod
+    def from_yaml(cls, text: str | bytes) -> TrainingConfig:
+        """Parse YAML; a malformed file or an invalid field raises ValueError naming what is wrong."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"training configuration is not valid YAML: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"training configuration must be a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(f"invalid training configuration: {exc}") from exc
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(name_or_path: str | Path) -> TrainingConfig:
+    """A bundled config by name (``hippocampus_unet``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.exists():
+        bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not bundled.exists():
+            names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise FileNotFoundError(f"no training config {name_or_path!r}: not a file, nor one of {names}")
+        path = bundled
+    return TrainingConfig.from_yaml(path.read_text("utf-8"))

@@ -1,0 +1,407 @@
+"""Local training: the one loop behind a federated site's round and the centralised baseline.
+
+``train_local`` is deliberately a function of (config, data, starting weights) plus callbacks, so the
+training-worker (object storage, Celery progress) and the centralised CLI (local files, torchrun) share
+every line that decides what the weights become. Determinism: everything random in epoch ``e`` (sample
+order, augmentation, patch positions) is seeded from ``(config.seed, e, rank)`` at the start of the epoch,
+so a run resumed from the checkpoint of epoch ``e - 1`` continues exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, cast
+
+import torch
+import torch.distributed as dist
+from monai.data import DataLoader, Dataset
+from monai.data.utils import list_data_collate, pad_list_data_collate
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.transforms import (
+    AsDiscrete,
+    Compose,
+    DivisiblePadd,
+    RandCropByPosNegLabeld,
+    RandSpatialCropd,
+    SpatialPadd,
+)
+from torch.utils.data.distributed import DistributedSampler
+
+from shared.training.config import TrainingConfig
+from shared.training.networks import build_network
+
+log = logging.getLogger("voxelflow.training")
+
+Case = Mapping[str, Any]  # {"image": (C, X, Y, Z) float tensor, "label": (1, X, Y, Z) int tensor, ...}
+
+
+class CaseSource(Protocol):
+    """What training reads cases from: a list, or a dataset such as shared.datasets.CachedCaseDataset."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Case: ...
+
+
+StateDict = dict[str, torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients left the finite, bounded range: retrying the same job cannot help."""
+
+    def __init__(self, reason: str, *, epoch: int, step: int):
+        super().__init__(f"training diverged at epoch {epoch}, step {step}: {reason}")
+        self.reason = reason
+        self.epoch = epoch
+        self.step = step
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int  # 1-based, completed
+    train_loss: float
+    val_dice: float | None
+    lr: float
+    seconds: float
+    samples_per_second: float
+    val_dice_per_class: list[float] | None = None
+    samples: int = 0  # samples (patches) seen in the epoch, summed over all ranks
+
+
+@dataclass
+class LocalResult:
+    state_dict: StateDict
+    num_samples: int
+    metrics: dict[str, float]
+    history: list[EpochRecord] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
+
+
+# --- pure pieces ---------------------------------------------------------------------------------------
+
+
+def fedprox_penalty(model: torch.nn.Module, global_params: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx proximal term ``mu / 2 * ||w - w_global||^2`` over the trainable parameters."""
+    terms = [
+        (param - global_params[name]).pow(2).sum()
+        for name, param in model.named_parameters()
+        if param.requires_grad and name in global_params
+    ]
+    if not terms:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return 0.5 * mu * torch.stack(terms).sum()
+
+
+def check_finite_loss(loss: float, max_loss: float, *, epoch: int, step: int) -> None:
+    """Raise :class:`TrainingDiverged` for a NaN/inf or exploding loss."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"loss is {loss} (not finite)", epoch=epoch, step=step)
+    if loss > max_loss:
+        raise TrainingDiverged(f"loss {loss:.4g} exceeds the limit {max_loss:.4g} (exploding)", epoch=epoch, step=step)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31 - 1)
+
+
+def early_stop_update(best: float | None, bad: int, value: float, min_delta: float) -> tuple[float, int, bool]:
+    """New (best, validations without gain, improved?) after a validation Dice of ``value``."""
+    if best is None or value > best + min_delta:
+        return value, 0, True
+    return best, bad + 1, False
+
+
+# --- building blocks -----------------------------------------------------------------------------------
+
+
+def _sampling_transform(config: TrainingConfig) -> list[Any]:
+    patch = config.patch
+    keys = ["image", "label"]
+    if patch.sampler == "whole":
+        return [DivisiblePadd(keys, k=patch.divisible)]
+    pad = SpatialPadd(keys, spatial_size=patch.size)  # volumes smaller than a patch are padded, not refused
+    if patch.sampler == "uniform":
+        return [pad, RandSpatialCropd(keys, roi_size=patch.size, random_size=False)]
+    return [
+        pad,
+        RandCropByPosNegLabeld(
+            keys,
+            label_key="label",
+            spatial_size=patch.size,
+            pos=patch.pos,
+            neg=patch.neg,
+            num_samples=patch.num_samples,
+            image_key="image",
+            image_threshold=0,
+        ),
+    ]
+
+
+def _optimizer(config: TrainingConfig, params: Any) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def _scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, epochs: int) -> Any:
+    sched = config.schedule
+    if sched.name == "cosine_warm_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=sched.t_0, T_mult=sched.t_mult, eta_min=sched.eta_min
+        )
+    if sched.name == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=epochs, power=sched.power)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed from torchrun's environment on first use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _cpu_state(model: torch.nn.Module) -> StateDict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+
+
+def _supervised_loss(loss_fn: Any, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """DiceCE of the output, or the 1/2^i-weighted sum over DynUNet deep-supervision heads (B, heads, C, …)."""
+    if output.dim() == label.dim() + 1:
+        heads = torch.unbind(output, dim=1)
+        weights = [0.5**i for i in range(len(heads))]
+        return sum(w * loss_fn(h, label) for w, h in zip(weights, heads, strict=True)) / sum(weights)
+    return loss_fn(output, label)
+
+
+def evaluate_dice(
+    model: torch.nn.Module,
+    cases: CaseSource,
+    config: TrainingConfig,
+    device: torch.device,
+) -> tuple[float, list[float]]:
+    """Mean foreground Dice over ``cases`` (MONAI DiceMetric on sliding-window argmax predictions)."""
+    val = config.validation
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    to_onehot = AsDiscrete(to_onehot=config.num_classes)
+    model.eval()
+    use_bf16 = config.bf16 and device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        for index in range(len(cases)):
+            case = cases[index]
+            image = torch.as_tensor(case["image"]).float().unsqueeze(0).to(device)
+            label = torch.as_tensor(case["label"]).long()
+            logits = sliding_window_inference(
+                image, val.roi_size, val.sw_batch_size, model, overlap=val.overlap, mode="gaussian"
+            )
+            pred = torch.as_tensor(logits).float().argmax(1, keepdim=True).cpu()
+            metric(
+                y_pred=torch.as_tensor(to_onehot(pred[0])).unsqueeze(0),
+                y=torch.as_tensor(to_onehot(label)).unsqueeze(0),
+            )
+    per_class = metric.aggregate()
+    values = [float(v) for v in torch.as_tensor(per_class).flatten()]
+    finite = [v for v in values if math.isfinite(v)]
+    return (sum(finite) / len(finite) if finite else 0.0), values
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+def train_local(
+    config: TrainingConfig,
+    train_cases: CaseSource,
+    val_cases: CaseSource,
+    initial_state: Mapping[str, torch.Tensor] | None,
+    *,
+    epochs: int | None = None,
+    fedprox_mu: float = 0.0,
+    augment: Callable[[Any], Any] | None = None,
+    load_checkpoint: Callable[[], dict[str, Any] | None] | None = None,
+    save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[EpochRecord], None] | None = None,
+    device: torch.device | str | None = None,
+) -> LocalResult:
+    """Train from ``initial_state`` (or fresh weights seeded by ``config.seed``) and return the result.
+
+    ``train_cases``/``val_cases`` are cached-case dicts (or a Dataset of them); ``augment`` is the
+    preprocessing spec's augmentation Compose, applied before patch sampling. ``load_checkpoint`` returns
+    the last dict given to ``save_checkpoint`` (called after every epoch on rank 0) or None; training then
+    continues after that epoch. Under ``torchrun`` the model is wrapped in DistributedDataParallel,
+    batches are sharded with a DistributedSampler and only rank 0 saves checkpoints or reports progress.
+    Raises :class:`TrainingDiverged` for a NaN/inf/exploding loss and ValueError for unusable data.
+    """
+    if len(train_cases) == 0:
+        raise ValueError("no training cases: the site has nothing to train on")
+    if fedprox_mu < 0:
+        raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
+    total_epochs = epochs if epochs is not None else config.epochs
+    if total_epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {total_epochs}")
+    rank, world = _distributed()
+    if device is None:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    torch.manual_seed(config.seed)
+    network = build_network(config, config.in_channels, config.num_classes).to(device)
+    if initial_state is not None:
+        try:
+            network.load_state_dict(initial_state)
+        except RuntimeError as exc:
+            raise ValueError(f"starting weights do not fit the configured {config.network.name}: {exc}") from exc
+    global_params = {k: v.detach().clone().to(device) for k, v in network.named_parameters()}
+    model: torch.nn.Module = network
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device] if device.type == "cuda" else None
+        )
+
+    optimizer = _optimizer(config, model.parameters())
+    scheduler = _scheduler(config, optimizer, total_epochs)
+    loss_fn = DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        include_background=config.loss.include_background,
+        lambda_dice=config.loss.lambda_dice,
+        lambda_ce=config.loss.lambda_ce,
+    )
+    transform = Compose([*([augment] if augment is not None else []), *_sampling_transform(config)])
+    dataset = Dataset(data=cast(Sequence[Case], train_cases), transform=transform)  # MONAI only indexes it
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+    )
+    collate = pad_list_data_collate if config.patch.sampler == "whole" else list_data_collate
+
+    start_epoch, history, best, bad = 0, [], None, 0
+    checkpoint = load_checkpoint() if load_checkpoint is not None else None
+    if checkpoint is not None:
+        _unwrap(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch = int(checkpoint["epoch"])
+        history = [EpochRecord(**h) for h in checkpoint["history"]]
+        best, bad = checkpoint.get("best"), int(checkpoint.get("bad", 0))
+        log.info("resuming local training after epoch %d of %d", start_epoch, total_epochs)
+    use_bf16 = config.bf16 and device.type == "cuda"
+    stopped_early = False
+    patience = config.early_stopping.patience
+    if patience is not None and history and bad >= patience:
+        stopped_early = True  # the checkpoint was written right after the stopping validation
+
+    for epoch in range(start_epoch + 1, total_epochs + 1):
+        if stopped_early:
+            break
+        started = time.perf_counter()
+        seed = epoch_seed(config.seed, epoch, rank)
+        torch.manual_seed(seed)
+        transform.set_random_state(seed=seed)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=0, collate_fn=collate)
+        model.train()
+        loss_sum, steps, samples = 0.0, 0, 0
+        for step, batch in enumerate(loader, start=1):
+            image = batch["image"].float().to(device)
+            label = batch["label"].long().to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                output = model(image)
+                loss = _supervised_loss(loss_fn, output.float(), label)
+            check_finite_loss(float(loss.detach()), config.divergence.max_loss, epoch=epoch, step=step)
+            total = loss + fedprox_penalty(network, global_params, fedprox_mu) if fedprox_mu > 0 else loss
+            total.backward()
+            if config.grad_clip_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+                if not torch.isfinite(norm):
+                    raise TrainingDiverged(f"gradient norm is {float(norm)}", epoch=epoch, step=step)
+            optimizer.step()
+            loss_sum += float(loss.detach())
+            steps += 1
+            samples += image.shape[0]
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        stats = torch.tensor([loss_sum, steps, samples], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(stats)
+        train_loss = float(stats[0]) / max(float(stats[1]), 1.0)
+        check_finite_loss(train_loss, config.divergence.max_loss, epoch=epoch, step=int(stats[1]))
+        val_dice: float | None = None
+        per_class: list[float] | None = None
+        if val_cases and (epoch % config.validation.every == 0 or epoch == total_epochs):
+            # Every rank validates the same (small) set with the same weights: no gather needed.
+            val_dice, per_class = evaluate_dice(_unwrap(model), val_cases, config, device)
+            best, bad, _ = early_stop_update(best, bad, val_dice, config.early_stopping.min_delta)
+            if patience is not None and bad >= patience:
+                stopped_early = True
+        seconds = time.perf_counter() - started
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_dice=val_dice,
+            lr=lr,
+            seconds=seconds,
+            samples_per_second=float(stats[2]) / seconds if seconds > 0 else 0.0,
+            val_dice_per_class=per_class,
+            samples=int(stats[2]),
+        )
+        history.append(record)
+        log.info(
+            "epoch %d/%d loss %.4f val_dice %s (%.1f samples/s)",
+            epoch,
+            total_epochs,
+            train_loss,
+            "-" if val_dice is None else f"{val_dice:.4f}",
+            record.samples_per_second,
+        )
+        if rank == 0:
+            if save_checkpoint is not None:
+                save_checkpoint(
+                    {
+                        "epoch": epoch,
+                        "model": _cpu_state(model),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": [asdict(h) for h in history],
+                        "best": best,
+                        "bad": bad,
+                        "rng": torch.get_rng_state(),
+                    }
+                )
+            if progress is not None:
+                progress(record)
+
+    last = history[-1]
+    metrics = {"train_loss": last.train_loss, "epochs": float(len(history))}
+    dices = [h.val_dice for h in history if h.val_dice is not None]
+    if dices:
+        metrics["val_dice"] = dices[-1]
+        metrics["best_val_dice"] = max(dices)
+    return LocalResult(
+        state_dict=_cpu_state(model),
+        num_samples=len(train_cases),
+        metrics=metrics,
+        history=history,
+        stopped_early=stopped_early,
+        resumed_from_epoch=start_epoch,
+    )

@@ -1,0 +1,74 @@
+"""TrainingConfig validation and the four networks at a tiny size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.training import TrainingConfig, build_network, load_config
+from shared.training.config import CONFIG_DIR
+from shared.training.networks import dynunet_topology
+
+
+def test_bundled_configs_load_and_round_trip() -> None:
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"hippocampus_unet", "hippocampus_dynunet"} <= set(names)
+    for name in names:
+        config = load_config(name)
+        assert TrainingConfig.from_yaml(config.to_yaml()) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("epochs: 0", "epochs"),
+        ("optimizer: {name: adam}", "optimizer.name"),
+        ("optimiser: {name: sgd}", "optimiser"),  # a typo is an error, not a silent default
+        ("network: {name: vnet}", "network.name"),
+        ("patch: {size: [32, 32]}", "patch.size"),
+        ("- a list", "must be a mapping"),
+        ("epochs: [1", "not valid YAML"),
+        ("network: {name: swinunetr}\npatch: {size: [48, 48, 48]}", "divisible by 32"),
+    ],
+)
+def test_invalid_configs_are_refused_with_the_reason(text: str, needle: str) -> None:
+    with pytest.raises(ValueError, match="training configuration") as info:
+        TrainingConfig.from_yaml(text)
+    assert needle in str(info.value)
+
+
+def test_unknown_config_name_lists_the_bundled_ones() -> None:
+    with pytest.raises(FileNotFoundError, match="hippocampus_unet"):
+        load_config("no-such-config")
+
+
+def test_dynunet_topology_follows_nnunet_rules() -> None:
+    kernels, strides = dynunet_topology((32, 32, 32))
+    assert strides == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert kernels == [[3, 3, 3]] * 4
+    # a 3 mm axis is not downsampled (and gets 1-wide kernels) until the others reach its spacing
+    kernels, strides = dynunet_topology((64, 64, 16), spacing=(1.0, 1.0, 3.0))
+    assert strides[1] == [2, 2, 1] and kernels[1] == [3, 3, 1]
+    assert kernels[2] == [3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "size"),
+    [
+        ("unet", {}, 32),
+        ("dynunet", {"filters": [4, 8, 16, 32]}, 32),
+        ("segresnet", {"init_filters": 8}, 32),
+        ("swinunetr", {"feature_size": 12}, 64),  # 32 would leave a 1-voxel bottleneck for its instance norm
+    ],
+)
+def test_each_network_builds_and_runs_forward(name: str, args: dict, size: int) -> None:
+    shape = [size] * 3
+    config = TrainingConfig.model_validate(
+        {"network": {"name": name, "args": args}, "patch": {"size": shape}, "validation": {"roi_size": shape}}
+    )
+    torch.manual_seed(0)
+    network = build_network(config, 1, 3).eval()
+    with torch.no_grad():
+        out = network(torch.randn(1, 1, *shape))
+    assert out.shape == (1, 3, *shape)
+    assert torch.isfinite(out).all()

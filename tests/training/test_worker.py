@@ -1,0 +1,164 @@
+"""The training worker end to end: real Redis broker, real S3 (SeaweedFS), real PostgreSQL (dead letters),
+and a real ``celery worker`` subprocess that is SIGKILLed mid-round and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.result import AsyncResult
+
+from shared.storage import open_object_store
+from shared.training import build_network, load_config
+from shared.training.state import state_from_bytes, state_to_bytes
+from tests.celery_workers import CeleryWorkerProcess
+from tests.training.datasets import CASE_IDS, SITE, write_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = "run-test"
+
+
+@pytest.fixture(scope="module")
+def version(s3_url: str, hippocampus_dir: Path) -> str:
+    return write_dataset(open_object_store(s3_url), hippocampus_dir, CASE_IDS)
+
+
+@pytest.fixture(scope="module")
+def worker_env(postgres_url: str, s3_url: str, redis_url: str, version: str) -> dict[str, str]:
+    store = open_object_store(s3_url)
+    config = load_config("hippocampus_unet").model_copy(update={"epochs": 6})
+    store.put_bytes(f"federated/{RUN}/training-config.yaml", config.to_yaml().encode())
+    import torch
+
+    torch.manual_seed(7)
+    store.put_bytes(f"federated/{RUN}/round-0001/global.pt", state_to_bytes(build_network(config, 1, 3).state_dict()))
+    return {
+        **os.environ,
+        "VOXELFLOW_DATABASE_URL": postgres_url,
+        "VOXELFLOW_STORAGE_URL": s3_url,
+        "VOXELFLOW_BROKER_URL": redis_url,
+        "VOXELFLOW_SITE": SITE,
+        "VOXELFLOW_LOG_JSON": "false",
+        "VOXELFLOW_TORCH_THREADS": "1",
+        # short, so that the message of the killed worker comes back within the test
+        "VOXELFLOW_VISIBILITY_TIMEOUT_SECONDS": "3",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+@pytest.fixture(scope="module")
+def worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWorkerProcess]:
+    process = CeleryWorkerProcess(
+        "services.training_worker.worker",
+        f"training.{SITE}",
+        worker_env,
+        tmp_path_factory.mktemp("worker") / "worker.log",
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(worker_env: dict[str, str]) -> Any:
+    from shared.tasks import create_celery_app
+
+    return create_celery_app(
+        "training-worker", worker_env["VOXELFLOW_BROKER_URL"], worker_env["VOXELFLOW_DATABASE_URL"]
+    )
+
+
+def round_message(version: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "run_id": RUN,
+        "round": 1,
+        "site": SITE,
+        "dataset_version_id": version,
+        "global_weights_uri": f"federated/{RUN}/round-0001/global.pt",
+        "training_config_uri": f"federated/{RUN}/training-config.yaml",
+        "local_epochs": 6,
+        "fedprox_mu": 0.0,
+        "task_attempt_id": "attempt-1",
+        **overrides,
+    }
+
+
+def send(client: Any, message: dict[str, Any]) -> AsyncResult:
+    return client.send_task("training.train_round", args=[message], queue=f"training.{SITE}")
+
+
+def wait(predicate: Any, timeout: float, what: str, worker: CeleryWorkerProcess) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}; worker log:\n{worker.log()}")
+
+
+def test_killed_worker_resumes_from_checkpoint_and_delivers_once(
+    worker: CeleryWorkerProcess, worker_env: dict[str, str], client: Any, version: str
+) -> None:
+    store = open_object_store(worker_env["VOXELFLOW_STORAGE_URL"])
+    prefix = f"federated/{RUN}/round-0001/{SITE}/attempt-1/"
+    result = send(client, round_message(version))
+    # progress arrives through the Celery task state, the checkpoint through object storage
+    wait(lambda: result.state == "PROGRESS" and store.exists(prefix + "checkpoint.pt"), 180, "first epoch", worker)
+    worker.kill()
+    assert not store.exists(prefix + "update.json"), "the round finished before the kill: the test proves nothing"
+    progress = result.info
+    assert progress["epoch"] >= 1 and progress["loss"] > 0 and 0 <= progress["val_dice"] <= 1
+
+    worker.start()  # the unacknowledged message is redelivered after the visibility timeout
+    update = result.get(timeout=240)
+    assert update["site"] == SITE and update["task_attempt_id"] == "attempt-1"
+    assert update["num_samples"] == "3" or update["num_samples"] == 3  # int64 is a string in proto JSON
+    assert update["metrics"]["resumed_from_epoch"] >= 1, "the redelivered task trained from scratch"
+    assert update["metrics"]["epochs"] == 6
+    keys = sorted(store.list(prefix))
+    assert keys == [prefix + "checkpoint.pt", prefix + "update.json", prefix + "weights.pt"]
+    assert json.loads(store.get_bytes(prefix + "update.json")) == update
+    weights = state_from_bytes(store.get_bytes(update["weights_uri"]))
+    assert set(weights) == set(build_network(load_config("hippocampus_unet"), 1, 3).state_dict())
+
+    # the same attempt again (a duplicate delivery): the delivered update comes back, nothing is retrained
+    etag = store.stat(prefix + "weights.pt").etag
+    assert send(client, round_message(version)).get(timeout=60) == update
+    assert store.stat(prefix + "weights.pt").etag == etag
+    assert "resuming" in worker.log()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"site": "site-b", "task_attempt_id": "wrong-site"}, "reached the worker of site 'site-a'"),
+        ({"dataset_version_id": "ds-unknown", "task_attempt_id": "bad-ds"}, "unknown dataset version"),
+        ({"global_weights_uri": "federated/nope.pt", "task_attempt_id": "no-weights"}, "does not exist"),
+    ],
+)
+def test_bad_round_tasks_fail_permanently_with_a_dead_letter(
+    worker: CeleryWorkerProcess, worker_env: dict[str, str], client: Any, version: str, overrides: dict, reason: str
+) -> None:
+    from sqlalchemy import select
+
+    from shared.db.base import make_engine, make_session_factory, session_scope
+    from shared.db.models import DeadLetter
+
+    result = send(client, round_message(version, **overrides))
+    with pytest.raises(Exception, match=reason):
+        result.get(timeout=120)
+    factory = make_session_factory(make_engine(worker_env["VOXELFLOW_DATABASE_URL"]))
+
+    def dead_letter() -> Any:
+        with session_scope(factory) as session:
+            row = session.scalar(select(DeadLetter).where(DeadLetter.task_id == result.id))
+            return (row.exception_type, row.exception_message, row.retries) if row else None
+
+    exc_type, message, retries = wait(dead_letter, 30, "dead letter", worker)
+    assert exc_type == "PermanentTaskError" and reason in message and retries == 0
