@@ -1,0 +1,263 @@
+"""Where the network actually runs: an embedded ONNX Runtime session or a Triton Inference Server.
+
+Both backends take the same thing (a float32 batch of windows, ``(N, C, X, Y, Z)``) and give back the
+same thing (float32 logits, ``(N, K, X, Y, Z)``), so everything above them — sliding windows, the
+service, the benchmark — is one code path whichever runs the model. The embedded backend is the default
+for a single machine where no Triton runs; Triton is what a cluster uses (dynamic batching across
+requests, GPU instance groups, TensorRT plans).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from services.inference.triton_repository import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    TritonModelConfig,
+    local_model_config,
+    model_prefix,
+    sync_repository,
+)
+from shared.storage import ObjectNotFoundError
+
+if TYPE_CHECKING:
+    from shared.storage import ObjectStore
+
+
+class BackendError(RuntimeError):
+    """The backend cannot serve: no model loaded, the server refused the model, or the input is wrong."""
+
+
+@runtime_checkable
+class InferenceBackend(Protocol):
+    """What the predictor needs from a backend; one model version is loaded at a time."""
+
+    @property
+    def ready(self) -> bool:
+        """True when a model is loaded and a request would be answered now."""
+        ...
+
+    def load(self, model_name: str, version: int | str, path: str | Path | None = None) -> None:
+        """Load ``model_name`` version ``version`` (``path``: an ONNX file or a Triton model repository)."""
+        ...
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a float32 batch ``(N, C, X, Y, Z)``."""
+        ...
+
+    def unload(self) -> None:
+        """Release the loaded model (idempotent)."""
+        ...
+
+
+def check_batch(batch: np.ndarray) -> np.ndarray:
+    """The batch as a C-contiguous float32 5-D array, or a clear error (never a silent reshape)."""
+    if not isinstance(batch, np.ndarray):
+        raise BackendError(f"batch must be a numpy array, got {type(batch).__name__}")
+    if batch.ndim != 5:
+        raise BackendError(f"batch must be 5-D (N, C, X, Y, Z), got shape {batch.shape}")
+    if batch.shape[0] == 0:
+        raise BackendError("batch is empty (N = 0)")
+    if not np.issubdtype(batch.dtype, np.floating):
+        raise BackendError(f"batch must be floating point, got {batch.dtype}")
+    if not np.isfinite(batch).all():
+        raise BackendError("batch contains NaN or infinite values")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def _resolve_onnx(model_name: str, version: int | str, path: str | Path | None) -> Path:
+    """An ONNX file given directly, or ``<repository>/<model_name>/<version>/model.onnx``."""
+    if path is None:
+        raise BackendError("the ONNX Runtime backend needs a path: an .onnx file or a model repository")
+    path = Path(path)
+    candidate = path if path.is_file() else path / model_name / str(version) / "model.onnx"
+    if not candidate.is_file():
+        raise BackendError(f"no ONNX model at {candidate}")
+    return candidate
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime inside the calling process (CUDA provider first when this onnxruntime build has it)."""
+
+    def __init__(self, providers: list[str] | None = None, intra_op_threads: int | None = None) -> None:
+        self.providers = providers
+        self.intra_op_threads = intra_op_threads
+        self.model_name: str | None = None
+        self.version: str | None = None
+        self._session = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._session is not None
+
+    @property
+    def input_shape(self) -> tuple[int | str, ...]:
+        """The loaded model's input shape (the batch axis as its name, the window size as integers)."""
+        if self._session is None:
+            raise BackendError("no model loaded")
+        return tuple(self._session.get_inputs()[0].shape)
+
+    def load(self, model_name: str, version: int | str, path: str | Path | None = None) -> None:
+        import onnxruntime as ort
+
+        onnx_path = _resolve_onnx(model_name, version, path)
+        options = ort.SessionOptions()
+        if self.intra_op_threads:
+            options.intra_op_num_threads = self.intra_op_threads
+        available = ort.get_available_providers()
+        providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise BackendError(f"ONNX Runtime could not load {onnx_path}: {exc}") from exc
+        names = [i.name for i in session.get_inputs()]
+        if INPUT_NAME not in names:
+            raise BackendError(f"{onnx_path} has inputs {names}, expected {INPUT_NAME!r}")
+        with self._lock:  # the swap is atomic for concurrent infer() callers
+            self._session, self.model_name, self.version = session, model_name, str(version)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        session = self._session
+        if session is None:
+            raise BackendError("no model loaded")
+        return session.run([OUTPUT_NAME], {INPUT_NAME: check_batch(batch)})[0]
+
+    def unload(self) -> None:
+        with self._lock:
+            self._session, self.model_name, self.version = None, None, None
+
+
+class TritonBackend:
+    """A Triton Inference Server over gRPC, with models loaded and unloaded through its model-control API.
+
+    The server must run with ``--model-control-mode=explicit``. ``load`` asks for exactly one version (a
+    config override with a ``specific`` version policy), so moving a registry alias to another version is
+    a load of that version: Triton swaps it in once it is ready and the old one stops receiving requests.
+    With ``store`` and ``repository_dir``, ``load`` first copies ``triton/<model>/`` from object storage
+    into the directory the server reads (a cluster's Triton reads the bucket itself and needs neither).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        repository_dir: str | Path | None = None,
+        store: ObjectStore | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url.removeprefix("grpc://")
+        self.repository_dir = Path(repository_dir) if repository_dir else None
+        self.store = store
+        self.timeout_s = timeout_s
+        self.client = grpcclient.InferenceServerClient(self.url)
+        self.model_name: str | None = None
+        self.version: str | None = None
+        #: the loaded model's config (window size, channels), as the server was given it
+        self.config: TritonModelConfig | None = None
+
+    @property
+    def ready(self) -> bool:
+        if self.model_name is None:
+            return False
+        try:
+            return bool(self.client.is_model_ready(self.model_name, self.version or ""))
+        except Exception:  # server gone: not ready, never an exception from a probe
+            return False
+
+    def load(
+        self, model_name: str, version: int | str, path: str | Path | None = None, keep: Sequence[int] = ()
+    ) -> None:
+        """Load ``version`` and keep ``keep`` (versions other backends of this process still serve) loaded.
+
+        Without ``keep`` the server ends up with exactly ``version``. The config override names every kept
+        version, so Triton's reload swaps in the new one without unloading those that are still in use.
+        """
+        version = str(version)
+        config = self._apply_versions(model_name, sorted({int(version), *(int(v) for v in keep)}), path)
+        deadline = time.monotonic() + self.timeout_s
+        while not self.client.is_model_ready(model_name, version):
+            if time.monotonic() > deadline:
+                raise BackendError(f"{model_name} v{version} did not become ready in {self.timeout_s:.0f} s")
+            time.sleep(0.1)
+        self.model_name, self.version, self.config = model_name, version, config
+
+    def _model_config(self, model_name: str, path: str | Path | None) -> TritonModelConfig:
+        """The model's config.pbtxt: synced into the server's directory, or read from the bucket it serves."""
+        repository = Path(path) if path is not None else self.repository_dir
+        if self.store is not None and repository is not None:
+            sync_repository(self.store, repository, model_name)
+        if repository is not None:
+            return local_model_config(repository, model_name)
+        if self.store is not None:  # a cluster Triton reads the bucket itself: nothing to sync
+            try:
+                text = self.store.get_bytes(f"{model_prefix(model_name)}/config.pbtxt").decode()
+            except ObjectNotFoundError:
+                raise FileNotFoundError(f"no Triton model {model_name!r} in {self.store.url}") from None
+            return TritonModelConfig.from_pbtxt(text)
+        raise BackendError("TritonBackend.load needs the model repository: repository_dir or store")
+
+    def _apply_versions(
+        self, model_name: str, versions: Sequence[int], path: str | Path | None = None
+    ) -> TritonModelConfig:
+        from tritonclient.utils import InferenceServerException
+
+        config = self._model_config(model_name, path)
+        try:
+            self.client.load_model(model_name, config=json.dumps(config.with_versions(versions).to_json()))
+        except InferenceServerException as exc:
+            wanted = ", ".join(f"v{v}" for v in versions)
+            raise BackendError(f"Triton refused to load {model_name} {wanted}: {exc.message()}") from exc
+        return config
+
+    def release(self, keep: Sequence[int] = ()) -> None:
+        """Stop serving this backend's version; versions in ``keep`` stay loaded (others still use them)."""
+        if self.model_name is None:
+            return
+        name, self.model_name, self.version = self.model_name, None, None
+        if keep:
+            self._apply_versions(name, sorted({int(v) for v in keep}))
+        else:
+            self.client.unload_model(name)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        if self.model_name is None:
+            raise BackendError("no model loaded")
+        data = check_batch(batch)
+        inputs = [grpcclient.InferInput(INPUT_NAME, list(data.shape), "FP32")]
+        inputs[0].set_data_from_numpy(data)
+        outputs = [grpcclient.InferRequestedOutput(OUTPUT_NAME)]
+        try:
+            result = self.client.infer(self.model_name, inputs, model_version=self.version or "", outputs=outputs)
+        except InferenceServerException as exc:
+            raise BackendError(
+                f"Triton inference failed for {self.model_name} v{self.version}: {exc.message()}"
+            ) from exc
+        logits = result.as_numpy(OUTPUT_NAME)
+        if logits is None:
+            raise BackendError(f"Triton returned no {OUTPUT_NAME!r} output")
+        return logits
+
+    def unload(self) -> None:
+        if self.model_name is not None:
+            try:
+                self.client.unload_model(self.model_name)
+            finally:
+                self.model_name, self.version = None, None
+
+    def close(self) -> None:
+        """Close the gRPC channel (do it before the server stops, or its shutdown waits for it)."""
+        self.client.close()

@@ -1,0 +1,3 @@
+from shared.db.migration_env import run
+
+run()

@@ -1,0 +1,44 @@
+"""One table: a row per segmentation request, the durable record a job and its client share."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Float, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db.base import Base, utcnow
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_inference"
+
+
+class SegmentationRequest(Base):
+    """Status moves queued → running → succeeded | failed. Outputs are object-storage keys."""
+
+    __tablename__ = "inference_requests"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    source_kind: Mapped[str] = mapped_column(String(32))  # series_instance_uid | dicomweb_series_url | nifti_uri
+    source_ref: Mapped[str] = mapped_column(String(2048))
+    patient_ref: Mapped[str | None] = mapped_column(String(64))  # sha256 of the PatientID, never the ID itself
+    model_alias: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str | None] = mapped_column(String(16))  # champion | candidate
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    registry_uri: Mapped[str | None] = mapped_column(String(512))
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    voxels: Mapped[int | None] = mapped_column(Integer)
+    mask_key: Mapped[str | None] = mapped_column(String(512))
+    seg_key: Mapped[str | None] = mapped_column(String(512))
+    findings_key: Mapped[str | None] = mapped_column(String(512))
+    findings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    pacs_status: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    latency_seconds: Mapped[float | None] = mapped_column(Float)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)

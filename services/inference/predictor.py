@@ -1,0 +1,72 @@
+"""Whole-volume prediction by sliding windows, the same for every backend.
+
+MONAI's ``sliding_window_inference`` cuts the volume into ``roi_size`` windows, batches them
+``sw_batch_size`` at a time, and blends the window logits back (Gaussian weighting by default). The
+predictor callable it is given sends each batch of windows to the backend as numpy and returns the
+logits as a tensor, so the ONNX Runtime and Triton paths differ only in ``backend.infer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from services.inference.backends import BackendError, InferenceBackend
+
+
+class SlidingWindowPredictor:
+    """``predictor(volume)`` → logits of the same spatial size, computed window batch by window batch."""
+
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        roi_size: Sequence[int],
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+        mode: str = "gaussian",
+    ) -> None:
+        if len(roi_size) != 3:
+            raise ValueError(f"roi_size must have three sizes, got {tuple(roi_size)}")
+        if sw_batch_size < 1:
+            raise ValueError("sw_batch_size must be >= 1")
+        if not 0 <= overlap < 1:
+            raise ValueError("overlap must be in [0, 1)")
+        self.backend = backend
+        self.roi_size = tuple(int(s) for s in roi_size)
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.mode = mode
+        #: windows sent to the backend since construction (the service turns this into windows/s)
+        self.windows_processed = 0
+
+    def _predict_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        logits = self.backend.infer(windows.detach().cpu().numpy().astype(np.float32, copy=False))
+        if logits.shape[0] != windows.shape[0] or tuple(logits.shape[2:]) != tuple(windows.shape[2:]):
+            raise BackendError(f"backend returned logits {logits.shape} for windows {tuple(windows.shape)}")
+        self.windows_processed += int(windows.shape[0])
+        # Triton hands back read-only buffers; torch wants a writable, contiguous array
+        return torch.from_numpy(np.require(logits, np.float32, ["C", "W"])).to(windows.device)
+
+    def __call__(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, K, X, Y, Z)`` for a volume ``(C, X, Y, Z)`` or a batch ``(N, C, X, Y, Z)``."""
+        inputs = torch.as_tensor(volume, dtype=torch.float32)
+        if inputs.ndim == 4:
+            inputs = inputs.unsqueeze(0)
+        if inputs.ndim != 5:
+            raise ValueError(f"volume must be (C, X, Y, Z) or (N, C, X, Y, Z), got shape {tuple(inputs.shape)}")
+        if not self.backend.ready:
+            raise BackendError("backend has no model loaded")
+        with torch.no_grad():
+            logits = sliding_window_inference(
+                inputs,
+                roi_size=self.roi_size,
+                sw_batch_size=self.sw_batch_size,
+                predictor=self._predict_windows,
+                overlap=self.overlap,
+                mode=self.mode,
+            )
+        assert isinstance(logits, torch.Tensor)  # a tensor-returning predictor gives a tensor back
+        return logits

@@ -1,0 +1,240 @@
+"""A segmentation request from its row to its outputs; the same code runs in the API (small volumes,
+synchronously) and in the worker (``inference.segment``, large volumes).
+
+Idempotent by request ID: outputs go to fixed keys ``inference/{id}/…`` and the DICOM SEG has UIDs derived
+from the ID, so a redelivered job rewrites the same objects and re-sends the same SEG; a request that
+already succeeded is returned as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import nibabel as nib
+import numpy as np
+from pydicom.filebase import DicomBytesIO
+
+from services.inference import metrics
+from services.inference.admission import OverloadedError, check_gpu_memory, estimate_inference_bytes
+from services.inference.dicom_seg import AlgorithmInfo, build_dicom_seg
+from services.inference.model_lifecycle import ModelUnavailableError
+from services.inference.models import SegmentationRequest
+from services.inference.pacs_upload import PacsRefusedError, stow
+from services.inference.segmentation import segment_volume
+from services.inference.sources import (
+    SourceError,
+    SourceVolume,
+    catalogue_series,
+    fetch_series,
+    parse_series_url,
+    volume_from_nifti,
+)
+from shared.db.base import session_scope, utcnow
+
+if TYPE_CHECKING:
+    from services.inference.context import InferenceContext
+
+log = logging.getLogger("voxelflow.inference.requests")
+
+SOURCE_KINDS = ("series_instance_uid", "dicomweb_series_url", "nifti_uri")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def input_key(request_id: str) -> str:
+    return f"inference/{request_id}/input.nii.gz"
+
+
+def patient_ref(patient_id: str | None) -> str | None:
+    """What the database keeps of a PatientID: its sha256 (routing is reproducible, the ID is not stored)."""
+    return hashlib.sha256(patient_id.encode()).hexdigest() if patient_id else None
+
+
+@dataclass
+class Outcome:
+    row: SegmentationRequest
+    reused: bool = False
+
+
+def create_request(
+    ctx: InferenceContext,
+    *,
+    request_id: str,
+    source_kind: str,
+    source_ref: str,
+    model_alias: str | None,
+    options: dict[str, Any],
+    created_by: str | None,
+    voxels: int | None = None,
+) -> Outcome:
+    """Insert the request row, or return the existing one when the client repeats a request ID."""
+    with session_scope(ctx.session_factory) as session:
+        existing = session.get(SegmentationRequest, request_id)
+        if existing is not None:
+            if (existing.source_kind, existing.source_ref) != (source_kind, source_ref):
+                raise SourceError(f"request id {request_id} already names another source", status=409)
+            return Outcome(existing, reused=True)
+        row = SegmentationRequest(
+            id=request_id,
+            status="queued",
+            source_kind=source_kind,
+            source_ref=source_ref,
+            model_alias=model_alias or "",
+            options=options,
+            created_by=created_by,
+            voxels=voxels,
+        )
+        session.add(row)
+        session.flush()
+        return Outcome(row)
+
+
+def load_source(ctx: InferenceContext, row: SegmentationRequest) -> SourceVolume:
+    if row.source_kind == "nifti_uri":
+        return volume_from_nifti(ctx.store.get_bytes(row.source_ref), patient_id=row.options.get("patient_id"))
+    if row.source_kind == "dicomweb_series_url":
+        return fetch_series(parse_series_url(row.source_ref, ctx.dicomweb_roots()))
+    if row.source_kind == "series_instance_uid":
+        return fetch_series(catalogue_series(ctx.settings.ingest_url, ctx.ingest_headers(), row.source_ref))
+    raise SourceError(f"unknown source kind {row.source_kind!r}")
+
+
+def _update(ctx: InferenceContext, request_id: str, **values: Any) -> SegmentationRequest:
+    with session_scope(ctx.session_factory) as session:
+        row = session.get(SegmentationRequest, request_id)
+        if row is None:
+            raise SourceError(f"no segmentation request {request_id}", status=404)
+        for key, value in values.items():
+            setattr(row, key, value)
+        session.flush()
+        return row
+
+
+def run_request(ctx: InferenceContext, request_id: str, mode: str) -> SegmentationRequest:
+    """Segment, store the outputs, optionally send the SEG to the PACS; the row records every step."""
+    with ctx.session_factory() as session:
+        row = session.get(SegmentationRequest, request_id)
+    if row is None:
+        raise SourceError(f"no segmentation request {request_id}", status=404)
+    if row.status == "succeeded":
+        return row
+    started = time.perf_counter()
+    route, version = "unknown", "unknown"
+    try:
+        _update(ctx, request_id, status="running", error=None)
+        volume = load_source(ctx, row)
+        route = ctx.models.route_for(volume.patient_id, row.model_alias or None)
+        with ctx.models.acquire(route) as model:
+            version = model.version
+            check_gpu_memory(
+                estimate_inference_bytes(
+                    model.in_channels, len(model.labels), model.roi_size, ctx.settings.sw_batch_size
+                ),
+                ctx.settings.gpu_memory_reserve_fraction,
+                ctx.settings.retry_after_seconds,
+            )
+            result = segment_volume(model, volume, largest_component=bool(row.options.get("largest_component", False)))
+            algorithm = AlgorithmInfo(model.name, model.version, model.registry_uri, request_id)
+            labels = dict(model.labels)
+        metrics.inference_duration_seconds.labels(route, version).observe(result.model_seconds)
+        metrics.windows_total.labels(route, version).inc(result.windows)
+        keys = _store_outputs(ctx, request_id, volume, result.mask, result.findings, labels, algorithm)
+        pacs_status = None
+        if row.options.get("send_to_pacs") and "seg" in keys:
+            pacs_status = _send_to_pacs(ctx, keys["seg"])
+        elapsed = time.perf_counter() - started
+        done = _update(
+            ctx,
+            request_id,
+            status="succeeded",
+            route=route,
+            model_name=algorithm.model_name,
+            model_version=algorithm.model_version,
+            registry_uri=algorithm.registry_uri,
+            patient_ref=patient_ref(volume.patient_id),
+            voxels=volume.voxels,
+            mask_key=keys["mask"],
+            seg_key=keys.get("seg"),
+            findings_key=keys["findings"],
+            findings=result.findings,
+            pacs_status=pacs_status,
+            latency_seconds=elapsed,
+            finished_at=utcnow(),
+        )
+        metrics.requests_total.labels(route, version, mode, "succeeded").inc()
+        metrics.request_duration_seconds.labels(mode).observe(elapsed)
+        return done
+    except (OverloadedError, ModelUnavailableError) as exc:
+        _update(ctx, request_id, status="rejected", error=f"{type(exc).__name__}: {exc}"[:4000], finished_at=utcnow())
+        metrics.requests_total.labels(route, version, mode, "rejected").inc()
+        raise
+    except (SourceError, ValueError, PacsRefusedError) as exc:
+        _update(ctx, request_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:4000], finished_at=utcnow())
+        metrics.requests_total.labels(route, version, mode, "failed").inc()
+        raise
+    except Exception as exc:
+        # transient (network, PACS) or internal: the job may be retried; the row says what happened meanwhile
+        _update(
+            ctx,
+            request_id,
+            status="failed" if mode == "sync" else "retrying",
+            error=f"{type(exc).__name__}: {exc}"[:4000],
+        )
+        metrics.requests_total.labels(route, version, mode, "error").inc()
+        raise
+
+
+def _store_outputs(
+    ctx: InferenceContext,
+    request_id: str,
+    volume: SourceVolume,
+    mask: np.ndarray,
+    findings: list[dict[str, Any]],
+    labels: dict[int, str],
+    algorithm: AlgorithmInfo,
+) -> dict[str, str]:
+    prefix = f"inference/{request_id}"
+    keys = {"mask": f"{prefix}/mask.nii.gz", "findings": f"{prefix}/findings.json"}
+    image = nib.Nifti1Image(mask.astype(np.uint8), volume.affine)
+    image.header.set_xyzt_units("mm")
+    buffer = io.BytesIO()
+    file_map = image.make_file_map({"image": buffer, "header": buffer})
+    image.to_file_map(file_map)
+    import gzip
+
+    ctx.store.put_bytes(keys["mask"], gzip.compress(buffer.getvalue(), mtime=0), content_type="application/gzip")
+    if volume.datasets:
+        seg = build_dicom_seg(mask, volume.affine, volume.datasets, labels, algorithm, ctx.settings.manufacturer)
+        out = DicomBytesIO()
+        seg.save_as(out, enforce_file_format=True)
+        keys["seg"] = f"{prefix}/seg.dcm"
+        ctx.store.put_bytes(keys["seg"], out.getvalue(), content_type="application/dicom")
+    document = {
+        "request_id": request_id,
+        "model_name": algorithm.model_name,
+        "model_version": algorithm.model_version,
+        "registry_uri": algorithm.registry_uri,
+        "series_instance_uid": volume.series_uid,
+        "findings": findings,
+    }
+    ctx.store.put_bytes(keys["findings"], json.dumps(document, indent=2).encode(), content_type="application/json")
+    return keys
+
+
+def _send_to_pacs(ctx: InferenceContext, seg_key: str) -> str:
+    import pydicom
+
+    if not ctx.settings.pacs_url:
+        raise SourceError("send_to_pacs asked but no PACS is configured (VOXELFLOW_PACS_URL)")
+    dataset = pydicom.dcmread(io.BytesIO(ctx.store.get_bytes(seg_key)))
+    stow(ctx.settings.pacs_url, [dataset], ctx.pacs_headers())
+    return "sent"

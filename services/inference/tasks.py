@@ -1,0 +1,32 @@
+"""Thin Celery tasks of the inference service: they take a request ID and call domain code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from services.inference.context import SEGMENT_TASK
+
+
+@shared_task(name=SEGMENT_TASK, bind=True)
+def segment_task(self: Any, request_id: str) -> dict[str, Any]:
+    """Idempotent by request ID: a finished request is returned as is; a rerun rewrites the same outputs."""
+    from services.inference.admission import OverloadedError
+    from services.inference.model_lifecycle import ModelUnavailableError
+    from services.inference.pacs_upload import PacsRefusedError
+    from services.inference.segment_request import run_request
+    from services.inference.sources import SourceError
+    from services.inference.worker import worker_context
+    from shared.tasks import PermanentTaskError
+
+    ctx = worker_context()
+    if not ctx.models.ready:
+        ctx.models.start()
+    try:
+        row = run_request(ctx, request_id, "async")
+    except (OverloadedError, ModelUnavailableError) as exc:  # transient: come back later
+        raise self.retry(exc=exc, countdown=getattr(exc, "retry_after", 10), max_retries=20) from exc
+    except (SourceError, ValueError, PacsRefusedError) as exc:
+        raise PermanentTaskError(f"{type(exc).__name__}: {exc}") from exc
+    return {"request_id": row.id, "status": row.status, "model_version": row.model_version}
