@@ -1,7 +1,9 @@
 #!/bin/sh
 # voxelflow container entrypoint: the first argument picks the process, the rest is passed through.
 #   api     uvicorn services.$VOXELFLOW_SERVICE.main:app on :8000 (/healthz /readyz /metrics /docs)
-#   worker  celery -A services.$VOXELFLOW_SERVICE.worker worker -Q $VOXELFLOW_CELERY_QUEUE
+#   worker  celery -A services.$VOXELFLOW_SERVICE.worker worker -Q $VOXELFLOW_CELERY_QUEUE -P $VOXELFLOW_CELERY_POOL
+#           (default pool solo: tasks run in the process whose /metrics server Prometheus scrapes; the
+#           training worker must run solo, -c 1)
 #   beat    celery -A services.$VOXELFLOW_SERVICE.worker beat (schedule file on /tmp: root fs is read-only)
 #   dimse   python -m services.ingest.dimse (DICOM C-STORE SCP, ingest only)
 #   anything else is exec'd as is (e.g. `alembic upgrade head`, `python -c ...`).
@@ -21,7 +23,7 @@ case "$cmd" in
   worker)
     queue="${VOXELFLOW_CELERY_QUEUE:-$VOXELFLOW_SERVICE}"
     exec celery -A "services.${VOXELFLOW_SERVICE}.worker" worker \
-      -Q "$queue" --concurrency "${VOXELFLOW_CELERY_CONCURRENCY:-2}" \
+      -Q "$queue" --pool "${VOXELFLOW_CELERY_POOL:-solo}" --concurrency "${VOXELFLOW_CELERY_CONCURRENCY:-1}" \
       --hostname "${VOXELFLOW_SERVICE}@${HOSTNAME:-%h}" --without-heartbeat --without-mingle \
       --loglevel "${VOXELFLOW_LOG_LEVEL:-INFO}" "$@"
     ;;

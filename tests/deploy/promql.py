@@ -25,16 +25,51 @@ PLATFORM_COUNTERS = {
     "voxelflow_ingest_bytes_received_total",
     "voxelflow_ingest_series_reconstructed_total",
     "voxelflow_celery_tasks_total",
+    # services/preprocessing/metrics.py
+    "voxelflow_preprocessing_cases_processed_total",
+    "voxelflow_preprocessing_cases_failed_total",
+    "voxelflow_preprocessing_dataset_versions_total",
+    "voxelflow_preprocessing_qc_excluded_total",
+    # services/training_worker/metrics.py
+    "voxelflow_training_epochs_total",
+    "voxelflow_training_rounds_total",
+    # services/inference/metrics.py
+    "voxelflow_inference_requests_total",
+    "voxelflow_inference_windows_total",
+    "voxelflow_inference_rejected_total",
+    "voxelflow_inference_model_swaps_total",
+    "voxelflow_inference_model_load_failures_total",
+    # services/model_registry/metrics.py
+    "voxelflow_registry_promotions_total",
+    # services/aggregation/metrics.py
+    "voxelflow_aggregation_runs_total",
+    "voxelflow_aggregation_rounds_dispatched_total",
+    "voxelflow_aggregation_rounds_aggregated_total",
+    "voxelflow_aggregation_rounds_failed_total",
+    "voxelflow_aggregation_updates_total",
+    "voxelflow_aggregation_site_outcomes_total",
 }
 PLATFORM_GAUGES = {
     "voxelflow_http_requests_in_progress",
     "voxelflow_ingest_last_received_timestamp_seconds",
     "voxelflow_celery_queue_length",
     "voxelflow_dead_letters",
+    "voxelflow_training_samples_per_second",
+    "voxelflow_training_loss",
+    "voxelflow_training_val_dice",
+    "voxelflow_inference_queue_depth",
+    "voxelflow_inference_model_info",
+    "voxelflow_registry_champion_version",
+    "voxelflow_aggregation_privacy_epsilon",
 }
 PLATFORM_HISTOGRAMS = {
     "voxelflow_http_request_duration_seconds",
     "voxelflow_celery_task_duration_seconds",
+    "voxelflow_preprocessing_case_seconds",
+    "voxelflow_inference_request_duration_seconds",
+    "voxelflow_inference_model_duration_seconds",
+    "voxelflow_aggregation_round_participants",
+    "voxelflow_aggregation_round_duration_seconds",
 }
 PLATFORM_METRICS = PLATFORM_COUNTERS | PLATFORM_GAUGES | PLATFORM_HISTOGRAMS
 TRITON_METRICS = {

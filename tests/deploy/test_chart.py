@@ -346,6 +346,7 @@ def test_crds_structurally(rendered, scenario):
             "VoxelflowQueueBacklog",
             "VoxelflowGPUMemoryPressure",
             "VoxelflowNoDataFromPACS",
+            "VoxelflowTrainingDivergence",
         }
     for so in kinds(docs, "ScaledObject"):
         assert so["apiVersion"] == "keda.sh/v1alpha1"
@@ -371,6 +372,7 @@ def test_dashboards_configmaps(rendered):
     assert {c["metadata"]["name"] for c in cms} == {
         "vf-voxelflow-dashboard-operations",
         "vf-voxelflow-dashboard-data",
+        "vf-voxelflow-dashboard-training",
     }
     for c in cms:
         assert c["metadata"]["labels"]["grafana_dashboard"] == "1"

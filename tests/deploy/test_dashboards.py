@@ -23,7 +23,7 @@ def _rules(rendered):
 
 
 def test_dashboard_files_present():
-    assert {f.stem for f in dashboard_files()} == {"operations", "data"}
+    assert {f.stem for f in dashboard_files()} == {"operations", "data", "training"}
 
 
 @pytest.mark.parametrize("path", dashboard_files(), ids=lambda p: p.name)
@@ -69,9 +69,56 @@ def test_dashboards_cover_the_platform(rendered):
         "DCGM_FI_DEV_GPU_UTIL",
         "nv_gpu_memory_used_bytes",
         "nv_inference_queue_duration_us",
+        # preprocessing (data), inference (operations), federated training (training)
+        "voxelflow_preprocessing_cases_processed_total",
+        "voxelflow_preprocessing_cases_failed_total",
+        "voxelflow_preprocessing_case_seconds",
+        "voxelflow_preprocessing_qc_excluded_total",
+        "voxelflow_inference_request_duration_seconds",
+        "voxelflow_inference_queue_depth",
+        "voxelflow_inference_windows_total",
+        "voxelflow_inference_model_info",
+        "voxelflow_training_rounds_total",
+        "voxelflow_training_loss",
+        "voxelflow_training_val_dice",
+        "voxelflow_training_samples_per_second",
+        # aggregation (training)
+        "voxelflow_aggregation_runs_total",
+        "voxelflow_aggregation_rounds_aggregated_total",
+        "voxelflow_aggregation_rounds_failed_total",
+        "voxelflow_aggregation_round_duration_seconds",
+        "voxelflow_aggregation_updates_total",
+        "voxelflow_aggregation_round_participants",
+        "voxelflow_aggregation_privacy_epsilon",
     }
     assert must <= used, must - used
     assert used <= ALLOWED_METRICS
+
+
+def test_training_divergence_alert(rendered):
+    """Divergence fires on a round that ended "diverged" and on a non-finite loss, per site."""
+    (rule,) = _rules(rendered)
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    expr = alerts["VoxelflowTrainingDivergence"]["expr"]
+    assert 'voxelflow_training_rounds_total{namespace="voxelflow", outcome="diverged"}' in expr
+    assert "voxelflow_training_loss" in expr and "+Inf" in expr and "!=" in expr
+    assert "by (namespace, site)" in expr
+    assert alerts["VoxelflowTrainingDivergence"]["labels"]["severity"] == "critical"
+
+
+def test_federated_alerts(rendered):
+    """A round without quorum and any other run failure each page once, per namespace."""
+    (rule,) = _rules(rendered)
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    quorum = alerts["VoxelflowFederatedRoundWithoutQuorum"]["expr"]
+    assert 'increase(voxelflow_aggregation_rounds_failed_total{namespace="voxelflow"}[1h])) > 0' in quorum
+    failed = alerts["VoxelflowFederatedRunFailed"]["expr"]
+    # a quorum failure also counts as a failed run: the run alert fires only for the other failures
+    assert 'voxelflow_aggregation_runs_total{namespace="voxelflow", event="failed"}' in failed
+    assert ">" in failed and "voxelflow_aggregation_rounds_failed_total" in failed.split(">")[1]
+    for name in ("VoxelflowFederatedRoundWithoutQuorum", "VoxelflowFederatedRunFailed"):
+        assert "by (namespace)" in alerts[name]["expr"]
+        assert alerts[name]["labels"]["severity"] == "warning"
 
 
 @pytest.mark.parametrize(

@@ -1,27 +1,177 @@
-"""Every ``voxelflow_*`` metric the dashboards and alert rules use is really exported: scraped from the
-``/metrics`` endpoint of a running ingest service (real PostgreSQL, S3, Redis). Triton and DCGM metrics
-come from those components themselves and are checked by name list only (tests/deploy/test_dashboards.py)."""
+"""Every ``voxelflow_*`` metric the dashboards and alert rules use is really exported by a running service.
+
+Scraped from real processes on real PostgreSQL, Redis and S3: the ingest API (in-process, as the ingest
+tests run it) and the ML services' Celery workers started exactly as their pods start them: through
+``docker/entrypoint.sh worker`` with the variables the chart sets (``VOXELFLOW_SERVICE``,
+``VOXELFLOW_CELERY_QUEUE``, ``VOXELFLOW_CELERY_POOL``, ``VOXELFLOW_METRICS_PORT``, ``VOXELFLOW_SITE``).
+A round task the training worker must refuse proves that task metrics reach the scraped ``/metrics``
+with the chart's pool (solo). Triton and DCGM metrics come from those components themselves and are
+checked by name only (tests/deploy/test_dashboards.py)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.deploy.promql import base_metric_name, chart_metric_names
-from tests.ingest.conftest import ingest_env, ingest_service, shared_data  # noqa: F401  (fixtures)
+from tests.ingest.conftest import free_port, ingest_env, ingest_service, shared_data  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+SITE = "site-live"
+
+#: (VOXELFLOW_SERVICE, queue) of each worker started like its pod
+WORKERS = {
+    "preprocessing": "preprocessing",
+    "training_worker": f"training.{SITE}",
+    "inference": "inference",
+    "aggregation": "aggregation",
+}
 
 
-def test_dashboard_and_alert_metrics_are_exported_by_the_running_service(ingest_service, rendered):  # noqa: F811
+def exported_names(text: str) -> set[str]:
+    names = {base_metric_name(m) for m in re.findall(r"^# TYPE (\S+) ", text, flags=re.M)}
+    # prometheus_client declares counters without their _total suffix in TYPE lines
+    return names | {f"{n}_total" for n in names}
+
+
+@pytest.fixture(scope="module")
+def worker_metrics(postgres_url: str, redis_url: str, s3_url: str, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """Start each ML worker through the image entrypoint; yield its metrics URL by service."""
+    from services.aggregation import models as aggregation_models
+    from shared.db import models as shared_models
+    from shared.db.base import run_migrations
+
+    # In the cluster the aggregation API migrates its tables before its worker resumes unfinished runs.
+    run_migrations(postgres_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)
+    run_migrations(postgres_url, aggregation_models.MIGRATIONS, aggregation_models.VERSION_TABLE)
+    logs = tmp_path_factory.mktemp("workers")
+    procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    for service, queue in WORKERS.items():
+        port = free_port()
+        env = dict(
+            os.environ,
+            PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            PYTHONPATH=str(ROOT),
+            VOXELFLOW_SERVICE=service,
+            VOXELFLOW_CELERY_QUEUE=queue,
+            VOXELFLOW_CELERY_POOL="solo",
+            VOXELFLOW_CELERY_CONCURRENCY="1",
+            VOXELFLOW_METRICS_PORT=str(port),
+            VOXELFLOW_DATABASE_URL=postgres_url,
+            VOXELFLOW_BROKER_URL=redis_url,
+            VOXELFLOW_STORAGE_URL=s3_url,
+            VOXELFLOW_SITE=SITE,
+            VOXELFLOW_AGGREGATION_QUEUE="aggregation",
+            VOXELFLOW_TRAINING_QUEUE_PREFIX="training.",
+            VOXELFLOW_TORCH_THREADS="1",
+            VOXELFLOW_LOG_JSON="false",
+            VOXELFLOW_LOG_LEVEL="WARNING",
+            OMP_NUM_THREADS="1",
+        )
+        log = (logs / f"{service}.log").open("wb")
+        proc = subprocess.Popen(["sh", str(ENTRYPOINT), "worker"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        procs[service] = (proc, f"http://127.0.0.1:{port}/metrics")
+    try:
+        deadline = time.monotonic() + 240  # torch/MONAI imports on a shared 2-core CI machine
+        pending = dict(procs)
+        while pending:
+            for service, (proc, url) in list(pending.items()):
+                if proc.poll() is not None:
+                    pytest.fail(f"{service} worker exited {proc.returncode}:\n{(logs / f'{service}.log').read_text()}")
+                try:
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        del pending[service]
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"workers without /metrics after 240 s: {sorted(pending)}")
+            time.sleep(0.5)
+        yield {service: url for service, (_, url) in procs.items()}
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, _ in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def worked(worker_metrics, redis_url) -> dict[str, str]:
+    """One task through the training, preprocessing and aggregation workers, each refused as bad input.
+
+    Some services import their metrics module with the task code (preprocessing), so a worker declares
+    them from its first task on; and a refused round must be counted where Prometheus scrapes.
+    """
+    from celery import Celery
+
+    client = Celery("live-metrics", broker=redis_url, backend=redis_url)
+    message = {
+        "run_id": "live",
+        "round": 1,
+        "site": "another-site",
+        "task_attempt_id": "a1",
+        "dataset_version_id": "ds-0000000000000000",
+        "global_weights_uri": "federated/live/round-0001/global.pt",
+        "training_config_uri": "federated/live/training-config.yaml",
+    }
+    round_result = client.send_task("training.train_round", args=[message], queue=f"training.{SITE}")
+    build_result = client.send_task("preprocessing.build_dataset", args=["no-such-build"], queue="preprocessing")
+    advance_result = client.send_task("aggregation.advance_run", args=["no-such-run"], queue="aggregation")
+    errors = {}
+    for what, result in (("round", round_result), ("build", build_result), ("advance", advance_result)):
+        with pytest.raises(Exception) as excinfo:  # the services raise their own error types
+            result.get(timeout=120)
+        errors[what] = str(excinfo.value)
+    assert "site" in errors["round"], errors
+    assert "no federated run no-such-run" in errors["advance"], errors
+    return worker_metrics
+
+
+def test_task_metrics_reach_the_scraped_endpoint(worked):
+    """The refused round is counted by the solo worker's /metrics (with prefork it would stay in a child)."""
+    text = httpx.get(worked["training_worker"], timeout=10).text
+    samples = re.findall(r"^voxelflow_training_rounds_total\{([^}]*)\} (\S+)$", text, flags=re.M)
+    refused = [float(v) for labels, v in samples if f'site="{SITE}"' in labels and 'outcome="refused"' in labels]
+    assert refused == [1.0], text
+
+
+def test_each_service_exports_its_own_metrics(worked):
+    """Metrics are attributed to the process that records them, not just importable somewhere."""
+    own = {
+        "preprocessing": "voxelflow_preprocessing_case_seconds",
+        "training_worker": "voxelflow_training_rounds_total",
+        "inference": "voxelflow_inference_windows_total",
+        "aggregation": "voxelflow_aggregation_rounds_aggregated_total",
+    }
+    for service, url in worked.items():
+        names = exported_names(httpx.get(url, timeout=10).text)
+        assert own[service] in names, f"{service} does not export {own[service]}"
+        assert "voxelflow_celery_tasks_total" in names
+
+
+def test_dashboard_and_alert_metrics_are_exported_by_running_services(ingest_service, worked, rendered):  # noqa: F811
     rules = [d for d in rendered["gpu"] if d["kind"] == "PrometheusRule"]
     used = {name for name in chart_metric_names(rules) if name.startswith("voxelflow_")}
-    assert used, "the chart's dashboards and rules use voxelflow metrics"
-    with httpx.Client(base_url=ingest_service.url) as client:
-        text = client.get("/metrics").text
-    exported = {
-        base_metric_name(re.sub(r"_(created)$", "", match)) for match in re.findall(r"^# TYPE (\S+) ", text, flags=re.M)
-    }
-    # prometheus_client declares counters without their _total suffix in TYPE lines
-    exported |= {f"{name}_total" for name in exported}
+    assert {
+        "voxelflow_training_rounds_total",
+        "voxelflow_inference_windows_total",
+        "voxelflow_aggregation_rounds_failed_total",
+        "voxelflow_aggregation_round_duration_seconds",
+        "voxelflow_aggregation_privacy_epsilon",
+    } <= used
+    exported = exported_names(httpx.get(f"{ingest_service.url}/metrics", timeout=10).text)
+    for url in worked.values():
+        exported |= exported_names(httpx.get(url, timeout=10).text)
     missing = sorted(used - exported)
     assert not missing, f"dashboards/rules use metrics no service exports: {missing}"

@@ -250,13 +250,25 @@ policies and ServiceMonitors so that they can never disagree.
 */}}
 {{- define "voxelflow.workloads" -}}
 {{- $out := dict -}}
+{{- /* What each service really connects to (its settings.py and code): env vars, access labels and egress follow. */ -}}
 {{- $needs := dict
   "ingest" (list "postgresql" "redis" "minio" "pacs" "deid")
   "preprocessing" (list "postgresql" "redis" "minio")
-  "training_worker" (list "postgresql" "redis" "minio" "mlflow")
+  "training_worker" (list "postgresql" "redis" "minio")
   "aggregation" (list "postgresql" "redis" "minio" "mlflow")
   "model_registry" (list "postgresql" "minio" "mlflow")
-  "inference" (list "postgresql" "redis" "minio" "mlflow" "triton" "pacs" "deid")
+  "inference" (list "postgresql" "redis" "minio" "mlflow" "triton" "pacs")
+-}}
+{{- /* HTTP APIs of other voxelflow services each one calls (NetworkPolicy: only these, nothing else).
+The aggregator calls no voxelflow API: it sends round tasks through Redis and reads the sites' updates from
+object storage, and the training workers take their tasks from Redis, so nobody calls a training worker. */ -}}
+{{- $calls := dict
+  "ingest" (list)
+  "preprocessing" (list)
+  "training_worker" (list)
+  "aggregation" (list)
+  "model_registry" (list)
+  "inference" (list "ingest")
 -}}
 {{- $services := list
   (dict "key" "ingest" "package" "ingest" "prefix" "ingest")
@@ -275,7 +287,7 @@ policies and ServiceMonitors so that they can never disagree.
 {{- if and (eq $role "worker") $sv.gpu $sv.gpu.enabled }}{{ $gpu = $sv.gpu }}{{ end -}}
 {{- $exposed := and (has $s.key (list "ingest" "inference")) (eq $role "api") -}}
 {{- $component := printf "%s-%s" $s.prefix $role -}}
-{{- $_ := set $out $component (dict "component" $component "valuesKey" $s.key "package" $s.package "role" $role "imageName" $sv.imageName "gpu" $gpu "needs" (index $needs $s.package) "values" $rv "queue" ($rv.queue | default "") "site" "" "exposed" $exposed) -}}
+{{- $_ := set $out $component (dict "component" $component "valuesKey" $s.key "package" $s.package "prefix" $s.prefix "role" $role "imageName" $sv.imageName "gpu" $gpu "needs" (index $needs $s.package) "calls" (index $calls $s.package) "settings" ($sv.settings | default dict) "values" $rv "queue" ($rv.queue | default "") "site" "" "exposed" $exposed "healthApp" false) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -290,8 +302,10 @@ policies and ServiceMonitors so that they can never disagree.
 {{- $v := dict
   "enabled" true
   "replicaCount" (ternary $site.replicaCount 1 (hasKey $site "replicaCount"))
-  "concurrency" $tw.concurrency
+  "concurrency" 1
+  "pool" "solo"
   "resources" ($site.resources | default $tw.resources)
+  "healthResources" $tw.health.resources
   "nodeSelector" ($site.nodeSelector | default dict)
   "tolerations" ($site.tolerations | default list)
   "affinity" ($site.affinity | default dict)
@@ -301,10 +315,12 @@ policies and ServiceMonitors so that they can never disagree.
   "keda" $tw.keda
   "queue" (printf "training.%s" $site.name)
   "shmSizeLimit" $tw.shmSizeLimit
+  "terminationGracePeriodSeconds" $tw.terminationGracePeriodSeconds
 -}}
 {{- $gpu := dict -}}
 {{- if $tw.gpu.enabled }}{{ $gpu = $tw.gpu }}{{ end -}}
-{{- $_ := set $out $component (dict "component" $component "valuesKey" "trainingWorker" "package" "training_worker" "role" "worker" "imageName" $tw.imageName "gpu" $gpu "needs" (index $needs "training_worker") "values" $v "queue" (printf "training.%s" $site.name) "site" $site.name "exposed" false) -}}
+{{- $settings := merge (deepCopy ($site.settings | default dict)) ($tw.settings | default dict) -}}
+{{- $_ := set $out $component (dict "component" $component "valuesKey" "trainingWorker" "package" "training_worker" "prefix" "training-worker" "role" "worker" "imageName" $tw.imageName "gpu" $gpu "needs" (index $needs "training_worker") "calls" (index $calls "training_worker") "settings" $settings "values" $v "queue" (printf "training.%s" $site.name) "site" $site.name "exposed" false "healthApp" true) -}}
 {{- end -}}
 {{- end -}}
 {{- toJson $out -}}
@@ -361,7 +377,10 @@ Usage: include "voxelflow.env" (dict "ctx" $ "w" $workload)
   value: "s3://$(VOXELFLOW_S3_ACCESS_KEY):$(VOXELFLOW_S3_SECRET_KEY)@{{ include "voxelflow.s3.host" $ }}:{{ include "voxelflow.s3.port" $ }}/{{ include "voxelflow.s3.bucket" $ }}{{ if eq (include "voxelflow.s3.secure" $) "true" }}?secure=true{{ end }}"
 {{- end }}
 {{- if has "mlflow" $w.needs }}
+{{- /* shared.registry reads VOXELFLOW_MLFLOW_TRACKING_URI; MLflow's own client code reads MLFLOW_TRACKING_URI. */}}
 - name: VOXELFLOW_MLFLOW_TRACKING_URI
+  value: {{ include "voxelflow.mlflow.trackingUri" $ | quote }}
+- name: MLFLOW_TRACKING_URI
   value: {{ include "voxelflow.mlflow.trackingUri" $ | quote }}
 {{- if and (not $.Values.mlflow.enabled) $.Values.externalMlflow.existingSecret }}
 - name: MLFLOW_TRACKING_USERNAME
@@ -383,21 +402,66 @@ Usage: include "voxelflow.env" (dict "ctx" $ "w" $workload)
       name: {{ include "voxelflow.appSecretName" $ }}
       key: {{ $.Values.secrets.deidKeyKey }}
 {{- end }}
-{{- if has "triton" $w.needs }}
+{{- if eq $w.package "inference" }}
+{{- $inf := $.Values.inference }}
+{{- /* Backend: Triton when the chart deploys it, else ONNX Runtime in-process (services/inference/settings.py). */}}
+- name: VOXELFLOW_BACKEND
+  value: {{ ternary "triton" ($inf.backendWithoutTriton | default "onnxruntime") $.Values.triton.enabled | quote }}
+{{- if $.Values.triton.enabled }}
 - name: VOXELFLOW_TRITON_URL
   value: {{ printf "%s:8001" (include "voxelflow.triton.fullname" $) | quote }}
 {{- end }}
-{{- if and (has "pacs" $w.needs) $.Values.inference.pacs.host }}
-- name: VOXELFLOW_PACS_HOST
-  value: {{ $.Values.inference.pacs.host | quote }}
-- name: VOXELFLOW_PACS_PORT
-  value: {{ $.Values.inference.pacs.port | quote }}
-- name: VOXELFLOW_PACS_AE_TITLE
-  value: {{ $.Values.inference.pacs.aeTitle | quote }}
+{{- if $.Values.ingest.api.enabled }}
+- name: VOXELFLOW_INGEST_URL
+  value: {{ printf "http://%s:%v" (include "voxelflow.componentName" (dict "ctx" $ "component" "ingest-api")) $.Values.ingest.api.service.port | quote }}
+{{- end }}
+{{- with $inf.ingestToken.existingSecret }}
+- name: VOXELFLOW_INGEST_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $inf.ingestToken.key }}
+{{- end }}
+{{- if $inf.pacs.url }}
+- name: VOXELFLOW_PACS_URL
+  value: {{ $inf.pacs.url | quote }}
+{{- with $inf.pacs.existingSecret }}
+- name: VOXELFLOW_PACS_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $inf.pacs.usernameKey }}
+- name: VOXELFLOW_PACS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $inf.pacs.passwordKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (has $w.package (list "ingest" "preprocessing")) $.Values.preprocessing.enabled }}
+{{- /* ingest sends 'series ready' there, the preprocessing API enqueues builds there: the worker's queue. */}}
+- name: VOXELFLOW_PREPROCESSING_QUEUE
+  value: {{ $.Values.preprocessing.worker.queue | quote }}
+{{- end }}
+{{- if eq $w.package "aggregation" }}
+{{- /* The API kicks runs onto the aggregator worker's queue; round tasks go to the queue each training-worker
+site consumes ("training.<site>", fixed by the workload catalogue above). */}}
+- name: VOXELFLOW_AGGREGATION_QUEUE
+  value: {{ $.Values.aggregation.worker.queue | quote }}
+- name: VOXELFLOW_TRAINING_QUEUE_PREFIX
+  value: "training."
 {{- end }}
 {{- if $w.site }}
 - name: VOXELFLOW_SITE
   value: {{ $w.site | quote }}
+{{- end }}
+{{- /* The service's own settings (values: <service>.settings, keys = field names of its settings.py). */}}
+{{- range $k, $val := $w.settings }}
+{{- if not (kindIs "invalid" $val) }}
+- name: {{ printf "VOXELFLOW_%s" (upper $k) }}
+  value: {{ ternary ($val | toJson) ($val | toString) (or (kindIs "slice" $val) (kindIs "map" $val)) | quote }}
+{{- end }}
 {{- end }}
 {{- if ne $w.role "api" }}
 - name: VOXELFLOW_METRICS_PORT
@@ -406,10 +470,14 @@ Usage: include "voxelflow.env" (dict "ctx" $ "w" $workload)
 {{- if eq $w.role "worker" }}
 - name: VOXELFLOW_CELERY_QUEUE
   value: {{ $w.queue | quote }}
+- name: VOXELFLOW_CELERY_POOL
+  value: {{ $w.values.pool | default "solo" | quote }}
 - name: VOXELFLOW_CELERY_CONCURRENCY
   value: {{ $w.values.concurrency | quote }}
 {{- end }}
 {{- if eq $w.role "dimse" }}
+- name: VOXELFLOW_DIMSE_HOST
+  value: "0.0.0.0"
 - name: VOXELFLOW_DIMSE_AE_TITLE
   value: {{ $w.values.aeTitle | quote }}
 - name: VOXELFLOW_DIMSE_PORT
