@@ -44,7 +44,7 @@ stack-env: ## print the VOXELFLOW_* variables of the running stack
 	$(PY) -m shared.stack env
 
 demo: install-python ## the end-to-end story on the bundled data (see README)
-	$(PY) -m shared.demo
+	$(PY) -m shared.demo $(DEMO_ARGS)
 
 .PHONY: helm-lint k8s
 helm-lint: ## Helm chart: lint + render + strict schema validation + invariants (tests/deploy)
@@ -63,3 +63,52 @@ proto: ## regenerate shared/proto from proto/voxelflow/v1/*.proto
 
 proto-check: ## fail if the committed generated code differs from a fresh generation
 	tmp=$$(mktemp -d) && PYTHON=$(PY) ci/generate-proto.sh $$tmp && diff -r -x __init__.py -x __pycache__ $$tmp/voxelflow shared/proto/voxelflow && rm -rf $$tmp
+
+.PHONY: bench-preprocess
+bench-preprocess: ## cases/s: cached preprocessing (first build, rerun) vs plain MONAI (private S3; out/bench-preprocess.json)
+	$(PY) ci/bench_preprocess.py $(BENCH_ARGS)
+
+# --- training (shared/training, services/training_worker) --------------------------------------------
+.PHONY: bench-train
+bench-train: ## training samples/s, time to val Dice, federated round overhead (GPU when present; out/bench-train.json)
+	$(PY) ci/bench_train.py $(BENCH_ARGS)
+
+# --- end training ------------------------------------------------------------------------------------
+
+# ---- inference: the Triton environment and the inference benchmark (docs/inference-backends.md) ----------
+TRITON_VENV ?= .venv-triton
+.PHONY: install-triton bench-inference
+
+install-triton: $(TRITON_VENV)/.installed ## tritonserver (nvidia-pytriton, CPU) + onnxruntime + numpy<2 in .venv-triton
+
+$(TRITON_VENV)/.installed: requirements-triton.txt
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q -r requirements-triton.txt
+	touch $@
+
+# the test suite starts a real tritonserver from .venv-triton
+install-python: install-triton
+
+bench-inference: install-python ## p50/p99 + volumes/s: Triton vs embedded ONNX Runtime vs MONAI in PyTorch
+	$(PY) ci/bench_inference.py $(BENCH_ARGS)
+# ---- end inference --------------------------------------------------------------------------------------
+
+# ---- model registry and evaluation (branch registry) -------------------------------------------------
+.PHONY: evaluate
+# make evaluate MODEL=models:/hippocampus@champion DATA=../shared/data/msd_task04_hippocampus OUT=out/eval.csv
+evaluate: ## metrics of a registered model on an MSD folder (needs VOXELFLOW_MLFLOW_TRACKING_URI)
+	$(PY) -m shared.cli evaluate --model $(MODEL) --data $(DATA) $(if $(OUT),--out $(OUT))
+# ---- end model registry ---------------------------------------------------------------------------------
+
+# ---- model export for serving (branch infer-wire) ------------------------------------------------------
+.PHONY: export-model
+# make export-model MODEL=models:/hippocampus/3 CASES=../shared/data/msd_task04_hippocampus
+export-model: ## ONNX + TorchScript of a registry version through the parity gate, attached, Triton repo in storage
+	$(PY) -m shared.cli models export --model $(MODEL) $(if $(CASES),--cases $(CASES))
+
+# ---- end model export -----------------------------------------------------------------------------------
+
+.PHONY: compare-training
+# make compare-training DATASET=ds-… [COMPARE_ARGS="--rounds 10 --local-epochs 2"] (after make demo)
+compare-training: ## FedAvg over the stack's sites vs the centralised baseline: test-split Dice side by side
+	$(PY) ci/federated_vs_centralised.py --dataset $(DATASET) $(COMPARE_ARGS)
