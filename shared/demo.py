@@ -42,6 +42,7 @@ DEMO_ENV = {
     "VOXELFLOW_REGISTERED_MODEL_NAME": MODEL_NAME,
     "VOXELFLOW_ALIAS_POLL_SECONDS": "2",
     "VOXELFLOW_STACK_SITES": ",".join(SITES),
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # the demo prints its own progress, one line per step
 }
 
 
@@ -207,7 +208,8 @@ class Demo:
                             if s["metrics"]
                         )
                         dice = rnd["metrics"].get("val_dice_mean", rnd["metrics"].get("val_dice"))
-                        say(f"  round {rnd['round']}/{rounds}: {sites}; global val Dice {dice}")
+                        dice_text = f"{dice:.3f}" if isinstance(dice, int | float) else "n/a"
+                        say(f"  round {rnd['round']}/{rounds}: {sites}; global val Dice {dice_text}")
                 return state if state["status"] in ("succeeded", "failed", "cancelled") else None
 
             state = wait_until(finished, 6 * 3600, "the federated run", interval=3)
@@ -298,7 +300,16 @@ class Demo:
                 volumes = ", ".join(f"{f['name']} {f['volume_ml']:.2f} mL" for f in result.get("findings") or [])
                 say(f"  {description or series_uid[-12:]}: {result['status']} in {latency:.1f} s; {volumes}")
                 mask = inference.get(f"/v1/segmentations/{result['request_id']}/mask").content
-                self.results.append({"series": series_uid, "study": study, "latency": latency, "mask": mask, **result})
+                self.results.append(
+                    {
+                        "series": series_uid,
+                        "description": description,
+                        "study": study,
+                        "latency": latency,
+                        "mask": mask,
+                        **result,
+                    }
+                )
         with httpx.Client(base_url=pacs_root, timeout=60) as pacs:
             segs = pacs.get("/series", params={"Modality": "SEG"}).json()
         say(f"  Orthanc now holds {len(segs)} SEG series")
@@ -313,7 +324,8 @@ class Demo:
         print(f"  federated training   {self.args.rounds} rounds, {len(SITES)} sites, {self.timings['training']:.0f} s")
         print(f"  test-split Dice      {test_dice} over {len(per_case)} held-out cases (mean of labels)")
         for row in self.results:
-            print(f"  latency              {row['series'][-20:]}: {row['latency']:.2f} s")
+            series = f"{row['description'] or 'series'} …{row['series'][-12:]}"
+            print(f"  latency              {series}: {row['latency']:.2f} s")
         print(f"  MLflow UI            {self.stack.mlflow_uri}/#/models/{MODEL_NAME}")
         print(f"  Orthanc (PACS)       {self.stack.orthanc_url}/app/explorer.html")
         print()
