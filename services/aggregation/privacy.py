@@ -7,10 +7,11 @@ deviation is z·C·max(wᵢ) for a noise multiplier z. Every round is one Gaussi
 multiplier z applied to all sites (sampling rate 1); the privacy loss (ε for a given δ) over the rounds
 so far comes from opacus' Rényi-DP accountant (Mironov 2017), not from a hand-written bound.
 
-Where the clipping runs: the round-task contract (``TrainingRoundTask``) carries no privacy fields, so
-the aggregator clips each update when it receives it, before anything is combined. This protects the
-released models (site-level DP against anyone who sees the global weights), not the raw update against
-the aggregator itself.
+Where the clipping runs: the round task carries ``dp_clip_norm`` and each site clips its own update
+before it leaves the site (shared/privacy.py), so the aggregator never receives an unbounded update.
+The aggregator clips once more on receipt (a no-op for an honest site) so that the sensitivity bound, and
+with it ε, holds whatever a site sends. The noise is added centrally (a trusted aggregator): it protects
+the released models (site-level DP against anyone who sees the global weights).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.aggregation.strategies import StateDict, normalised_weights
+from shared.privacy import clip_update
 
 
 @dataclass(frozen=True)
@@ -37,33 +39,6 @@ class PrivacyConfig:
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
-
-
-def _float_keys(state: StateDict) -> list[str]:
-    return [key for key, array in state.items() if np.issubdtype(array.dtype, np.floating)]
-
-
-def update_norm(global_state: StateDict, update: StateDict) -> float:
-    """L2 norm of the update Δ = update - global over all floating-point entries."""
-    total = 0.0
-    for key in _float_keys(global_state):
-        diff = np.asarray(update[key], dtype=np.float64) - np.asarray(global_state[key], dtype=np.float64)
-        total += float(np.sum(diff * diff))
-    return math.sqrt(total)
-
-
-def clip_update(global_state: StateDict, update: StateDict, clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
-    """Return global + Δ·min(1, C/‖Δ‖) and the original norm ‖Δ‖. Non-float entries pass unchanged."""
-    norm = update_norm(global_state, update)
-    scale = 1.0 if norm <= clip_norm else clip_norm / norm
-    clipped: dict[str, np.ndarray] = {}
-    for key, array in update.items():
-        if np.issubdtype(array.dtype, np.floating):
-            base = np.asarray(global_state[key], dtype=np.float64)
-            clipped[key] = (base + scale * (np.asarray(array, dtype=np.float64) - base)).astype(array.dtype)
-        else:
-            clipped[key] = np.asarray(array).copy()
-    return clipped, norm
 
 
 def noise_std(config: PrivacyConfig, num_samples: Sequence[float]) -> float:

@@ -41,7 +41,7 @@ from services.aggregation import federated_storage as fs
 from services.aggregation import metrics as agg_metrics
 from services.aggregation.context import TRAIN_ROUND_TASK, AggregationContext
 from services.aggregation.models import TERMINAL_STATUSES, FederatedRound, FederatedRun, RoundSite, SiteUpdate
-from services.aggregation.privacy import PrivacyConfig, epsilon_after, privatise, update_norm
+from services.aggregation.privacy import PrivacyConfig, epsilon_after, privatise
 from services.aggregation.strategies import (
     ServerOptimizerConfig,
     Strategy,
@@ -51,6 +51,7 @@ from services.aggregation.strategies import (
 )
 from services.aggregation.tracking import RunTracker, make_tracker
 from shared.db.base import session_scope, utcnow
+from shared.privacy import update_norm
 from shared.proto.voxelflow.v1 import training_pb2
 from shared.tasks import PermanentTaskError
 
@@ -314,6 +315,7 @@ class RunOrchestrator:
                     local_epochs=run.local_epochs,
                     fedprox_mu=run.fedprox_mu if run.strategy == Strategy.FEDPROX else 0.0,
                     task_attempt_id=rs.attempt_id,
+                    dp_clip_norm=float(run.privacy["clip_norm"]) if run.privacy else 0.0,
                 )
                 payload = json_format.MessageToDict(
                     task, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -425,6 +427,16 @@ class RunOrchestrator:
                 rs.metrics = dict(message.metrics)
                 rs.weights_key = weights_key
                 rs.update_norm = update_norm(global_state, update)
+                if run.privacy and rs.update_norm > float(run.privacy["clip_norm"]) * (1 + 1e-4):
+                    # the aggregator clips it anyway (privatise), so ε holds; the site should be looked at
+                    log.warning(
+                        "run %s: %s sent a round-%d update of norm %.4g above the clip bound %.4g (clipped on receipt)",
+                        run.id,
+                        site,
+                        round_index,
+                        rs.update_norm,
+                        run.privacy["clip_norm"],
+                    )
                 rs.delivered_at = utcnow()
         status = "accepted" if verdict.accepted else "discarded"
         session.add(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from google.protobuf import json_format
 
 from services.training_worker import metrics
 from services.training_worker.context import TrainingWorkerContext
+from shared.privacy import clip_update
 from shared.proto.voxelflow.v1 import training_pb2
 from shared.storage import ObjectNotFoundError
 from shared.tasks import PermanentTaskError
@@ -66,9 +68,25 @@ def parse_task(message: dict[str, Any], site: str) -> training_pb2.TrainingRound
             raise PermanentTaskError(f"round task field {name}={getattr(task, name)!r} is not a valid key segment")
     if task.round < 0 or task.local_epochs < 0 or task.fedprox_mu < 0:
         raise PermanentTaskError("round, local_epochs and fedprox_mu must not be negative")
+    if not (task.dp_clip_norm >= 0 and math.isfinite(task.dp_clip_norm)):
+        raise PermanentTaskError(f"dp_clip_norm must be 0 (off) or a positive number, got {task.dp_clip_norm}")
     if task.site != site:
         raise PermanentTaskError(f"round task for site {task.site!r} reached the worker of site {site!r}")
     return task
+
+
+def clip_to_bound(
+    global_state: dict[str, Any], local_state: dict[str, Any], clip_norm: float
+) -> tuple[dict[str, Any], float]:
+    """The local weights with their update (local - global) clipped to ``clip_norm``, and the update's norm
+    before clipping (which stays at the site: only the clipped update leaves it)."""
+    import torch
+
+    def arrays(state: dict[str, Any]) -> dict[str, Any]:
+        return {key: value.detach().cpu().numpy() for key, value in state.items()}
+
+    clipped, norm = clip_update(arrays(global_state), arrays(local_state), clip_norm)
+    return {key: torch.from_numpy(value) for key, value in clipped.items()}, norm
 
 
 def _load(ctx: TrainingWorkerContext, key: str, what: str) -> bytes:
@@ -150,7 +168,11 @@ def run_round(
         metrics.rounds_total.labels(site, "refused").inc()
         raise PermanentTaskError(str(exc)) from exc
 
-    ctx.store.put_bytes(keys.weights, state_to_bytes(result.state_dict))
+    state = result.state_dict
+    if task.dp_clip_norm > 0:
+        state, norm = clip_to_bound(global_state, state, task.dp_clip_norm)
+        log.info("round %d: update norm %.4g clipped to %.4g before delivery", task.round, norm, task.dp_clip_norm)
+    ctx.store.put_bytes(keys.weights, state_to_bytes(state))
     update = training_pb2.ModelUpdate(
         run_id=task.run_id,
         round=task.round,
@@ -160,6 +182,7 @@ def run_round(
         num_samples=result.num_samples,
         metrics={**result.metrics, "resumed_from_epoch": float(result.resumed_from_epoch)},
         finished_at=dt.datetime.now(dt.UTC).isoformat(),
+        clip_norm=task.dp_clip_norm,
     )
     body = json_format.MessageToDict(update, preserving_proto_field_name=True)
     ctx.store.put_bytes(keys.update, json.dumps(body).encode(), content_type="application/json")  # written last

@@ -21,6 +21,7 @@ import numpy as np
 from celery import Celery
 
 from services.aggregation import federated_storage as fs
+from shared.privacy import clip_update
 from shared.proto.voxelflow.v1 import training_pb2
 from shared.storage import open_object_store
 from shared.tasks import PermanentTaskError, create_celery_app
@@ -45,6 +46,8 @@ class Behaviour:
     #: deliver only once the aggregator has closed the round (its next global model exists): a late update
     #: by construction, whatever the load on the machine, instead of a race between a sleep and a deadline
     after_close: set[tuple[str, int | None]] = field(default_factory=set)
+    #: a site that ignores the task's dp_clip_norm (an old or misbehaving worker): the aggregator must clip
+    ignore_clip: set[tuple[str, int | None]] = field(default_factory=set)
     calls: list[tuple[str, int, str]] = field(default_factory=list)
 
     def _get(self, table: Any, site: str, round_index: int) -> Any:
@@ -58,6 +61,7 @@ class Behaviour:
         self.delay.clear()
         self.duplicate.clear()
         self.after_close.clear()
+        self.ignore_clip.clear()
         self.calls.clear()
 
 
@@ -65,7 +69,9 @@ class Behaviour:
 CURRENT = Behaviour()
 
 
-def write_update(store: Any, task: dict[str, Any], attempt: str, finished_at: dt.datetime | None = None) -> str:
+def write_update(
+    store: Any, task: dict[str, Any], attempt: str, finished_at: dt.datetime | None = None, clip: bool = True
+) -> str:
     run_id, round_index, site = task["run_id"], int(task["round"]), task["site"]
     global_state = fs.load_weights(store, task["global_weights_uri"])
     delta = site_delta(site, round_index)
@@ -73,6 +79,9 @@ def write_update(store: Any, task: dict[str, Any], attempt: str, finished_at: dt
         k: (v + np.asarray(delta, dtype=v.dtype)) if np.issubdtype(v.dtype, np.floating) else v + 1
         for k, v in global_state.items()
     }
+    clip_norm = float(task.get("dp_clip_norm") or 0.0) if clip else 0.0
+    if clip_norm > 0:  # as the real training worker does: the update leaves the site clipped
+        local, _ = clip_update(global_state, local, clip_norm)
     weights = fs.weights_key(run_id, round_index, site, attempt)
     fs.save_weights(store, weights, local)
     update = training_pb2.ModelUpdate(
@@ -84,6 +93,7 @@ def write_update(store: Any, task: dict[str, Any], attempt: str, finished_at: dt
         num_samples=NUM_SAMPLES[site],
         metrics={"train_loss": 1.0 / (round_index + 1), "val_dice": 0.5 + 0.1 * round_index},
         finished_at=(finished_at or dt.datetime.now(dt.UTC)).isoformat(),
+        clip_norm=clip_norm,
     )
     from google.protobuf import json_format
 
@@ -116,7 +126,7 @@ def make_app(broker_url: str, database_url: str, storage_url: str) -> Celery:
             while not store.exists(next_global) and time.monotonic() < deadline:
                 time.sleep(0.2)
         started = time.monotonic()
-        write_update(store, task, attempt)
+        write_update(store, task, attempt, clip=not behaviour._get(behaviour.ignore_clip, site, round_index))
         log.warning("fake site %s round %d delivered (%.2f s to write)", site, round_index, time.monotonic() - started)
         if behaviour._get(behaviour.duplicate, site, round_index):
             # a second delivery under another attempt id, and a rewrite of the accepted one (other etag),

@@ -13,11 +13,9 @@ from hypothesis.extra.numpy import arrays
 from services.aggregation.privacy import (
     PrivacyConfig,
     add_gaussian_noise,
-    clip_update,
     epsilon_after,
     noise_std,
     privatise,
-    update_norm,
 )
 from services.aggregation.strategies import (
     ServerOptimizerConfig,
@@ -28,6 +26,7 @@ from services.aggregation.strategies import (
     fedavg,
     weighted_average,
 )
+from shared.privacy import clip_update, update_norm
 
 SHAPES = {"conv.weight": (2, 3), "conv.bias": (3,)}
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)

@@ -140,6 +140,7 @@ def test_killed_worker_resumes_from_checkpoint_and_delivers_once(
         ({"site": "site-b", "task_attempt_id": "wrong-site"}, "reached the worker of site 'site-a'"),
         ({"dataset_version_id": "ds-unknown", "task_attempt_id": "bad-ds"}, "unknown dataset version"),
         ({"global_weights_uri": "federated/nope.pt", "task_attempt_id": "no-weights"}, "does not exist"),
+        ({"dp_clip_norm": -1.0, "task_attempt_id": "negative-clip"}, "or a positive number, got -1.0"),
     ],
 )
 def test_bad_round_tasks_fail_permanently_with_a_dead_letter(
@@ -162,3 +163,23 @@ def test_bad_round_tasks_fail_permanently_with_a_dead_letter(
 
     exc_type, message, retries = wait(dead_letter, 30, "dead letter", worker)
     assert exc_type == "PermanentTaskError" and reason in message and retries == 0
+
+
+def test_a_private_round_clips_the_update_at_the_site(
+    worker: CeleryWorkerProcess, worker_env: dict[str, str], client: Any, version: str
+) -> None:
+    """With dp_clip_norm in the task, what leaves the site is global + an update of norm at most C."""
+    from shared.privacy import update_norm
+
+    store = open_object_store(worker_env["VOXELFLOW_STORAGE_URL"])
+    bound = 0.01
+    update = send(client, round_message(version, local_epochs=1, dp_clip_norm=bound, task_attempt_id="dp-1")).get(
+        timeout=240
+    )
+    assert update["clip_norm"] == bound
+    arrays = {k: v.numpy() for k, v in state_from_bytes(store.get_bytes(update["weights_uri"])).items()}
+    start = {
+        k: v.numpy() for k, v in state_from_bytes(store.get_bytes(round_message(version)["global_weights_uri"])).items()
+    }
+    # one epoch of AdamW moves the weights far more than 0.01 in L2: the bound is what limits it here
+    assert update_norm(start, arrays) == pytest.approx(bound, rel=1e-3)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainingRoundTask(_message.Message):
-    __slots__ = ("run_id", "round", "site", "dataset_version_id", "global_weights_uri", "training_config_uri", "local_epochs", "fedprox_mu", "task_attempt_id")
+    __slots__ = ("run_id", "round", "site", "dataset_version_id", "global_weights_uri", "training_config_uri", "local_epochs", "fedprox_mu", "task_attempt_id", "dp_clip_norm")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class TrainingRoundTask(_message.Message):
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     FEDPROX_MU_FIELD_NUMBER: _ClassVar[int]
     TASK_ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     site: str
@@ -26,10 +27,11 @@ class TrainingRoundTask(_message.Message):
     local_epochs: int
     fedprox_mu: float
     task_attempt_id: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., dataset_version_id: _Optional[str] = ..., global_weights_uri: _Optional[str] = ..., training_config_uri: _Optional[str] = ..., local_epochs: _Optional[int] = ..., fedprox_mu: _Optional[float] = ..., task_attempt_id: _Optional[str] = ...) -> None: ...
+    dp_clip_norm: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., dataset_version_id: _Optional[str] = ..., global_weights_uri: _Optional[str] = ..., training_config_uri: _Optional[str] = ..., local_epochs: _Optional[int] = ..., fedprox_mu: _Optional[float] = ..., task_attempt_id: _Optional[str] = ..., dp_clip_norm: _Optional[float] = ...) -> None: ...
 
 class ModelUpdate(_message.Message):
-    __slots__ = ("run_id", "round", "site", "task_attempt_id", "weights_uri", "num_samples", "metrics", "finished_at")
+    __slots__ = ("run_id", "round", "site", "task_attempt_id", "weights_uri", "num_samples", "metrics", "finished_at", "clip_norm")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class ModelUpdate(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     site: str
@@ -53,4 +56,5 @@ class ModelUpdate(_message.Message):
     num_samples: int
     metrics: _containers.ScalarMap[str, float]
     finished_at: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., task_attempt_id: _Optional[str] = ..., weights_uri: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., finished_at: _Optional[str] = ...) -> None: ...
+    clip_norm: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., task_attempt_id: _Optional[str] = ..., weights_uri: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., finished_at: _Optional[str] = ..., clip_norm: _Optional[float] = ...) -> None: ...
