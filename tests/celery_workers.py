@@ -11,12 +11,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from shared.stack.manager import celery_worker_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,7 @@ class CeleryWorkerProcess:
     def start(self, wait_ready: float = 60.0) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        command = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-Q", self.queue, "-P", "solo"]
-        command += ["--without-gossip", "--without-mingle", "-l", "INFO"]
+        command = celery_worker_argv(self.app, self.queue, "--without-gossip", "--without-mingle")
         self.proc = subprocess.Popen(
             command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.data import shared_data_dir
 from shared.stack import PortOffsets, Stack, StackConfig
 from shared.stack.manager import INFRA
 from shared.stack.process import port_in_use
@@ -180,18 +181,11 @@ def mlflow_uri(test_stack: SessionStack) -> Iterator[str]:
 
     The S3 variables MLflow clients need for direct artifact access are set for the session, too.
     """
+    from tests.service_harness import patched_environ
+
     stack = test_stack.ensure("mlflow")
-    env = {k: v for k, v in stack.env_vars(INFRA).items() if k.startswith(("AWS_", "MLFLOW_"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with patched_environ({k: v for k, v in stack.env_vars(INFRA).items() if k.startswith(("AWS_", "MLFLOW_"))}):
         yield stack.mlflow_uri
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @dataclass(frozen=True)
@@ -207,3 +201,21 @@ def triton_server(test_stack: SessionStack) -> TritonServer:
     """The CPU tritonserver from .venv-triton (``make install-triton``), started on first use (~2 s)."""
     stack = test_stack.ensure("triton")
     return TritonServer(url=stack.triton_url, model_repository=stack.triton_model_repository)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The bundled real data (``../shared/data``, read in place): skipped where it is not mounted, a
+    failure in CI, where missing data is a broken setup and not a reason to skip."""
+    found = shared_data_dir()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
+        pytest.skip("shared real-data folder not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
+    return found
+
+
+@pytest.fixture(scope="session")
+def hippocampus_dir(shared_data: Path) -> Path:
+    """Medical Segmentation Decathlon Task04 (hippocampus MRI with anterior/posterior labels)."""
+    return shared_data / "msd_task04_hippocampus"

@@ -6,17 +6,12 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 from celery import Celery
-from sqlalchemy.orm import Session, sessionmaker
 
 from services.aggregation import models
 from services.aggregation.settings import AggregationSettings
-from shared.db import models as shared_models
-from shared.db.base import make_engine, make_session_factory, run_migrations
-from shared.readiness import ReadinessProbes
-from shared.storage import ObjectStore, open_object_store
+from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "aggregation"
@@ -25,20 +20,9 @@ TRAIN_ROUND_TASK = "training.train_round"
 
 
 @dataclass
-class AggregationContext(ReadinessProbes):
+class AggregationContext(ServiceContext):
     settings: AggregationSettings
-
-    @cached_property
-    def engine(self) -> Any:
-        return make_engine(self.settings.database_url)
-
-    @cached_property
-    def session_factory(self) -> sessionmaker[Session]:
-        return make_session_factory(self.engine)
-
-    @cached_property
-    def store(self) -> ObjectStore:
-        return open_object_store(self.settings.storage_url)
+    service_models = models
 
     @cached_property
     def celery(self) -> Celery:
@@ -69,7 +53,3 @@ class AggregationContext(ReadinessProbes):
             task_id=task_id,
         )
         return task_id
-
-    def migrate(self) -> None:
-        run_migrations(self.settings.database_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)
-        run_migrations(self.settings.database_url, models.MIGRATIONS, models.VERSION_TABLE)

@@ -7,17 +7,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from celery import Celery
-from sqlalchemy.orm import Session, sessionmaker
 
 from services.inference import models
 from services.inference.admission import AdmissionController
 from services.inference.model_lifecycle import CANDIDATE, CHAMPION, ModelManager
 from services.inference.model_server import ModelSource, RegistryModelSource
 from services.inference.settings import InferenceSettings
-from shared.db import models as shared_models
-from shared.db.base import make_engine, make_session_factory, run_migrations
-from shared.readiness import ReadinessProbes
-from shared.storage import ObjectStore, open_object_store
+from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "inference"
@@ -25,18 +21,11 @@ SEGMENT_TASK = "inference.segment"
 
 
 @dataclass
-class InferenceContext(ReadinessProbes):
+class InferenceContext(ServiceContext):
     settings: InferenceSettings
+    service_models = models
     #: where model versions come from; the registry unless a process embeds another source (tests)
     model_source: ModelSource | None = field(default=None)
-
-    @cached_property
-    def session_factory(self) -> sessionmaker[Session]:
-        return make_session_factory(make_engine(self.settings.database_url))
-
-    @cached_property
-    def store(self) -> ObjectStore:
-        return open_object_store(self.settings.storage_url)
 
     @cached_property
     def celery(self) -> Celery:
@@ -86,10 +75,6 @@ class InferenceContext(ReadinessProbes):
         if self.settings.pacs_url:
             roots[self.settings.pacs_url.rstrip("/")] = self.pacs_headers()
         return roots
-
-    def migrate(self) -> None:
-        run_migrations(self.settings.database_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)
-        run_migrations(self.settings.database_url, models.MIGRATIONS, models.VERSION_TABLE)
 
     def check_model(self) -> None:
         if not self.models.ready:

@@ -6,16 +6,12 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from celery import Celery
-from sqlalchemy.orm import Session, sessionmaker
 
 from services.ingest import models
 from services.ingest.deidentify import Deidentifier
 from services.ingest.receiver import InstanceReceiver
 from services.ingest.settings import IngestSettings
-from shared.db import models as shared_models
-from shared.db.base import make_engine, make_session_factory, run_migrations
-from shared.readiness import ReadinessProbes
-from shared.storage import ObjectStore, open_object_store
+from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "ingest"
@@ -25,16 +21,9 @@ SERIES_READY_TASK = "preprocessing.series_ready"
 
 
 @dataclass
-class IngestContext(ReadinessProbes):
+class IngestContext(ServiceContext):
     settings: IngestSettings
-
-    @cached_property
-    def session_factory(self) -> sessionmaker[Session]:
-        return make_session_factory(make_engine(self.settings.database_url))
-
-    @cached_property
-    def store(self) -> ObjectStore:
-        return open_object_store(self.settings.storage_url)
+    service_models = models
 
     @cached_property
     def celery(self) -> Celery:
@@ -63,7 +52,3 @@ class IngestContext(ReadinessProbes):
             countdown=self.settings.series_stable_seconds if delay is None else delay,
             queue=SERVICE,
         )
-
-    def migrate(self) -> None:
-        run_migrations(self.settings.database_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)
-        run_migrations(self.settings.database_url, models.MIGRATIONS, models.VERSION_TABLE)

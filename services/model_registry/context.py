@@ -10,25 +10,18 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from mlflow import MlflowClient
-from sqlalchemy.orm import Session, sessionmaker
 
 from services.model_registry.promotion import GateConfig
 from services.model_registry.settings import ModelRegistrySettings
-from shared.db import models as shared_models
-from shared.db.base import make_engine, make_session_factory, run_migrations
-from shared.readiness import ReadinessProbes
 from shared.registry import registry_client
+from shared.service_context import ServiceContext
 
 SERVICE = "model-registry"
 
 
 @dataclass
-class ModelRegistryContext(ReadinessProbes):
+class ModelRegistryContext(ServiceContext):
     settings: ModelRegistrySettings
-
-    @cached_property
-    def session_factory(self) -> sessionmaker[Session]:
-        return make_session_factory(make_engine(self.settings.database_url))
 
     @cached_property
     def mlflow(self) -> MlflowClient:
@@ -46,9 +39,6 @@ class ModelRegistryContext(ReadinessProbes):
     @property
     def ui_url(self) -> str:
         return (self.settings.mlflow_ui_url or self.settings.mlflow_tracking_uri).rstrip("/")
-
-    def migrate(self) -> None:
-        run_migrations(self.settings.database_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)
 
     def check_mlflow(self) -> None:
         self.mlflow.search_registered_models(max_results=1)

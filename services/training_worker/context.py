@@ -6,13 +6,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from celery import Celery
-from sqlalchemy.orm import Session, sessionmaker
 
 from services.training_worker.settings import TrainingWorkerSettings
-from shared.db import models as shared_models
-from shared.db.base import make_engine, make_session_factory, run_migrations
-from shared.readiness import ReadinessProbes
-from shared.storage import ObjectStore, open_object_store
+from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "training-worker"
@@ -24,7 +20,7 @@ def site_queue(site: str) -> str:
 
 
 @dataclass
-class TrainingWorkerContext(ReadinessProbes):
+class TrainingWorkerContext(ServiceContext):
     settings: TrainingWorkerSettings
 
     @property
@@ -32,20 +28,8 @@ class TrainingWorkerContext(ReadinessProbes):
         return site_queue(self.settings.site)
 
     @cached_property
-    def session_factory(self) -> sessionmaker[Session]:
-        return make_session_factory(make_engine(self.settings.database_url))
-
-    @cached_property
-    def store(self) -> ObjectStore:
-        return open_object_store(self.settings.storage_url)
-
-    @cached_property
     def celery(self) -> Celery:
         app = create_celery_app(SERVICE, self.settings.broker_url, self.settings.database_url)
         app.conf.task_default_queue = self.queue
         app.conf.broker_transport_options = {"visibility_timeout": self.settings.visibility_timeout_seconds}
         return app
-
-    def migrate(self) -> None:
-        """Shared tables only (dead letters, audit, tokens): the worker keeps its state in object storage."""
-        run_migrations(self.settings.database_url, shared_models.MIGRATIONS, shared_models.VERSION_TABLE)

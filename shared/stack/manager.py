@@ -118,6 +118,19 @@ def _find_binary(name: str, *candidates: str, hint: str, mode: int = os.X_OK) ->
     raise StackError(f"{name!r} not found: {hint}")
 
 
+def uvicorn_argv(app: str, port: int) -> list[str]:
+    """A service API on loopback, as the chart runs it behind its Service."""
+    return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def celery_worker_argv(module: str, queue: str, *options: str) -> list[str]:
+    """A Celery worker of ``module``'s app consuming only ``queue``, with the chart's pool: ``solo`` runs each
+    task in the process that serves the worker's ``/metrics`` (with prefork the task metrics would stay in a
+    child process), one task at a time; a deployment scales with replicas instead."""
+    argv = [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue, "-P", "solo"]
+    return [*argv, "--loglevel", "INFO", *options]
+
+
 class Stack:
     """Start, stop and describe the local stack. Importable: the test fixtures drive it directly."""
 
@@ -843,7 +856,6 @@ class Stack:
     def _services(self) -> list[Component]:
         api_port = self.config.port(PortOffsets.INGEST_API)
         dimse_port = self.config.port(PortOffsets.INGEST_DIMSE)
-        py = sys.executable
         requires = ("postgres", "redis", "s3", "orthanc")
         ingest_env = {
             "VOXELFLOW_PUBLIC_URL": f"http://127.0.0.1:{api_port}",
@@ -854,16 +866,7 @@ class Stack:
         return [
             self.service(
                 "ingest-api",
-                [
-                    py,
-                    "-m",
-                    "uvicorn",
-                    "services.ingest.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(api_port),
-                ],
+                uvicorn_argv("services.ingest.main:app", api_port),
                 requires=requires,
                 port=api_port,
                 health_path="/readyz",
@@ -871,26 +874,13 @@ class Stack:
             ),
             self.service(
                 "ingest-worker",
-                [
-                    py,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "services.ingest.worker",
-                    "worker",
-                    "-Q",
-                    "ingest",
-                    "--concurrency",
-                    "1",
-                    "--loglevel",
-                    "INFO",
-                ],
+                celery_worker_argv("services.ingest.worker", "ingest"),
                 requires=requires,
                 env=ingest_env,
             ),
             self.service(
                 "ingest-dimse",
-                [py, "-m", "services.ingest.dimse"],
+                [sys.executable, "-m", "services.ingest.dimse"],
                 requires=requires,
                 env=ingest_env,
             ),
@@ -904,41 +894,18 @@ class Stack:
     def _preprocessing_services(self) -> list[Component]:
         """The preprocessing API and its worker (the worker consumes ingest's "series ready" messages)."""
         api_port = self.config.port(PortOffsets.PREPROCESSING_API)
-        py = sys.executable
         requires = ("postgres", "redis", "s3")
         return [
             self.service(
                 "preprocessing-api",
-                [
-                    py,
-                    "-m",
-                    "uvicorn",
-                    "services.preprocessing.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(api_port),
-                ],
+                uvicorn_argv("services.preprocessing.main:app", api_port),
                 requires=requires,
                 port=api_port,
                 health_path="/readyz",
             ),
             self.service(
                 "preprocessing-worker",
-                [
-                    py,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "services.preprocessing.worker",
-                    "worker",
-                    "-Q",
-                    "preprocessing",
-                    "--concurrency",
-                    "1",
-                    "--loglevel",
-                    "INFO",
-                ],
+                celery_worker_argv("services.preprocessing.worker", "preprocessing"),
                 requires=requires,
             ),
         ]
@@ -946,28 +913,15 @@ class Stack:
     def _training_services(self) -> list[Component]:
         """One training worker per simulated site; each consumes only ``training.<site>`` and reads only its cases.
 
-        ``-P solo``: one round at a time in the worker process itself (a round owns the CPU; prefork would fork
-        a copy of torch per task). One thread each, so that three sites share a small machine fairly.
+        One round at a time in the worker process itself (solo: a round owns the CPU; prefork would fork a
+        copy of torch per task). One thread each, so that three sites share a small machine fairly.
         """
         return [
             self.service(
                 f"training-worker-{site}",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "services.training_worker.worker",
-                    "worker",
-                    "-Q",
-                    f"training.{site}",
-                    "-P",
-                    "solo",
-                    "--hostname",
-                    f"training-{site}@%h",
-                    "--loglevel",
-                    "INFO",
-                ],
+                celery_worker_argv(
+                    "services.training_worker.worker", f"training.{site}", "--hostname", f"training-{site}@%h"
+                ),
                 requires=("postgres", "redis", "s3"),  # PostgreSQL: dead letters of refused rounds
                 env={"VOXELFLOW_SITE": site, "VOXELFLOW_TORCH_THREADS": "1"},
             )
@@ -981,36 +935,14 @@ class Stack:
         return [
             self.service(
                 "aggregation-api",
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "services.aggregation.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(api_port),
-                ],
+                uvicorn_argv("services.aggregation.main:app", api_port),
                 requires=requires,
                 port=api_port,
                 health_path="/readyz",
             ),
             self.service(
                 "aggregation-worker",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "services.aggregation.worker",
-                    "worker",
-                    "-Q",
-                    "aggregation",
-                    "--concurrency",
-                    "2",
-                    "--loglevel",
-                    "INFO",
-                ],
+                celery_worker_argv("services.aggregation.worker", "aggregation"),
                 requires=requires,
             ),
         ]
@@ -1021,16 +953,7 @@ class Stack:
         return [
             self.service(
                 "model-registry-api",
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "services.model_registry.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(api_port),
-                ],
+                uvicorn_argv("services.model_registry.main:app", api_port),
                 requires=("postgres", "s3", "mlflow"),
                 port=api_port,
                 health_path="/readyz",
@@ -1046,7 +969,6 @@ class Stack:
         in the service itself (embedded ONNX Runtime) instead.
         """
         api_port = self.config.port(PortOffsets.INFERENCE_API)
-        py = sys.executable
         backend = os.environ.get("VOXELFLOW_STACK_INFERENCE_BACKEND", "triton")
         requires: tuple[str, ...] = ("postgres", "redis", "s3", "orthanc", "mlflow")
         if backend == "triton":
@@ -1059,7 +981,7 @@ class Stack:
         return [
             self.service(
                 "inference-api",
-                [py, "-m", "uvicorn", "services.inference.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
+                uvicorn_argv("services.inference.main:app", api_port),
                 requires=requires,
                 port=api_port,
                 health_path="/healthz",  # /readyz stays 503 until a champion is registered
@@ -1067,20 +989,7 @@ class Stack:
             ),
             self.service(
                 "inference-worker",
-                [
-                    py,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "services.inference.worker",
-                    "worker",
-                    "-Q",
-                    "inference",
-                    "--concurrency",
-                    "1",
-                    "--loglevel",
-                    "INFO",
-                ],
+                celery_worker_argv("services.inference.worker", "inference"),
                 requires=requires,
                 env=env,
             ),

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from tests.aggregation import fake_site_worker as fake
+from tests.service_harness import patched_environ, tokens_for_every_role, wait_for
 
 POLL = 0.3
 
@@ -29,14 +28,8 @@ def aggregation_env(postgres_url: str, s3_url: str, redis_url: str) -> Iterator[
         "VOXELFLOW_GIT_SHA": "test-sha",
         "VOXELFLOW_POLL_TASK_BUDGET_SECONDS": "3",  # short, so the tests also cross the hand-over
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with patched_environ(env):
+        yield env
 
 
 @pytest.fixture(scope="session")
@@ -158,28 +151,10 @@ def api(agg_ctx: Any) -> Iterator[Api]:
     from fastapi.testclient import TestClient
 
     from services.aggregation.main import create_app
-    from shared.auth import Role, create_token
-    from shared.db.base import session_scope
 
     app = create_app()
     with TestClient(app) as client:
-        tokens = {}
-        with session_scope(app.state.ctx.session_factory) as session:
-            for role in Role:
-                tokens[role.value] = create_token(session, f"agg-test-{role.value}-{time.time_ns()}", role)
-        yield Api(client, tokens)
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, what: str = "condition"
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        yield Api(client, tokens_for_every_role(app.state.ctx.session_factory, "agg-test"))
 
 
 def wait_finished(api: Api, run_id: str, timeout: float = 90.0) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from sqlalchemy import select
 from services.aggregation import federated_storage as fs
 from services.aggregation.models import FederatedRound
 from tests.aggregation import fake_site_worker as fake
-from tests.aggregation.conftest import wait_finished, wait_for
+from tests.aggregation.conftest import wait_finished
+from tests.service_harness import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 QUEUE = "aggregation-resume-test"

@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from tests.deploy.promql import base_metric_name, chart_metric_names
-from tests.ingest.conftest import free_port, ingest_env, ingest_service, shared_data  # noqa: F401  (fixtures)
+from tests.ingest.conftest import ingest_env, ingest_service  # noqa: F401  (fixtures)
+from tests.service_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"

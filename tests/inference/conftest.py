@@ -9,11 +9,8 @@ S3, Orthanc, HTTP) is real either way.
 
 from __future__ import annotations
 
-import os
 import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +20,9 @@ import httpx
 import pytest
 import torch
 
-from shared.data import shared_data_dir
+from tests.service_harness import serving, tokens_for_every_role
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    found = shared_data_dir()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
-        pytest.skip("shared real-data folder not found: set VOXELFLOW_SHARED_DATA")
-    return found
 
 
 @pytest.fixture(scope="session")
@@ -77,40 +64,10 @@ def base_settings(postgres_url: str, redis_url: str, s3_url: str) -> dict[str, A
 
 @contextmanager
 def running_service(settings: dict[str, Any], source: Any) -> Iterator[InferenceService]:
-    import uvicorn
-
     from services.inference.main import create_app
     from services.inference.settings import InferenceSettings
-    from shared.auth import Role, create_token
-    from shared.db.base import session_scope
 
     app = create_app(InferenceSettings(**settings), model_source=source)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("inference API did not start")
-        time.sleep(0.05)
-    ctx = app.state.ctx
-    tokens = {}
-    with session_scope(ctx.session_factory) as session:
-        for role in Role:
-            tokens[role.value] = create_token(session, f"test-inference-{role.value}-{port}", role)
-    try:
-        yield InferenceService(f"http://127.0.0.1:{port}", tokens, app, ctx)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+    with serving(app, "inference") as url:
+        tokens = tokens_for_every_role(app.state.ctx.session_factory, "test-inference")
+        yield InferenceService(url, tokens, app, app.state.ctx)

@@ -14,8 +14,9 @@ import pytest
 from sqlalchemy import select
 
 from shared.db.models import AuditEvent
-from tests.inference.conftest import InferenceService, running_service, wait_for
+from tests.inference.conftest import InferenceService, running_service
 from tests.inference.served_models import MovableAliases
+from tests.service_harness import wait_for
 
 
 @pytest.fixture(scope="module")

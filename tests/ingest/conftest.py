@@ -1,44 +1,14 @@
-"""Shared fixtures for ingest tests: locate the real data set without copying it."""
+"""Fixtures of the ingest tests: a running ingest API and worker on the session's real servers."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import httpx
 import pytest
 
-from shared.data import shared_data_dir
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """Path to shared/data; skips (not fails) where the data is not mounted."""
-    found = shared_data_dir()
-    if found is None:
-        if os.environ.get("CI"):  # in CI missing data is a broken setup, not a reason to skip
-            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
-        pytest.skip(
-            "shared real-data folder not found: set VOXELFLOW_SHARED_DATA or provide "
-            "<repo>/../shared/data or /work/shared/data"
-        )
-    return found
-
-
-# --- A running ingest service on the session's real servers -----------------------------------------
-
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import httpx  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.service_harness import free_port, patched_environ, serving, tokens_for_every_role
 
 
 @dataclass
@@ -73,43 +43,18 @@ def ingest_env(postgres_url: str, s3_url: str, redis_url: str, orthanc, tmp_path
         "VOXELFLOW_PACS": json.dumps({"orthanc": {"url": f"{orthanc.url}/dicom-web"}}),
         "INGEST_TEST_PORT": str(port),
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with patched_environ(env):
+        yield env
 
 
 @pytest.fixture(scope="session")
 def ingest_service(ingest_env: dict[str, str]) -> Iterator[IngestService]:
-    import uvicorn
-
     from services.ingest.main import create_app
     from services.ingest.settings import IngestSettings
-    from shared.auth import Role, create_token
-    from shared.db.base import session_scope
 
     app = create_app(IngestSettings())
-    port = int(ingest_env["INGEST_TEST_PORT"])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("ingest API did not start")
-        time.sleep(0.05)
-    ctx = app.state.ctx
-    tokens = {}
-    with session_scope(ctx.session_factory) as session:
-        for role in Role:
-            tokens[role.value] = create_token(session, f"test-{role.value}-{port}", role)
-    yield IngestService(f"http://127.0.0.1:{port}", tokens, ctx)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app, "ingest", port=int(ingest_env["INGEST_TEST_PORT"])) as url:
+        yield IngestService(url, tokens_for_every_role(app.state.ctx.session_factory, "test"), app.state.ctx)
 
 
 @pytest.fixture(scope="session")
@@ -139,13 +84,3 @@ def stow(client: httpx.Client, files: list[bytes], study: str | None = None) -> 
     body, content_type = multipart_body(files)
     path = f"/dicomweb/studies/{study}" if study else "/dicomweb/studies"
     return client.post(path, content=body, headers={"Content-Type": content_type})
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")

@@ -17,7 +17,8 @@ from sqlalchemy import select
 
 from services.ingest.models import Instance
 from shared.db.models import DeadLetter
-from tests.ingest.conftest import IngestService, free_port, stow, wait_for
+from tests.ingest.conftest import IngestService, stow
+from tests.service_harness import free_port, wait_for
 
 TCIA = "tcia_brain_tumor_progression_mr"
 

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from shared.data import shared_data_dir
-
 torch.set_num_threads(1)  # two cores shared by the whole suite
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """Path to shared/data; skips (not fails) where the data is not mounted, fails in CI."""
-    found = shared_data_dir()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
-        pytest.skip("shared real-data folder not found: set VOXELFLOW_SHARED_DATA")
-    return found
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,11 @@ import torch
 
 from tests.preprocessing.service_fixtures import (  # noqa: F401  (fixtures)
     PreprocessingService,
-    hippocampus_dir,
     preprocessing_env,
     preprocessing_service,
     preprocessing_worker,
-    wait_for,
 )
+from tests.service_harness import wait_for
 
 torch.set_num_threads(1)
 

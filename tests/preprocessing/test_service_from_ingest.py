@@ -17,7 +17,6 @@ from tests.ingest.conftest import (  # noqa: F401  (fixtures)
     ingest_env,
     ingest_service,
     ingest_worker,
-    shared_data,
     stow,
 )
 from tests.preprocessing.service_fixtures import (  # noqa: F401  (fixtures)
@@ -25,8 +24,8 @@ from tests.preprocessing.service_fixtures import (  # noqa: F401  (fixtures)
     preprocessing_env,
     preprocessing_service,
     preprocessing_worker,
-    wait_for,
 )
+from tests.service_harness import wait_for
 
 
 def test_stowed_series_becomes_a_catalogue_case(

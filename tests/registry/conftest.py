@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +15,7 @@ from mlflow import MlflowClient
 
 from shared.registry import MetricPoint, log_training_run, registry_client
 from shared.training import TrainingConfig, build_network
+from tests.service_harness import serving, tokens_for_every_role
 
 LABELS = {0: "background", 1: "anterior", 2: "posterior"}
 # A shared.training config, small enough for 1 CPU thread.
@@ -101,20 +98,10 @@ class RegistryService:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def registry_service(postgres_url: str, mlflow_uri: str) -> Iterator[RegistryService]:
-    import uvicorn
-
     from services.model_registry.main import create_app
     from services.model_registry.settings import ModelRegistrySettings
-    from shared.auth import Role, create_token
-    from shared.db.base import session_scope
 
     settings = ModelRegistrySettings(
         database_url=postgres_url,
@@ -125,20 +112,5 @@ def registry_service(postgres_url: str, mlflow_uri: str) -> Iterator[RegistrySer
         promotion_min_cases=5,
     )
     app = create_app(settings)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("model-registry API did not start")
-        time.sleep(0.05)
-    tokens = {}
-    with session_scope(app.state.ctx.session_factory) as session:
-        for role in Role:
-            tokens[role.value] = create_token(session, f"registry-test-{role.value}-{port}", role)
-    os.environ.setdefault("VOXELFLOW_LOG_JSON", "false")
-    yield RegistryService(f"http://127.0.0.1:{port}", tokens)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app, "model-registry") as url:
+        yield RegistryService(url, tokens_for_every_role(app.state.ctx.session_factory, "registry-test"))

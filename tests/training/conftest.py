@@ -6,27 +6,15 @@ preprocessing spec applies: load, channel first, RAS, per-volume z-score over no
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from shared.data import shared_data_dir
 from tests.training.datasets import CASE_IDS, load_hippocampus_cases
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def hippocampus_dir() -> Path:
-    found = shared_data_dir()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA")
-        pytest.skip("shared real-data folder not found: set VOXELFLOW_SHARED_DATA")
-    return found / "msd_task04_hippocampus"
 
 
 @pytest.fixture(scope="session")

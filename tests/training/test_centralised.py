@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,10 @@ from shared.cli import main as cli_main
 from shared.storage import open_object_store
 from shared.training import build_network, load_config
 from shared.training.state import state_from_bytes
+from tests.service_harness import free_port
 from tests.training.datasets import CASE_IDS, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_store(tmp_path: Path, hippocampus_dir: Path) -> tuple[str, str]:

@@ -22,6 +22,7 @@ from services.inference.context import SEGMENT_TASK, SERVICE, InferenceContext
 from services.inference.model_lifecycle import ModelUnavailableError
 from services.inference.models import SegmentationRequest
 from services.inference.segment_request import (
+    Outcome,
     create_request,
     input_key,
     new_request_id,
@@ -232,35 +233,30 @@ def _dispatch(
             ctx.models.route_for(None, body.model_alias)  # refuse an unknown alias before any work
         except ValueError as exc:
             raise SourceError(str(exc)) from exc
+
+    def record() -> Outcome:
+        """Resolve the source (it may fetch from the PACS) and record the request, or find it again."""
+        kind, ref = source()
+        return create_request(
+            ctx,
+            request_id=request_id,
+            source_kind=kind,
+            source_ref=ref,
+            model_alias=body.model_alias,
+            options=options,
+            created_by=caller.name,
+            voxels=voxels,
+        )
+
     if voxels <= ctx.settings.sync_max_voxels:
         with ctx.admission.slot():
-            kind, ref = source()
-            outcome = create_request(
-                ctx,
-                request_id=request_id,
-                source_kind=kind,
-                source_ref=ref,
-                model_alias=body.model_alias,
-                options=options,
-                created_by=caller.name,
-                voxels=voxels,
-            )
+            outcome = record()
             if outcome.reused and outcome.row.status in ("succeeded", "running", "queued"):
                 return 200, outcome.row
             return 200, run_request(ctx, request_id, "sync")
     if ctx.queued_jobs() >= ctx.settings.max_queued_jobs:
         raise OverloadedError(429, "queue_full", "the inference job queue is full", ctx.settings.retry_after_seconds)
-    kind, ref = source()
-    outcome = create_request(
-        ctx,
-        request_id=request_id,
-        source_kind=kind,
-        source_ref=ref,
-        model_alias=body.model_alias,
-        options=options,
-        created_by=caller.name,
-        voxels=voxels,
-    )
+    outcome = record()
     if not outcome.reused:
         ctx.celery.send_task(SEGMENT_TASK, args=[request_id], queue=SERVICE)
     return 202, outcome.row
