@@ -241,8 +241,9 @@ class Demo:
         with self.client("model-registry-api", Role.OPERATOR) as registry:
             promoted = registry.post(f"/models/{MODEL_NAME}/versions/{self.model_version}/promote", json={})
             if promoted.status_code == 409:
-                reasons = promoted.json().get("detail", promoted.json())
-                say(f"  the promotion gate refused: {reasons}")
+                detail = promoted.json().get("detail", promoted.json())
+                reasons = detail.get("reasons") if isinstance(detail, dict) else None
+                say(f"  the promotion gate refused: {'; '.join(reasons) if reasons else detail}")
                 say("  (a short CPU schedule; `--full` trains longer) promoting anyway as admin, audited with a reason")
                 with self.client("model-registry-api", Role.ADMIN) as admin:
                     checked(
@@ -322,6 +323,7 @@ class Demo:
         print()
         print(f"  model                {self.model_uri} (dataset {self.version_id})")
         print(f"  federated training   {self.args.rounds} rounds, {len(SITES)} sites, {self.timings['training']:.0f} s")
+        test_dice = f"{float(test_dice):.3f}" if test_dice is not None else "n/a"
         print(f"  test-split Dice      {test_dice} over {len(per_case)} held-out cases (mean of labels)")
         for row in self.results:
             series = f"{row['description'] or 'series'} …{row['series'][-12:]}"
