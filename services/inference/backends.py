@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -30,6 +30,10 @@ from shared.storage import ObjectNotFoundError
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore
+
+
+#: how the Triton server is told which versions to serve (its ``--model-control-mode``)
+ModelControl = Literal["explicit", "poll"]
 
 
 class BackendError(RuntimeError):
@@ -139,9 +143,18 @@ class OnnxRuntimeBackend:
 class TritonBackend:
     """A Triton Inference Server over gRPC, with models loaded and unloaded through its model-control API.
 
-    The server must run with ``--model-control-mode=explicit``. ``load`` asks for exactly one version (a
-    config override with a ``specific`` version policy), so moving a registry alias to another version is
-    a load of that version: Triton swaps it in once it is ready and the old one stops receiving requests.
+    ``model_control`` follows the server's ``--model-control-mode``:
+
+    - ``explicit`` (one server per inference process, as in the local stack): ``load`` asks for exactly
+      the versions this process serves (a config override with a ``specific`` version policy), so moving
+      a registry alias is a load of the new version beside the old one, and ``release`` drops a version.
+    - ``poll`` (a cluster's Triton Deployment, scaled by its HPA and shared by every inference replica):
+      the server loads every version the repository holds (``write_model_version`` stores an ``all``
+      policy), so a new Triton pod serves the same models as the others and no replica can unload a
+      version another replica still routes to. ``load`` only waits until the version is ready on the
+      server; ``release`` and ``unload`` touch nothing on it (versions leave with
+      ``prune_model_versions``).
+
     With ``store`` and ``repository_dir``, ``load`` first copies ``triton/<model>/`` from object storage
     into the directory the server reads (a cluster's Triton reads the bucket itself and needs neither).
     """
@@ -153,8 +166,13 @@ class TritonBackend:
         repository_dir: str | Path | None = None,
         store: ObjectStore | None = None,
         timeout_s: float = 120.0,
+        model_control: ModelControl = "explicit",
     ) -> None:
         import tritonclient.grpc as grpcclient
+
+        if model_control not in ("explicit", "poll"):
+            raise ValueError(f"model_control must be 'explicit' or 'poll', got {model_control!r}")
+        self.model_control = model_control
 
         self.url = url.removeprefix("grpc://")
         self.repository_dir = Path(repository_dir) if repository_dir else None
@@ -184,11 +202,20 @@ class TritonBackend:
         version, so Triton's reload swaps in the new one without unloading those that are still in use.
         """
         version = str(version)
-        config = self._apply_versions(model_name, sorted({int(version), *(int(v) for v in keep)}), path)
+        if self.model_control == "poll":
+            config = self._model_config(model_name, path)  # the server loads it on its next repository poll
+        else:
+            config = self._apply_versions(model_name, sorted({int(version), *(int(v) for v in keep)}), path)
         deadline = time.monotonic() + self.timeout_s
         while not self.client.is_model_ready(model_name, version):
             if time.monotonic() > deadline:
-                raise BackendError(f"{model_name} v{version} did not become ready in {self.timeout_s:.0f} s")
+                hint = (
+                    " (poll mode: the server loads what its repository holds; is the version exported to "
+                    f"triton/{model_name}/ and does the server poll that repository?)"
+                    if self.model_control == "poll"
+                    else ""
+                )
+                raise BackendError(f"{model_name} v{version} did not become ready in {self.timeout_s:.0f} s{hint}")
             time.sleep(0.1)
         self.model_name, self.version, self.config = model_name, version, config
 
@@ -225,6 +252,8 @@ class TritonBackend:
         if self.model_name is None:
             return
         name, self.model_name, self.version = self.model_name, None, None
+        if self.model_control == "poll":
+            return  # a shared server: other replicas may still route to this version
         if keep:
             self._apply_versions(name, sorted({int(v) for v in keep}))
         else:
@@ -254,7 +283,8 @@ class TritonBackend:
     def unload(self) -> None:
         if self.model_name is not None:
             try:
-                self.client.unload_model(self.model_name)
+                if self.model_control == "explicit":
+                    self.client.unload_model(self.model_name)
             finally:
                 self.model_name, self.version = None, None
 

@@ -40,6 +40,8 @@ class InferenceContext(ServiceContext):
             store=self.store,
             triton_url=s.triton_url,
             triton_repository=s.triton_model_repository,
+            triton_model_control=s.triton_model_control,
+            triton_load_timeout_s=s.triton_load_timeout_seconds,
             sw_batch_size=s.sw_batch_size,
             overlap=s.sw_overlap,
             onnxruntime_threads=s.onnxruntime_threads or None,

@@ -27,6 +27,8 @@ from services.inference.triton_repository import (
     OUTPUT_NAME,
     config_from_onnx,
     flavour_for,
+    model_versions,
+    prune_model_versions,
     write_model_version,
 )
 
@@ -90,6 +92,8 @@ class ExportResult:
     tensorrt: TensorRTOutcome
     triton_keys: list[str] = field(default_factory=list)
     attached: list[str] = field(default_factory=list)
+    #: Triton versions removed from the repository by the retention rule (export_registered_model)
+    pruned_versions: list[int] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -377,6 +381,7 @@ def export_registered_model(
     case_limit: int = 3,
     model_name: str | None = None,
     client: Any = None,
+    retain_versions: int | None = 3,
     **kwargs: Any,
 ) -> ExportResult:
     """Export a registry version (``models:/name@alias`` or ``models:/name/N``) through the parity gate.
@@ -389,10 +394,14 @@ def export_registered_model(
     ``dataset_version`` tag). The Triton model takes the registered model's name (or ``model_name``) and
     the registry version number as its version, so a Triton version and a registry version are the same
     thing; the exports are attached to the version's run under ``model/``.
+
+    Retention: a Triton that polls the repository serves every version it holds, so after the export the
+    repository keeps the newest ``retain_versions`` versions and every version a registry alias points at
+    (a rollback target stays loaded); older ones are pruned. None keeps everything.
     """
     from services.inference.parity_cases import ParityCasesError, load_parity_cases
     from shared.evaluation.runner import roi_size_of
-    from shared.registry import attach_artifact, load_model
+    from shared.registry import attach_artifact, load_model, registry_client
 
     loaded = load_model(model_uri, client=client)
     registered, version = loaded.name, int(loaded.version.version)
@@ -408,7 +417,7 @@ def export_registered_model(
     def attach(path: Path, artifact_dir: str) -> None:
         attach_artifact(registered, version, path, artifact_dir, client=client)
 
-    return export_model_version(
+    result = export_model_version(
         loaded.network,
         model_name=model_name or registered,
         version=version,
@@ -417,3 +426,11 @@ def export_registered_model(
         attach=attach,
         **kwargs,
     )
+    if retain_versions is not None:
+        registry = registry_client() if client is None else client
+        aliased = {int(v) for v in registry.get_registered_model(registered).aliases.values()}
+        newest = model_versions(store, result.model_name)[-retain_versions:] if retain_versions > 0 else []
+        result.pruned_versions = prune_model_versions(store, result.model_name, {version, *newest, *aliased})
+        if result.pruned_versions:
+            log.info("%s: pruned Triton versions %s (retention)", result.model_name, result.pruned_versions)
+    return result

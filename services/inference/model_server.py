@@ -22,7 +22,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 from monai.transforms import Compose
 
-from services.inference.backends import InferenceBackend, OnnxRuntimeBackend, TritonBackend
+from services.inference.backends import InferenceBackend, ModelControl, OnnxRuntimeBackend, TritonBackend
 from services.inference.predictor import SlidingWindowPredictor
 from services.inference.triton_repository import TritonModelConfig, model_prefix
 
@@ -166,6 +166,8 @@ class RegistryModelSource:
         store: ObjectStore | None = None,
         triton_url: str = "",
         triton_repository: str | Path | None = None,
+        triton_model_control: ModelControl = "explicit",
+        triton_load_timeout_s: float = 300.0,
         sw_batch_size: int = 4,
         overlap: float = 0.25,
         onnxruntime_threads: int | None = None,
@@ -180,6 +182,8 @@ class RegistryModelSource:
         self.store = store
         self.triton_url = triton_url
         self.triton_repository = triton_repository
+        self.triton_model_control: ModelControl = triton_model_control
+        self.triton_load_timeout_s = triton_load_timeout_s
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
         self.onnxruntime_threads = onnxruntime_threads
@@ -239,7 +243,13 @@ class RegistryModelSource:
                 f"version {artifacts.version} has no Triton model under {prefix}; "
                 f"run voxelflow models export --model {artifacts.uri}"
             )
-        backend = TritonBackend(self.triton_url, repository_dir=self.triton_repository, store=self.store)
+        backend = TritonBackend(
+            self.triton_url,
+            repository_dir=self.triton_repository,
+            store=self.store,
+            timeout_s=self.triton_load_timeout_s,
+            model_control=self.triton_model_control,
+        )
         held = self._triton
         try:
             with held.lock:

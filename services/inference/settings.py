@@ -37,6 +37,19 @@ class InferenceSettings(VoxelflowSettings):
         description="Directory a local Triton server reads; triton/<model>/ is synced into it from object storage "
         "before a load. Unset: the server reads the bucket itself.",
     )
+    triton_model_control: Literal["explicit", "poll"] = Field(
+        default="explicit",
+        description="The Triton server's --model-control-mode. explicit: this service loads and unloads the "
+        "versions it serves (one server per service, as in the local stack). poll: a Triton shared by many "
+        "replicas (the chart's, scaled by its HPA) loads every version its repository holds; the service only "
+        "waits until a version is ready and never unloads one.",
+    )
+    triton_load_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a version may take to become ready on Triton (in poll mode, a repository poll "
+        "interval plus the load itself).",
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None, description="MLflow tracking/registry server (else MLFLOW_TRACKING_URI)."
     )

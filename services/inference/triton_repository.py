@@ -16,8 +16,9 @@ Three flavours of the same model: ``tensorrt_plan`` (GPU clusters with an engine
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -90,8 +91,11 @@ class TritonModelConfig:
     max_queue_delay_us: int = 2000
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
     instance_count: int = 1
-    #: None: Triton's default policy (latest version); else exactly these versions
+    #: exactly these versions (a model-control load request); None: see ``all_versions``
     versions: tuple[int, ...] | None = None
+    #: with ``versions`` None: every version in the repository (what is stored, for a polling server)
+    #: rather than Triton's default policy, the latest version only
+    all_versions: bool = False
     parameters: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,7 +109,7 @@ class TritonModelConfig:
             raise ValueError(f"roi_size must be three positive sizes, got {self.roi_size}")
 
     def with_versions(self, versions: Sequence[int]) -> TritonModelConfig:
-        return replace(self, versions=tuple(int(v) for v in versions))
+        return replace(self, versions=tuple(int(v) for v in versions), all_versions=False)
 
     def to_proto(self) -> Any:
         from tritonclient.grpc import model_config_pb2 as mc
@@ -123,6 +127,8 @@ class TritonModelConfig:
         config.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
         if self.versions is not None:
             config.version_policy.specific.versions.extend(self.versions)
+        elif self.all_versions:
+            config.version_policy.all.SetInParent()
         params = dict(self.parameters)
         if self.flavour == "python_onnx":
             params.setdefault("input_name", INPUT_NAME)
@@ -163,6 +169,7 @@ class TritonModelConfig:
             instance_kind=mc.ModelInstanceGroup.Kind.Name(group.kind),
             instance_count=group.count,
             versions=versions,
+            all_versions=proto.version_policy.HasField("all"),
             parameters={k: v.string_value for k, v in proto.parameters.items()},
         )
 
@@ -224,7 +231,10 @@ def write_model_version(
     """Write one version of a model (and the model's ``config.pbtxt``) under ``triton/<model>/``.
 
     The version's files go first and ``config.pbtxt`` last, so a reader that sees the new config also
-    sees the files it names. Returns the keys written.
+    sees the files it names. The stored config serves every version present (``all_versions``): a Triton
+    that polls the repository (a cluster's, shared by every inference replica) loads a new version beside
+    the old ones, which stay until :func:`prune_model_versions` removes them; an explicitly controlled
+    Triton is told the exact versions in each load request instead. Returns the keys written.
     """
     if int(version) < 1:
         raise ValueError("Triton model versions are positive integers")
@@ -240,17 +250,40 @@ def write_model_version(
         written.append(store.put_file(f"{prefix}/model.onnx", str(onnx_path)).key)
     if config.flavour == "python_onnx":
         written.append(store.put_bytes(f"{prefix}/model.py", PYTHON_BACKEND_MODEL.encode(), "text/x-python").key)
+    stored = replace(config, versions=None, all_versions=True)
     written.append(
-        store.put_bytes(f"{model_prefix(config.name)}/config.pbtxt", config.to_pbtxt().encode(), "text/plain").key
+        store.put_bytes(f"{model_prefix(config.name)}/config.pbtxt", stored.to_pbtxt().encode(), "text/plain").key
     )
     return written
+
+
+def model_versions(store: ObjectStore, model_name: str) -> list[int]:
+    """The version numbers under ``triton/<model>/`` in object storage, ascending."""
+    prefix = model_prefix(model_name) + "/"
+    found = {key[len(prefix) :].split("/", 1)[0] for key in store.list(prefix)}
+    return sorted(int(part) for part in found if part.isdigit())
+
+
+def prune_model_versions(store: ObjectStore, model_name: str, keep: Collection[int]) -> list[int]:
+    """Delete every version of ``triton/<model>/`` not in ``keep``; returns the versions removed.
+
+    A polling Triton unloads a version once its directory is gone, so call this only for versions no
+    registry alias points at any more (``export_registered_model`` keeps those and the newest few).
+    """
+    keep = {int(v) for v in keep}
+    removed = [v for v in model_versions(store, model_name) if v not in keep]
+    for version in removed:
+        for key in list(store.list(f"{model_prefix(model_name)}/{version}/")):
+            store.delete(key)
+    return removed
 
 
 def sync_repository(store: ObjectStore, local_dir: str | Path, model_name: str | None = None) -> list[Path]:
     """Mirror ``triton/`` (or one model of it) from object storage into the directory tritonserver reads.
 
     Files whose size already matches are kept (versions are immutable once written; ``config.pbtxt`` is
-    always refreshed). Each file is written to a temporary name and renamed, so the server never reads a
+    always refreshed); local versions of the model that object storage no longer holds are removed. Each
+    file is written to a temporary name and renamed, so the server never reads a
     half-written model. Returns the local paths written.
     """
     local_dir = Path(local_dir)
@@ -276,6 +309,11 @@ def sync_repository(store: ObjectStore, local_dir: str | Path, model_name: str |
         finally:
             Path(tmp).unlink(missing_ok=True)
         written.append(target)
+    if model_name:  # a mirror: versions pruned from object storage leave the server's directory too
+        present = set(model_versions(store, model_name))
+        for stale in (local_dir / model_name).iterdir():
+            if stale.is_dir() and stale.name.isdigit() and int(stale.name) not in present:
+                shutil.rmtree(stale)
     return written
 
 

@@ -117,13 +117,20 @@ def tritonserver_argv(
     http_port: int,
     grpc_port: int,
     metrics_port: int,
+    model_control: str = "explicit",
+    repository_poll_secs: int = 15,
 ) -> list[str]:
-    """Explicit model control: models are loaded and unloaded through the API as registry aliases move."""
+    """``explicit`` (the local stack: one server, models loaded and unloaded through the API as registry
+    aliases move) or ``poll`` (as a cluster's shared Triton runs: it loads what the repository holds)."""
+    if model_control not in ("explicit", "poll"):
+        raise StackError(f"model control {model_control!r}: explicit or poll")
+    polling = [f"--repository-poll-secs={repository_poll_secs}"] if model_control == "poll" else []
     return [
         str(install.tritonserver),
         f"--model-repository={repository}",
         f"--backend-directory={backends_dir}",
-        "--model-control-mode=explicit",
+        f"--model-control-mode={model_control}",
+        *polling,
         "--strict-readiness=false",  # "ready" = the server is up; models are loaded on demand
         "--http-address=127.0.0.1",
         f"--http-port={http_port}",
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--model-control", choices=("explicit", "poll"), default="explicit")
+    parser.add_argument("--repository-poll-secs", type=int, default=15)
     args = parser.parse_args(argv)
     try:
         install = find_triton_install(Path(args.venv).resolve())
@@ -162,7 +171,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from exc
     repository = Path(args.repository)
     repository.mkdir(parents=True, exist_ok=True)
-    command = tritonserver_argv(install, repository, backends, args.http_port, args.grpc_port, args.metrics_port)
+    command = tritonserver_argv(
+        install,
+        repository,
+        backends,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        model_control=args.model_control,
+        repository_poll_secs=args.repository_poll_secs,
+    )
     os.execve(command[0], command, triton_environment(install))
 
 

@@ -128,6 +128,20 @@ def test_gpu_scenario_scalers(rendered):
         assert trigger["metadata"]["listName"] == env["VOXELFLOW_CELERY_QUEUE"], name(so)
 
 
+def test_scaled_triton_is_shared_through_repository_polling(rendered):
+    """The GPU scenario scales Triton with an HPA: every pod must load the models by itself (poll), and
+    the inference service must be told so, or it would load and unload versions on one pod only."""
+    docs = rendered["gpu"]
+    deployments = {d["metadata"]["name"]: d for d in kinds(docs, "Deployment")}
+    (triton,) = deployments["vf-voxelflow-triton"]["spec"]["template"]["spec"]["containers"]
+    assert "--model-control-mode=poll" in triton["args"] and "--strict-readiness=true" in triton["args"]
+    inference = [d for n, d in deployments.items() if n.startswith("vf-voxelflow-inference")]
+    assert inference
+    for dep in inference:
+        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["VOXELFLOW_BACKEND"] == "triton" and env["VOXELFLOW_TRITON_MODEL_CONTROL"] == "poll", name(dep)
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_network_policies(rendered, scenario):
     """Default deny covers every pod; every pod also has its own allow policy; nothing else is open."""
@@ -393,6 +407,8 @@ def test_dashboards_configmaps(rendered):
         (["--set", "trainingWorker.sites[0].name=Site_A"], "Does not match pattern"),
         (["--set", "config.extra.VOXELFLOW_DB_PASSWORD=x"], "looks like a credential"),
         (["--set", "nope=1"], "Additional property nope is not allowed"),
+        (["--set", "triton.modelControlMode=explicit", "--set", "triton.replicaCount=2"], "exactly one Triton replica"),
+        (["--set", "triton.modelControlMode=none"], "modelControlMode must be one of"),
     ],
 )
 def test_invalid_values_rejected(helm, overrides, message):

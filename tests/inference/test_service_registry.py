@@ -233,3 +233,27 @@ def test_canary_share_of_patients_goes_to_the_candidate(
     assert pinned["model_version"] == str(v2)  # an explicit alias wins over the hash
     for route, version in (("candidate", v2), ("champion", v1)):
         assert f'mode="sync",model_version="{version}",outcome="succeeded",route="{route}"' in metrics
+
+
+def test_export_keeps_the_newest_and_every_aliased_version_in_the_triton_repository(
+    mlflow_uri: str, s3_url: str, shared_data: Path
+) -> None:
+    """A polling Triton serves every version its repository holds, so exports prune what no alias needs."""
+    from services.inference.triton_repository import model_versions
+
+    client = registry_client(mlflow_uri)
+    name = unique_model_name("retained")
+    store = open_object_store(s3_url)
+    msd = str(shared_data / "msd_task04_hippocampus")
+    versions = [register_tiny_model(client, name, seed=seed) for seed in (4, 5, 6)]
+    set_alias(name, "champion", versions[0], client)  # the rollback target must stay loadable
+
+    def export(version: int) -> list[int]:
+        uri = f"models:/{name}/{version}"
+        return export_registered_model(
+            uri, store, cases=msd, case_limit=1, client=client, retain_versions=1
+        ).pruned_versions
+
+    assert export(versions[0]) == [] and export(versions[1]) == []
+    assert export(versions[2]) == [versions[1]]  # neither the newest nor aliased
+    assert model_versions(store, name) == [versions[0], versions[2]]

@@ -410,6 +410,9 @@ Usage: include "voxelflow.env" (dict "ctx" $ "w" $workload)
 {{- if $.Values.triton.enabled }}
 - name: VOXELFLOW_TRITON_URL
   value: {{ printf "%s:8001" (include "voxelflow.triton.fullname" $) | quote }}
+{{- /* poll: every replica of the shared Triton Deployment loads what the repository holds; the service only waits for a version (services/inference/backends.py). */}}
+- name: VOXELFLOW_TRITON_MODEL_CONTROL
+  value: {{ $.Values.triton.modelControlMode | quote }}
 {{- end }}
 {{- if $.Values.ingest.api.enabled }}
 - name: VOXELFLOW_INGEST_URL
