@@ -212,7 +212,13 @@ def models(args: argparse.Namespace) -> None:
         options["roi_size"] = tuple(args.roi_size)
     try:
         result = export_registered_model(
-            args.model, store, cases=args.cases, case_limit=args.limit, model_name=args.triton_name, **options
+            args.model,
+            store,
+            cases=args.cases,
+            case_limit=args.limit,
+            model_name=args.triton_name,
+            retain_versions=args.retain_versions,
+            **options,
         )
     except (ExportError, ParityCasesError, RegistryError) as exc:
         sys.exit(f"voxelflow models export: {exc}")
@@ -222,6 +228,8 @@ def models(args: argparse.Namespace) -> None:
     for key in result.triton_keys:
         print(f"  wrote {store.url.rstrip('/')}/{key}")
     print(f"  TensorRT: {result.tensorrt.reason}")
+    if result.pruned_versions:
+        print(f"  pruned Triton versions {result.pruned_versions} (neither among the newest nor aliased)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,6 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed |logit difference|")
     ex.add_argument("--min-dice", type=float, default=0.99, help="smallest allowed Dice between the label maps")
     ex.add_argument("--triton-name", help="Triton model name (default: the registered model's name)")
+    ex.add_argument(
+        "--retain-versions",
+        type=int,
+        default=3,
+        help="Triton versions kept in the repository besides the aliased ones (a polling Triton serves them all)",
+    )
     ex.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     train_parser = commands.add_parser(
         "train", help="centralised training on a dataset version (python -m shared.training.centralised)"
