@@ -152,8 +152,8 @@ class TritonBackend:
       the server loads every version the repository holds (``write_model_version`` stores an ``all``
       policy), so a new Triton pod serves the same models as the others and no replica can unload a
       version another replica still routes to. ``load`` only waits until the version is ready on the
-      server; ``release`` and ``unload`` touch nothing on it (versions leave with
-      ``prune_model_versions``).
+      server (then ``poll_settle_s`` more, one repository poll, so that every Triton pod has it) and
+      ``release`` and ``unload`` touch nothing on it (versions leave with ``prune_model_versions``).
 
     With ``store`` and ``repository_dir``, ``load`` first copies ``triton/<model>/`` from object storage
     into the directory the server reads (a cluster's Triton reads the bucket itself and needs neither).
@@ -167,12 +167,14 @@ class TritonBackend:
         store: ObjectStore | None = None,
         timeout_s: float = 120.0,
         model_control: ModelControl = "explicit",
+        poll_settle_s: float = 0.0,
     ) -> None:
         import tritonclient.grpc as grpcclient
 
         if model_control not in ("explicit", "poll"):
             raise ValueError(f"model_control must be 'explicit' or 'poll', got {model_control!r}")
         self.model_control = model_control
+        self.poll_settle_s = poll_settle_s
 
         self.url = url.removeprefix("grpc://")
         self.repository_dir = Path(repository_dir) if repository_dir else None
@@ -217,6 +219,10 @@ class TritonBackend:
                 )
                 raise BackendError(f"{model_name} v{version} did not become ready in {self.timeout_s:.0f} s{hint}")
             time.sleep(0.1)
+        if self.model_control == "poll" and self.poll_settle_s > 0:
+            # the pod that answered has the version; the others find it within one repository poll (and are
+            # out of the Service while they load it, with --strict-readiness): wait that long before traffic
+            time.sleep(self.poll_settle_s)
         self.model_name, self.version, self.config = model_name, version, config
 
     def _model_config(self, model_name: str, path: str | Path | None) -> TritonModelConfig:

@@ -42,6 +42,7 @@ class InferenceContext(ServiceContext):
             triton_repository=s.triton_model_repository,
             triton_model_control=s.triton_model_control,
             triton_load_timeout_s=s.triton_load_timeout_seconds,
+            triton_poll_settle_s=s.triton_poll_settle_seconds,
             sw_batch_size=s.sw_batch_size,
             overlap=s.sw_overlap,
             onnxruntime_threads=s.onnxruntime_threads or None,

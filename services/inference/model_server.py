@@ -168,6 +168,7 @@ class RegistryModelSource:
         triton_repository: str | Path | None = None,
         triton_model_control: ModelControl = "explicit",
         triton_load_timeout_s: float = 300.0,
+        triton_poll_settle_s: float = 0.0,
         sw_batch_size: int = 4,
         overlap: float = 0.25,
         onnxruntime_threads: int | None = None,
@@ -184,6 +185,7 @@ class RegistryModelSource:
         self.triton_repository = triton_repository
         self.triton_model_control: ModelControl = triton_model_control
         self.triton_load_timeout_s = triton_load_timeout_s
+        self.triton_poll_settle_s = triton_poll_settle_s
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
         self.onnxruntime_threads = onnxruntime_threads
@@ -249,6 +251,7 @@ class RegistryModelSource:
             store=self.store,
             timeout_s=self.triton_load_timeout_s,
             model_control=self.triton_model_control,
+            poll_settle_s=self.triton_poll_settle_s,
         )
         held = self._triton
         try:

@@ -44,6 +44,12 @@ class InferenceSettings(VoxelflowSettings):
         "replicas (the chart's, scaled by its HPA) loads every version its repository holds; the service only "
         "waits until a version is ready and never unloads one.",
     )
+    triton_poll_settle_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Poll mode: after a version is ready on the Triton pod that answered, wait this long before "
+        "it takes traffic, so that every pod has polled the repository (the chart sets its poll interval + 5 s).",
+    )
     triton_load_timeout_seconds: float = Field(
         default=300.0,
         gt=0,

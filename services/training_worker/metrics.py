@@ -11,6 +11,6 @@ val_dice = Gauge("voxelflow_training_val_dice", "Validation Dice of the last val
 rounds_total = Counter(
     "voxelflow_training_rounds_total",
     "Round tasks by outcome: trained, resumed (trained after a checkpoint), replayed (update already "
-    "delivered), refused (bad task), diverged.",
+    "delivered), skipped (the round was aggregated before the task started), refused (bad task), diverged.",
     ["site", "outcome"],
 )

@@ -36,6 +36,11 @@ def attempt_prefix(task: training_pb2.TrainingRoundTask) -> str:
     return f"federated/{task.run_id}/round-{task.round:04d}/{task.site}/{task.task_attempt_id}/"
 
 
+def next_global_key(task: training_pb2.TrainingRoundTask) -> str:
+    """The weights the next round starts from: once they exist, this round is aggregated (docs/contracts.md)."""
+    return f"federated/{task.run_id}/round-{task.round + 1:04d}/global.pt"
+
+
 @dataclass(frozen=True)
 class RoundKeys:
     weights: str
@@ -113,6 +118,11 @@ def run_round(
         metrics.rounds_total.labels(site, "replayed").inc()
         log.info("update already delivered for %s: not training again", keys.update)
         return json.loads(ctx.store.get_bytes(keys.update))
+    if ctx.store.exists(next_global_key(task)):
+        # a straggler whose task starts after the round closed: its update would be discarded as late
+        metrics.rounds_total.labels(site, "skipped").inc()
+        log.warning("round %d of %s is already aggregated: not training", task.round, task.run_id)
+        return {"skipped": f"round {task.round} of {task.run_id} was aggregated before this task started"}
 
     try:
         config = TrainingConfig.from_yaml(_load(ctx, task.training_config_uri, "training configuration"))

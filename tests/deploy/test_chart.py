@@ -140,6 +140,9 @@ def test_scaled_triton_is_shared_through_repository_polling(rendered):
     for dep in inference:
         env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["VOXELFLOW_BACKEND"] == "triton" and env["VOXELFLOW_TRITON_MODEL_CONTROL"] == "poll", name(dep)
+        # a new version takes traffic only once every Triton pod has polled the repository
+        poll_secs = next(int(a.split("=")[1]) for a in triton["args"] if a.startswith("--repository-poll-secs="))
+        assert float(env["VOXELFLOW_TRITON_POLL_SETTLE_SECONDS"]) > poll_secs, name(dep)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -204,19 +204,20 @@ def test_a_shared_polling_triton_serves_every_replica_through_a_version_swap(
     HPA). A replica that moves to a new version must not unload the one another replica still serves."""
     name = "hippo-shared"
 
-    def replica(timeout_s: float = 60) -> TritonBackend:
+    def replica(timeout_s: float = 60, settle_s: float = 0.0) -> TritonBackend:
         return TritonBackend(
             polling_triton.url,
             repository_dir=polling_triton.repository,
             store=store,
             model_control="poll",
             timeout_s=timeout_s,
+            poll_settle_s=settle_s,
         )
 
     batch = np.random.default_rng(1).standard_normal((2, 1, *ROI), dtype=np.float32)
     net_v1 = publish(store, tmp_path, name, 1, seed=20)
     # one backend per served version, as RegistryModelSource keeps them: replicas A and B both serve v1
-    a_v1, b_v1, a_v2, b_v2 = replica(), replica(), replica(), replica()
+    a_v1, b_v1, a_v2, b_v2 = replica(), replica(), replica(settle_s=1.0), replica()
     try:
         a_v1.load(name, 1)  # nothing is asked of the server: it loads v1 from its repository on its own
         b_v1.load(name, 1)
@@ -224,7 +225,9 @@ def test_a_shared_polling_triton_serves_every_replica_through_a_version_swap(
             expected_v1 = net_v1(torch.from_numpy(batch)).numpy()
             expected_v2 = publish(store, tmp_path, name, 2, seed=21)(torch.from_numpy(batch)).numpy()
         # the alias moves; replica A sees it first: it loads v2 and lets v1 go
+        started = time.monotonic()
         a_v2.load(name, 2)
+        assert time.monotonic() - started >= 1.0  # ready, then one settle period for the other Triton pods
         a_v1.release()
         np.testing.assert_allclose(a_v2.infer(batch), expected_v2, atol=1e-4)
         np.testing.assert_allclose(b_v1.infer(batch), expected_v1, atol=1e-4)  # B, not yet moved, still serves v1

@@ -183,3 +183,16 @@ def test_a_private_round_clips_the_update_at_the_site(
     }
     # one epoch of AdamW moves the weights far more than 0.01 in L2: the bound is what limits it here
     assert update_norm(start, arrays) == pytest.approx(bound, rel=1e-3)
+
+
+def test_a_round_that_was_aggregated_before_the_task_started_is_not_trained(
+    worker: CeleryWorkerProcess, worker_env: dict[str, str], client: Any, version: str
+) -> None:
+    """A straggler's task (its queue was backed up) would only produce a late update: it is skipped."""
+    store = open_object_store(worker_env["VOXELFLOW_STORAGE_URL"])
+    global_weights = store.get_bytes(round_message(version)["global_weights_uri"])
+    store.put_bytes(f"federated/{RUN}/round-0006/global.pt", global_weights)  # round 5 is aggregated
+    task = round_message(version, round=5, task_attempt_id="straggler")
+    result = send(client, task).get(timeout=60)
+    assert "was aggregated before this task started" in result["skipped"]
+    assert list(store.list(f"federated/{RUN}/round-0005/{SITE}/")) == []

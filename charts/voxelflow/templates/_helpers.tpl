@@ -413,6 +413,10 @@ Usage: include "voxelflow.env" (dict "ctx" $ "w" $workload)
 {{- /* poll: every replica of the shared Triton Deployment loads what the repository holds; the service only waits for a version (services/inference/backends.py). */}}
 - name: VOXELFLOW_TRITON_MODEL_CONTROL
   value: {{ $.Values.triton.modelControlMode | quote }}
+{{- if eq $.Values.triton.modelControlMode "poll" }}
+- name: VOXELFLOW_TRITON_POLL_SETTLE_SECONDS
+  value: {{ add $.Values.triton.repositoryPollSecs 5 | quote }}
+{{- end }}
 {{- end }}
 {{- if $.Values.ingest.api.enabled }}
 - name: VOXELFLOW_INGEST_URL
