@@ -1,5 +1,5 @@
 """Fixtures of the aggregation tests: real PostgreSQL, Redis and S3 (SeaweedFS), a real aggregator Celery
-worker, and the test-only site workers of fake_site_worker.py on the real ``training.{site}`` queues."""
+worker process, and the test-only site workers of fake_site_worker.py on the real ``training.{site}`` queues."""
 
 from __future__ import annotations
 
@@ -120,13 +120,46 @@ def site_workers(aggregation_env: dict[str, str]) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def aggregator(agg_ctx: Any, site_workers: Any) -> Iterator[Any]:
-    """The real aggregator: services.aggregation.worker's Celery app, in a thread, on the 'aggregation' queue."""
-    from services.aggregation.worker import celery_app
-    from tests.celery_workers import in_process_worker
+def aggregator_env(aggregation_env: dict[str, str], mlflow_uri: str) -> dict[str, str]:
+    """The environment of the module's aggregator process (a module overrides it for its own model name)."""
+    return {**aggregation_env, "VOXELFLOW_MLFLOW_TRACKING_URI": mlflow_uri}
 
-    with in_process_worker(celery_app, queues=["aggregation"], perform_ping_check=False, shutdown_timeout=30) as worker:
-        yield worker
+
+@dataclass
+class Aggregator:
+    process: Any  # tests.celery_workers.CeleryWorkerProcess
+    metrics_url: str
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample of the aggregator's own /metrics, as Prometheus would scrape it."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(httpx.get(self.metrics_url, timeout=10).text):
+            for sample in family.samples:
+                if sample.name == name and (labels is None or dict(sample.labels) == labels):
+                    return float(sample.value)
+        return None
+
+
+@pytest.fixture(scope="module")
+def aggregator(
+    aggregator_env: dict[str, str], agg_ctx: Any, site_workers: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Aggregator]:
+    """The real aggregator: ``celery -A services.aggregation.worker`` in its own process on the 'aggregation'
+    queue, as deployed (the fake site workers are the only Celery worker inside the test process)."""
+    from tests.celery_workers import CeleryWorkerProcess
+    from tests.service_harness import free_port
+
+    port = free_port()
+    env = {**aggregator_env, "VOXELFLOW_METRICS_PORT": str(port)}
+    log = tmp_path_factory.mktemp("aggregator") / "aggregator.log"
+    process = CeleryWorkerProcess("services.aggregation.worker", "aggregation", env, log)
+    process.start()
+    try:
+        yield Aggregator(process, f"http://127.0.0.1:{port}/metrics")
+    finally:
+        process.stop()
 
 
 @dataclass
@@ -169,8 +202,6 @@ def wait_finished(api: Api, run_id: str, timeout: float = 90.0) -> dict[str, Any
         import sys
 
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        from services.aggregation.worker import worker_context
-
-        print("objects:", list(worker_context().store.list(f"federated/{run_id}/")))
+        print("objects:", list(api.client.app.state.ctx.store.list(f"federated/{run_id}/")))
         print("run state at timeout:", json.dumps(api.get(run_id), indent=1, default=str))
         raise

@@ -18,6 +18,7 @@ from tests.aggregation.conftest import wait_finished
 from tests.celery_workers import CeleryWorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
+MODEL_NAME = "e2e-federated"
 SITES = ("hosp-x", "hosp-y")  # not the fake workers' site names: their queues are ours alone
 PARTS = {
     "hosp-x": {
@@ -79,18 +80,26 @@ def training_workers(
             worker.stop()
 
 
+@pytest.fixture(scope="module")
+def aggregator_env(aggregation_env: dict[str, str], mlflow_uri: str) -> dict[str, str]:
+    """This module's aggregator registers under its own model name (its candidate alias is ours alone)."""
+    return {
+        **aggregation_env,
+        "VOXELFLOW_MLFLOW_TRACKING_URI": mlflow_uri,
+        "VOXELFLOW_REGISTERED_MODEL_NAME": MODEL_NAME,
+    }
+
+
 def test_fedavg_with_real_site_workers_registers_an_evaluated_version(
     api, agg_ctx, aggregator, hippo_version, training_workers, mlflow_uri
 ):
     from mlflow import MlflowClient
 
-    from services.aggregation.worker import worker_context
     from shared.registry import per_case_dice
 
-    model_name = "e2e-federated"
-    for ctx in (agg_ctx, worker_context()):  # the API's context is not the worker's: set both
-        ctx.settings.mlflow_tracking_uri = mlflow_uri
-        ctx.settings.registered_model_name = model_name
+    model_name = MODEL_NAME
+    agg_ctx.settings.mlflow_tracking_uri = mlflow_uri  # the aggregator process has both from its environment
+    agg_ctx.settings.registered_model_name = model_name
     try:
         response = api.create(
             dataset_version=hippo_version,
@@ -104,9 +113,8 @@ def test_fedavg_with_real_site_workers_registers_an_evaluated_version(
         assert response.status_code == 201, response.text
         run = wait_finished(api, response.json()["id"], timeout=240)
     finally:
-        for ctx in (agg_ctx, worker_context()):
-            ctx.settings.mlflow_tracking_uri = None
-            ctx.settings.registered_model_name = "voxelflow-segmentation"
+        agg_ctx.settings.mlflow_tracking_uri = None
+        agg_ctx.settings.registered_model_name = "voxelflow-segmentation"
     logs = "\n".join(w.log() for w in training_workers)
     assert run["status"] == "succeeded", (run.get("error"), logs)
     assert [r["round"] for r in run["round_progress"]] == [0, 1]

@@ -57,15 +57,11 @@ def start(api: Api, dataset: str, initial_weights: str, behaviour: fake.Behaviou
 
 
 def test_fedavg_run_weights_progress_and_mlflow(api, agg_ctx, dataset, initial_weights, mlflow_uri):
-    agg_ctx.settings.mlflow_tracking_uri = mlflow_uri  # the API's context is not the worker's: set both
-    from services.aggregation.worker import worker_context
-
-    worker_context().settings.mlflow_tracking_uri = mlflow_uri
+    agg_ctx.settings.mlflow_tracking_uri = mlflow_uri  # the aggregator process has it from its environment
     try:
         run_id = start(api, dataset, initial_weights, rounds=2)
         run = wait_finished(api, run_id)
     finally:
-        worker_context().settings.mlflow_tracking_uri = None
         agg_ctx.settings.mlflow_tracking_uri = None
     assert run["status"] == "succeeded", run
     initial = fs.load_weights(agg_ctx.store, initial_weights)
@@ -122,16 +118,14 @@ def test_a_failing_site_is_reported_and_the_quorum_carries_the_run(api, agg_ctx,
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_without_a_quorum_the_run_fails_with_the_reason(api, dataset, initial_weights):
-    from prometheus_client import REGISTRY
-
-    failed_before = REGISTRY.get_sample_value("voxelflow_aggregation_rounds_failed_total") or 0.0
+def test_without_a_quorum_the_run_fails_with_the_reason(api, aggregator, dataset, initial_weights):
+    failed_before = aggregator.sample("voxelflow_aggregation_rounds_failed_total") or 0.0
     behaviour = fake.Behaviour(fail={("site-b", None), ("site-c", None)})
     run_id = start(api, dataset, initial_weights, behaviour, min_sites=2, round_timeout_seconds=60)
     run = wait_finished(api, run_id, timeout=60)
     assert run["status"] == "failed"
-    # the aggregator runs in this process: the round without quorum is counted for the alert
-    assert REGISTRY.get_sample_value("voxelflow_aggregation_rounds_failed_total") == failed_before + 1
+    # the round without quorum is counted on the aggregator's /metrics, for the alert
+    assert aggregator.sample("voxelflow_aggregation_rounds_failed_total") == failed_before + 1
     # the round closes as soon as the quorum is out of reach, whether or not site-a has delivered by then
     assert re.search(r"round 0: [01] of 3 sites delivered, the quorum is 2", run["error"]), run["error"]
     assert "failed: site-b, site-c" in run["error"]
@@ -176,7 +170,7 @@ def test_duplicate_updates_are_discarded_and_counted_once(api, agg_ctx, dataset,
         np.testing.assert_allclose(final_weights(agg_ctx, run)[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_fedadam_with_privacy_reports_epsilon_per_round(api, agg_ctx, dataset, initial_weights):
+def test_fedadam_with_privacy_reports_epsilon_per_round(api, agg_ctx, aggregator, dataset, initial_weights):
     from services.aggregation.privacy import epsilon_after
 
     privacy = {"clip_norm": 0.05, "noise_multiplier": 1.1, "delta": 1e-5}
@@ -187,11 +181,9 @@ def test_fedadam_with_privacy_reports_epsilon_per_round(api, agg_ctx, dataset, i
     eps = [r["epsilon"] for r in run["round_progress"]]
     assert eps == pytest.approx([epsilon_after(1, 1.1, 1e-5), epsilon_after(2, 1.1, 1e-5)])
     assert run["epsilon"] == pytest.approx(eps[-1]) and eps[0] < eps[1]
-    from prometheus_client import REGISTRY
-
-    exported = REGISTRY.get_sample_value("voxelflow_aggregation_privacy_epsilon", {"run_id": run_id})
+    exported = aggregator.sample("voxelflow_aggregation_privacy_epsilon", {"run_id": run_id})
     assert exported == pytest.approx(eps[-1])
-    assert (REGISTRY.get_sample_value("voxelflow_aggregation_round_duration_seconds_count") or 0) >= 2
+    assert (aggregator.sample("voxelflow_aggregation_round_duration_seconds_count") or 0) >= 2
     assert all(r["noise_std"] == pytest.approx(1.1 * 0.05 * 30 / 60) for r in run["round_progress"])
     assert agg_ctx.store.exists(fs.server_state_key(run_id, 2))
     # the raw updates are far larger than the bound: sites a and b clipped theirs as the task asked (what
