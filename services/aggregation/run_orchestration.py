@@ -189,7 +189,17 @@ class RunOrchestrator:
             next_task_id = uuid.uuid4().hex
             with session_scope(self.ctx.session_factory) as session:
                 self._run(session, run_id).poll_task_id = next_task_id
-        self.ctx.kick(run_id, task_id=next_task_id)
+            try:
+                self.ctx.kick(run_id, task_id=next_task_id)
+            except Exception as exc:
+                # the hand-over message never left (broker down): stay the run's poller, or every message
+                # would be "superseded" by one that does not exist and the run would stall; the retry of
+                # this task (same id) goes on from here
+                with session_scope(self.ctx.session_factory) as session:
+                    run = self._run(session, run_id)
+                    if run.poll_task_id == next_task_id:
+                        run.poll_task_id = task_id
+                raise ConnectionError(f"run {run_id}: could not hand polling over: {exc}") from exc
         return AdvanceOutcome("running", outcome.current_round, next_task_id)
 
     def _not_mine(self, run_id: str, task_id: str) -> AdvanceOutcome | None:
