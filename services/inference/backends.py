@@ -141,7 +141,7 @@ class OnnxRuntimeBackend:
 
 
 class TritonBackend:
-    """A Triton Inference Server over gRPC, with models loaded and unloaded through its model-control API.
+    """A Triton Inference Server over gRPC, serving the versions a registry alias points at.
 
     ``model_control`` follows the server's ``--model-control-mode``:
 
