@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from shared.data import shared_data_dir
 from shared.stack import PortOffsets, Stack, StackConfig
 from shared.stack.manager import INFRA
 from shared.stack.process import port_in_use
@@ -205,14 +204,10 @@ def triton_server(test_stack: SessionStack) -> TritonServer:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The bundled real data (``../shared/data``, read in place): skipped where it is not mounted, a
-    failure in CI, where missing data is a broken setup and not a reason to skip."""
-    found = shared_data_dir()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
-        pytest.skip("shared real-data folder not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
-    return found
+    """The bundled real data (``../shared/data``, read in place; see tests.service_harness)."""
+    from tests.service_harness import require_shared_data
+
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")

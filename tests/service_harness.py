@@ -1,5 +1,5 @@
-"""What every service's test fixtures need: a free port, environment variables set for a scope and
-restored after it, a real uvicorn server in a thread, and one API token per role.
+"""What every service's test fixtures need: the bundled real data, a free port, environment variables set
+for a scope and restored after it, a real uvicorn server in a thread, and one API token per role.
 
 The services' APIs are served over real HTTP (not ASGI in-process) so that the tests go through the same
 middleware, body limits and connection handling as production.
@@ -13,9 +13,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from shared.data import shared_data_dir
+
+
+def require_shared_data() -> Path:
+    """``../shared/data`` (read in place): a skip where it is not mounted, a failure in CI, where missing
+    data is a broken setup and not a reason to skip."""
+    found = shared_data_dir()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
+        pytest.skip("shared real-data folder not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
+    return found
 
 
 def free_port() -> int:

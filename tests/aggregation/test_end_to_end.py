@@ -6,14 +6,12 @@ real MLflow server with the lineage and per-case Dice the promotion gate needs. 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.data import shared_data_dir
 from tests.aggregation.conftest import wait_finished
 from tests.celery_workers import CeleryWorkerProcess
 
@@ -43,15 +41,10 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def hippo_version(agg_ctx: Any) -> str:
+def hippo_version(agg_ctx: Any, hippocampus_dir: Path) -> str:
     from tests.training.datasets import write_split_dataset
 
-    found = shared_data_dir()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA")
-        pytest.skip("shared real-data folder not found: set VOXELFLOW_SHARED_DATA")
-    return write_split_dataset(agg_ctx.store, found / "msd_task04_hippocampus", PARTS, name="e2e-federated")
+    return write_split_dataset(agg_ctx.store, hippocampus_dir, PARTS, name="e2e-federated")
 
 
 @pytest.fixture(scope="module")

@@ -31,19 +31,3 @@ def hippocampus_cases(data_dir: Path, names: tuple[str, ...] = CASES) -> list[np
         image = image.astype(np.float32)
         cases.append(((image - image.mean()) / (image.std() + 1e-6))[None])
     return cases
-
-
-def require_shared_data() -> Path:
-    """shared/data, or a skip (a failure in CI, where missing data is a broken setup)."""
-    import os
-
-    import pytest
-
-    from shared.data import shared_data_dir
-
-    found = shared_data_dir()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("shared data not found: set VOXELFLOW_SHARED_DATA or provide <repo>/../shared/data")
-        pytest.skip("shared real-data folder not found (VOXELFLOW_SHARED_DATA or <repo>/../shared/data)")
-    return found

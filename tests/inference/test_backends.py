@@ -12,7 +12,8 @@ from monai.inferers import sliding_window_inference
 from services.inference.backends import BackendError, InferenceBackend, OnnxRuntimeBackend
 from services.inference.export import export_onnx
 from services.inference.predictor import SlidingWindowPredictor
-from tests.inference.helpers import ROI, hippocampus_cases, require_shared_data, tiny_unet
+from tests.inference.helpers import ROI, hippocampus_cases, tiny_unet
+from tests.service_harness import require_shared_data
 
 torch.set_num_threads(1)
 

@@ -21,7 +21,8 @@ from services.inference.export import (
 )
 from services.inference.triton_repository import TritonModelConfig
 from shared.storage import open_object_store
-from tests.inference.helpers import ROI, hippocampus_cases, require_shared_data, tiny_unet
+from tests.inference.helpers import ROI, hippocampus_cases, tiny_unet
+from tests.service_harness import require_shared_data
 
 torch.set_num_threads(1)
 

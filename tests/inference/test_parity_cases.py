@@ -11,7 +11,7 @@ from services.inference.parity_cases import ParityCasesError, cases_from_msd, lo
 from shared.datasets import CaseRecord, DatasetManifest, preprocess_case, save_manifest, store_case_file
 from shared.preprocessing import load_spec
 from shared.storage import ObjectStore, open_object_store
-from tests.inference.helpers import require_shared_data
+from tests.service_harness import require_shared_data
 
 SPEC = load_spec("mr_hippocampus")
 

@@ -28,7 +28,8 @@ from services.inference.triton_repository import (
 )
 from shared.storage import ObjectStore, open_object_store
 from tests.conftest import TritonServer
-from tests.inference.helpers import ROI, hippocampus_cases, require_shared_data, tiny_unet
+from tests.inference.helpers import ROI, hippocampus_cases, tiny_unet
+from tests.service_harness import require_shared_data
 
 torch.set_num_threads(1)
 
