@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -195,8 +194,27 @@ def create_service_app(
     max_request_bytes: int,
     routers: Sequence[APIRouter],
     readiness_checks: dict[str, ReadinessCheck],
-    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None = None,
+    startup: Sequence[Callable[[], None]] = (),
+    shutdown: Sequence[Callable[[], None]] = (),
 ) -> FastAPI:
+    """The FastAPI app every service serves: probes, metrics, auth, audit and the body limit around its routers.
+
+    ``startup`` steps (migrations, model loading) run in a worker thread, in order, before ``/readyz`` can
+    turn true; ``shutdown`` steps run after it has turned false again.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for step in startup:
+            await anyio.to_thread.run_sync(step)
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            for step in shutdown:
+                await anyio.to_thread.run_sync(step)
+
     app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
     app.state.ready = False
     app.state.authenticator = TokenAuthenticator(session_factory)

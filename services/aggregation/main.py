@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import anyio
 from fastapi import FastAPI
 
 from services.aggregation.api.routes import federated_runs
@@ -20,12 +16,6 @@ def create_app(settings: AggregationSettings | None = None) -> FastAPI:
     settings = settings or AggregationSettings()
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     ctx = AggregationContext(settings)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(ctx.migrate)
-        app.state.ready = True
-        yield
 
     app = create_service_app(
         service=SERVICE,
@@ -42,7 +32,7 @@ def create_app(settings: AggregationSettings | None = None) -> FastAPI:
             "object_storage": ctx.check_storage,
             "broker": ctx.check_broker,
         },
-        lifespan=lifespan,
+        startup=[ctx.migrate],
     )
     app.state.ctx = ctx
     register_queue_length_collector(settings.broker_url, [settings.aggregation_queue])

@@ -6,10 +6,6 @@ Kubernetes Service never routes a request to a replica that would answer it with
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import anyio
 from fastapi import FastAPI
 
 from services.inference.api.routes import segmentations
@@ -27,17 +23,6 @@ def create_app(settings: InferenceSettings | None = None, model_source: ModelSou
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     ctx = InferenceContext(settings, model_source)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(ctx.migrate)
-        await anyio.to_thread.run_sync(ctx.models.start)  # load + warm up; the watcher keeps polling
-        app.state.ready = True
-        try:
-            yield
-        finally:
-            app.state.ready = False
-            await anyio.to_thread.run_sync(ctx.models.stop)
-
     app = create_service_app(
         service=SERVICE,
         title="voxelflow inference",
@@ -53,7 +38,9 @@ def create_app(settings: InferenceSettings | None = None, model_source: ModelSou
             "broker": ctx.check_broker,
             "model": ctx.check_model,
         },
-        lifespan=lifespan,
+        # load + warm up before /readyz (the models are built on first use, not here); the watcher keeps polling
+        startup=[ctx.migrate, lambda: ctx.models.start()],
+        shutdown=[lambda: ctx.models.stop()],
     )
     app.state.ctx = ctx
     register_queue_length_collector(settings.broker_url, [SERVICE])

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import anyio
 from fastapi import FastAPI
 
 from services.model_registry.api.routes import models
@@ -20,12 +16,6 @@ def create_app(settings: ModelRegistrySettings | None = None) -> FastAPI:
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     ctx = ModelRegistryContext(settings)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(ctx.migrate)
-        app.state.ready = True
-        yield
-
     app = create_service_app(
         service=SERVICE,
         title="voxelflow model registry",
@@ -37,7 +27,7 @@ def create_app(settings: ModelRegistrySettings | None = None) -> FastAPI:
         max_request_bytes=settings.api_max_request_bytes,
         routers=[models.router],
         readiness_checks={"database": ctx.check_database, "mlflow": ctx.check_mlflow},
-        lifespan=lifespan,
+        startup=[ctx.migrate],
     )
     app.state.ctx = ctx
     return app

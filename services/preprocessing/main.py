@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import anyio
 from fastapi import FastAPI
 
 from services.preprocessing.api.routes import cases, datasets
@@ -21,12 +17,6 @@ def create_app(settings: PreprocessingSettings | None = None) -> FastAPI:
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     ctx = PreprocessingContext(settings)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(ctx.migrate)
-        app.state.ready = True
-        yield
-
     app = create_service_app(
         service=SERVICE,
         title="voxelflow preprocessing",
@@ -41,7 +31,7 @@ def create_app(settings: PreprocessingSettings | None = None) -> FastAPI:
             "object_storage": ctx.check_storage,
             "broker": ctx.check_broker,
         },
-        lifespan=lifespan,
+        startup=[ctx.migrate],
     )
     app.state.ctx = ctx
     register_queue_length_collector(settings.broker_url, [settings.preprocessing_queue])

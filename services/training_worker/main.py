@@ -6,10 +6,6 @@ The worker has no API of its own (round tasks arrive on its queue); this app onl
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
-import anyio
 from fastapi import FastAPI
 
 from services.training_worker.context import SERVICE, TrainingWorkerContext
@@ -26,12 +22,6 @@ def create_app(settings: TrainingWorkerSettings | None = None) -> FastAPI:
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     ctx = TrainingWorkerContext(settings)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(ctx.migrate)
-        app.state.ready = True
-        yield
-
     app = create_service_app(
         service=SERVICE,
         title=f"voxelflow training worker ({settings.site})",
@@ -46,7 +36,7 @@ def create_app(settings: TrainingWorkerSettings | None = None) -> FastAPI:
             "object_storage": ctx.check_storage,
             "broker": ctx.check_broker,
         },
-        lifespan=lifespan,
+        startup=[ctx.migrate],
     )
     app.state.ctx = ctx
     register_queue_length_collector(settings.broker_url, [ctx.queue])
