@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
+        if torch.distributed.is_initialized():
+            # no rank tears the group down while another still talks to it: gloo aborts the process
+            # ("terminate called without an active exception") when its pair threads lose the peer
+            torch.distributed.barrier()
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
