@@ -280,12 +280,12 @@ class Servers:
     """The private stack plus the ingest API process; a context manager that always tears down."""
 
     def __init__(self, state_dir: Path, fsync: bool, profile: Path | None) -> None:
-        from shared.stack import PortOffsets, Stack, StackConfig
+        from shared.stack import Stack, StackConfig
 
         self.state_dir = state_dir
         config = StackConfig(state_dir=state_dir / "stack", base_port=free_base_port(), ephemeral=not fsync)
         self.stack = Stack(config, log=lambda m: log(f"  {m}"))
-        self.ingest_port = config.port(PortOffsets.INGEST_API)
+        self.ingest_port = self.stack.components["ingest-api"].ports[0]
         self.ingest_url = f"http://127.0.0.1:{self.ingest_port}"
         self.profile = profile
         self.proc: subprocess.Popen[bytes] | None = None

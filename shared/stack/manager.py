@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 if TYPE_CHECKING:
     from minio import Minio
 
+from shared.stack.components import expand, load_table
 from shared.stack.process import Component, ProcessTable, StackError, http_ok, port_in_use
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,12 +52,7 @@ class PortOffsets:
     TRITON_HTTP = 13
     TRITON_GRPC = 14
     TRITON_METRICS = 15
-    INGEST_API = 20
-    INGEST_DIMSE = 21
-    PREPROCESSING_API = 22
-    AGGREGATION_API = 23
-    MODEL_REGISTRY_API = 24
-    INFERENCE_API = 25
+    SERVICES = 20  # .. 29: the services' own ports (port_offset in services/stack.toml)
     SPAN = 30  # ports base .. base+SPAN-1 belong to one stack
 
 
@@ -854,143 +850,22 @@ class Stack:
         )
 
     def _services(self) -> list[Component]:
-        api_port = self.config.port(PortOffsets.INGEST_API)
-        dimse_port = self.config.port(PortOffsets.INGEST_DIMSE)
-        requires = ("postgres", "redis", "s3", "orthanc")
-        ingest_env = {
-            "VOXELFLOW_PUBLIC_URL": f"http://127.0.0.1:{api_port}",
-            "VOXELFLOW_DEID_KEY_FILE": str(self.state_dir / "deid.key"),
-            "VOXELFLOW_DIMSE_PORT": str(dimse_port),
-            "VOXELFLOW_PACS": json.dumps({"orthanc": {"url": f"{self.orthanc_url}/dicom-web"}}),
-        }
-        return [
-            self.service(
-                "ingest-api",
-                uvicorn_argv("services.ingest.main:app", api_port),
-                requires=requires,
-                port=api_port,
-                health_path="/readyz",
-                env=ingest_env,
-            ),
-            self.service(
-                "ingest-worker",
-                celery_worker_argv("services.ingest.worker", "ingest"),
-                requires=requires,
-                env=ingest_env,
-            ),
-            self.service(
-                "ingest-dimse",
-                [sys.executable, "-m", "services.ingest.dimse"],
-                requires=requires,
-                env=ingest_env,
-            ),
-            *self._preprocessing_services(),
-            *self._training_services(),
-            *self._aggregation_services(),
-            *self._model_registry_services(),
-            *self._inference_services(),
-        ]
-
-    def _preprocessing_services(self) -> list[Component]:
-        """The preprocessing API and its worker (the worker consumes ingest's "series ready" messages)."""
-        api_port = self.config.port(PortOffsets.PREPROCESSING_API)
-        requires = ("postgres", "redis", "s3")
-        return [
-            self.service(
-                "preprocessing-api",
-                uvicorn_argv("services.preprocessing.main:app", api_port),
-                requires=requires,
-                port=api_port,
-                health_path="/readyz",
-            ),
-            self.service(
-                "preprocessing-worker",
-                celery_worker_argv("services.preprocessing.worker", "preprocessing"),
-                requires=requires,
-            ),
-        ]
-
-    def _training_services(self) -> list[Component]:
-        """One training worker per simulated site; each consumes only ``training.<site>`` and reads only its cases.
-
-        One round at a time in the worker process itself (solo: a round owns the CPU; prefork would fork a
-        copy of torch per task). One thread each, so that three sites share a small machine fairly.
-        """
-        return [
-            self.service(
-                f"training-worker-{site}",
-                celery_worker_argv(
-                    "services.training_worker.worker", f"training.{site}", "--hostname", f"training-{site}@%h"
-                ),
-                requires=("postgres", "redis", "s3"),  # PostgreSQL: dead letters of refused rounds
-                env={"VOXELFLOW_SITE": site, "VOXELFLOW_TORCH_THREADS": "1"},
-            )
-            for site in self.config.training_sites
-        ]
-
-    def _aggregation_services(self) -> list[Component]:
-        """The aggregation API and the aggregator worker (federated runs; logs to the stack's MLflow)."""
-        api_port = self.config.port(PortOffsets.AGGREGATION_API)
-        requires = ("postgres", "redis", "s3", "mlflow")
-        return [
-            self.service(
-                "aggregation-api",
-                uvicorn_argv("services.aggregation.main:app", api_port),
-                requires=requires,
-                port=api_port,
-                health_path="/readyz",
-            ),
-            self.service(
-                "aggregation-worker",
-                celery_worker_argv("services.aggregation.worker", "aggregation"),
-                requires=requires,
-            ),
-        ]
-
-    def _model_registry_services(self) -> list[Component]:
-        """The model-registry API (MLflow is its store; the database only holds tokens and the audit)."""
-        api_port = self.config.port(PortOffsets.MODEL_REGISTRY_API)
-        return [
-            self.service(
-                "model-registry-api",
-                uvicorn_argv("services.model_registry.main:app", api_port),
-                requires=("postgres", "s3", "mlflow"),
-                port=api_port,
-                health_path="/readyz",
-            )
-        ]
-
-    def _inference_services(self) -> list[Component]:
-        """The inference API and its worker; both serve the registry's champion from the stack's MLflow.
-
-        The worker shares the inference queue's jobs (large volumes); the API answers small ones itself and
-        reads sources from ingest (catalogue) and Orthanc (the PACS), where it also sends DICOM SEG.
-        Windows go to the stack's tritonserver; ``VOXELFLOW_STACK_INFERENCE_BACKEND=onnxruntime`` runs them
-        in the service itself (embedded ONNX Runtime) instead.
-        """
-        api_port = self.config.port(PortOffsets.INFERENCE_API)
+        """voxelflow's own processes, from the services' table (``services/stack.toml``), ports and URLs filled in."""
         backend = os.environ.get("VOXELFLOW_STACK_INFERENCE_BACKEND", "triton")
-        requires: tuple[str, ...] = ("postgres", "redis", "s3", "orthanc", "mlflow")
-        if backend == "triton":
-            requires += ("triton",)
-        env = {
-            "VOXELFLOW_INGEST_URL": f"http://127.0.0.1:{self.config.port(PortOffsets.INGEST_API)}",
-            "VOXELFLOW_PACS_URL": f"{self.orthanc_url}/dicom-web",
-            "VOXELFLOW_BACKEND": backend,
-        }
+        specs = expand(
+            load_table(),
+            base_port=self.config.base_port,
+            sites=self.config.training_sites,
+            values={
+                "state_dir": str(self.state_dir),
+                "orthanc_url": self.orthanc_url,
+                "inference_backend": backend,
+            },
+            training_queue=lambda site: f"training.{site}",
+            backend_server="triton" if backend == "triton" else None,
+            api_argv=uvicorn_argv,
+            worker_argv=celery_worker_argv,
+        )
         return [
-            self.service(
-                "inference-api",
-                uvicorn_argv("services.inference.main:app", api_port),
-                requires=requires,
-                port=api_port,
-                health_path="/healthz",  # /readyz stays 503 until a champion is registered
-                env=env,
-            ),
-            self.service(
-                "inference-worker",
-                celery_worker_argv("services.inference.worker", "inference"),
-                requires=requires,
-                env=env,
-            ),
+            self.service(spec.name, spec.argv, spec.requires, spec.port, spec.health_path, spec.env) for spec in specs
         ]

@@ -135,7 +135,7 @@ def test_port_taken_by_a_stranger_gives_a_clear_error(scratch_stack: Stack) -> N
 
 def test_a_crashing_component_points_at_its_log(scratch_stack: Stack) -> None:
     stack = scratch_stack
-    port = stack.config.port(PortOffsets.INGEST_API)
+    port = stack.config.port(PortOffsets.SERVICES)
     code = "import sys; print('boom: no config'); sys.exit(3)"
     stack.components["bogus"] = stack.service("bogus", [sys.executable, "-c", code], (), port, "/healthz")
     with pytest.raises(StackError) as error:
