@@ -20,15 +20,8 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.preprocessing import metrics
-from services.preprocessing.case_files import (
-    CaseFileError,
-    case_hash,
-    image_stats,
-    label_stats,
-    put_content_addressed,
-    sha256_file,
-)
-from services.preprocessing.case_pool import upsert_case
+from services.preprocessing.case_files import CaseFileError
+from services.preprocessing.case_upload import CaseConflictError, CaseFiles, case_fields, msd_source, record_case
 from shared.db.base import session_scope
 from shared.storage import ObjectStore
 
@@ -92,34 +85,6 @@ def case_id_of(image: Path) -> str:
     return image.name.removesuffix(".gz").removesuffix(".nii")
 
 
-def _prepare_case(store: ObjectStore, index: MsdIndex, image: Path, label: Path | None) -> dict[str, Any]:
-    """Hash, check and upload one pair (runs in a worker thread); returns the row fields."""
-    if not image.is_file():
-        raise CaseFileError(f"image {image.name} listed in dataset.json does not exist")
-    if label is not None and not label.is_file():
-        raise CaseFileError(f"label {label.name} listed in dataset.json does not exist")
-    stats = image_stats(image)
-    label_sha = label_key = None
-    if label is not None:
-        stats.update(label_stats(label, stats, allowed=set(index.labels)))
-        label_key, label_sha = put_content_addressed(store, label, sha256_file(label))
-    image_key, image_sha = put_content_addressed(store, image, sha256_file(image))
-    stats["label_names"] = {str(k): v for k, v in sorted(index.labels.items())}
-    case_id = case_id_of(image)
-    return {
-        "case_id": case_id,
-        "patient": case_id,
-        "site": None,
-        "modality": index.modality,
-        "image_key": image_key,
-        "image_sha256": image_sha,
-        "label_key": label_key,
-        "label_sha256": label_sha,
-        "case_hash": case_hash(image_sha, label_sha),
-        "stats": stats,
-    }
-
-
 def import_msd(
     store: ObjectStore,
     session_factory: sessionmaker[Session],
@@ -136,7 +101,8 @@ def import_msd(
     def prepare(pair: tuple[Path, Path | None]) -> tuple[Path, dict[str, Any] | Exception]:
         case_started = time.perf_counter()
         try:
-            fields = _prepare_case(store, index, *pair)
+            image, label = pair
+            fields = case_fields(store, CaseFiles(case_id_of(image), image, label, index.modality, index.labels))
         except CaseFileError as exc:
             return pair[0], exc
         metrics.case_seconds.labels("import").observe(time.perf_counter() - case_started)
@@ -145,13 +111,15 @@ def import_msd(
     with ThreadPoolExecutor(max_workers=threads) as pool, session_scope(session_factory) as session:
         for done, (image, outcome) in enumerate(pool.map(prepare, index.pairs), start=1):
             case_id = case_id_of(image)
-            if isinstance(outcome, Exception):
-                result.errors[case_id] = str(outcome)
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                _, state = record_case(session, result.collection, msd_source(index.root, image), outcome)
+            except (CaseFileError, CaseConflictError) as exc:
+                result.errors[case_id] = str(exc)
                 metrics.cases_failed_total.labels("import").inc()
-                log.warning("MSD case %s skipped: %s", case_id, outcome)
+                log.warning("MSD case %s skipped: %s", case_id, exc)
             else:
-                source = f"msd:{index.root.name}/{image.relative_to(index.root)}"
-                _, state = upsert_case(session, source, collection=result.collection, **outcome)
                 result.counts[state] += 1
                 result.case_ids.append(case_id)
                 metrics.cases_processed_total.labels("import", "msd").inc()

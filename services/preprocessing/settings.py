@@ -24,3 +24,6 @@ class PreprocessingSettings(VoxelflowSettings):
     max_label_bytes: int = Field(
         default=512 * 1024**2, description="Largest label NIfTI accepted by the label upload endpoint."
     )
+    max_case_file_bytes: int = Field(
+        default=1024**3, description="Largest image or label NIfTI accepted by the case upload endpoint."
+    )

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import gzip
+import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi import Path as PathParam
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
 from services.preprocessing.api.deps import BuildCaller, ContextDep, ReadCaller, SessionDep
 from services.preprocessing.case_files import CaseFileError
+from services.preprocessing.case_upload import CaseConflictError, CaseFiles, case_fields, record_case
 from services.preprocessing.catalogue_cases import attach_label
 from services.preprocessing.models import Case
 from shared.http import add_audit_uids
@@ -33,6 +36,16 @@ class CaseOut(BaseModel):
     label_key: str | None
     case_hash: str
     stats: dict[str, Any]
+
+
+class CaseUploadOut(BaseModel):
+    state: Literal["added", "updated", "unchanged"]
+    case: CaseOut
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+CollectionName = Annotated[str, PathParam(pattern=NAME_PATTERN, description="letters, digits, . _ -")]
+CaseName = Annotated[str, PathParam(pattern=NAME_PATTERN, description="letters, digits, . _ -")]
 
 
 class CasePage(BaseModel):
@@ -101,3 +114,85 @@ async def put_label(id: int, request: Request, ctx: ContextDep, session: Session
         raise HTTPException(422, str(exc)) from exc
     add_audit_uids(request, case.case_id, case.label_sha256)
     return CaseOut.model_validate(case, from_attributes=True)
+
+
+def _label_names(text: str) -> dict[int, str]:
+    try:
+        names = {int(k): str(v) for k, v in json.loads(text).items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise HTTPException(422, f"label_names must be a JSON object {{value: name}}: {exc}") from exc
+    if any(value < 0 for value in names):
+        raise HTTPException(422, "label values must be >= 0")
+    return names
+
+
+async def _save_upload(upload: UploadFile, folder: Path, stem: str, limit: int) -> Path:
+    """The upload as a NIfTI file nibabel can open (its suffix from its bytes), bounded in size."""
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"{upload.filename or stem} exceeds {limit} bytes")
+    if not data:
+        raise HTTPException(422, f"{stem} is empty")
+    path = folder / (f"{stem}.nii.gz" if data[:2] == b"\x1f\x8b" else f"{stem}.nii")
+    path.write_bytes(data)
+    return path
+
+
+@router.put(
+    "/collections/{collection}/cases/{case_id}",
+    response_model=CaseUploadOut,
+    summary="Add or update one case: a NIfTI image and optionally its label map (multipart/form-data)",
+    responses={
+        201: {"description": "the case was added", "model": CaseUploadOut},
+        409: {"description": "the collection has this case id from another source"},
+        413: {"description": "a file is larger than the limit"},
+        422: {"description": "a file is not a readable NIfTI, the label is off the image grid or has unknown values"},
+    },
+)
+async def put_case(
+    collection: CollectionName,
+    case_id: CaseName,
+    request: Request,
+    response: Response,
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: BuildCaller,
+    image: Annotated[UploadFile, File(description="the image, NIfTI (.nii or .nii.gz)")],
+    label: Annotated[UploadFile | None, File(description="its label map on the image grid")] = None,
+    modality: Annotated[str, Form(pattern=r"^[A-Z0-9+]{1,16}$", description="DICOM modality code(s)")] = "OT",
+    label_names: Annotated[str, Form(max_length=10_000, description='JSON {"0": "background", …}')] = "{}",
+    patient: Annotated[str | None, Form(pattern=NAME_PATTERN, description="default: the case id")] = None,
+    source: Annotated[
+        str | None,
+        Form(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,511}$", description="where it came from (idempotency key)"),
+    ] = None,
+) -> CaseUploadOut:
+    """Idempotent by ``source`` (default ``upload:<collection>/<case_id>``): the same files again change nothing.
+
+    This is how a client imports a data set it holds (``voxelflow datasets import-msd`` sends each case of
+    an MSD folder here); the service never needs to see the client's file system.
+    """
+    names = _label_names(label_names)
+    limit = ctx.settings.max_case_file_bytes
+    with tempfile.TemporaryDirectory(prefix="vf-case-") as workdir:
+        folder = Path(workdir)
+        image_path = await _save_upload(image, folder, "image", limit)
+        label_path = await _save_upload(label, folder, "label", limit) if label is not None else None
+        files = CaseFiles(case_id, image_path, label_path, modality, names, patient)
+
+        def store_case() -> tuple[Case, str]:
+            fields = case_fields(ctx.store, files)
+            case, state = record_case(session, collection, source or f"upload:{collection}/{case_id}", fields)
+            session.commit()
+            return case, state
+
+        try:
+            case, state = await anyio.to_thread.run_sync(store_case)
+        except CaseFileError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        except CaseConflictError as exc:
+            raise HTTPException(409, str(exc)) from exc
+    add_audit_uids(request, f"{collection}/{case_id}", case.case_hash)
+    if state == "added":
+        response.status_code = 201
+    return CaseUploadOut(state=state, case=CaseOut.model_validate(case, from_attributes=True))  # type: ignore[arg-type]
