@@ -18,6 +18,7 @@ from shared.tasks import create_celery_app
 
 SERVICE = "inference"
 SEGMENT_TASK = "inference.segment"
+EXPORT_MODEL_TASK = "inference.export_model"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.inference.api.routes import segmentations
+from services.inference.api.routes import model_exports, segmentations
 from services.inference.context import SERVICE, InferenceContext
 from services.inference.metrics import register_nvml_collector
 from services.inference.model_server import ModelSource
@@ -31,7 +31,11 @@ def create_app(settings: InferenceSettings | None = None, model_source: ModelSou
         version="0.1.0",
         session_factory=ctx.session_factory,
         max_request_bytes=settings.api_max_request_bytes,
-        routers=[segmentations.router, dead_letter_router(SERVICE, ctx.celery, ctx.session_factory)],
+        routers=[
+            segmentations.router,
+            model_exports.router,
+            dead_letter_router(SERVICE, ctx.celery, ctx.session_factory),
+        ],
         readiness_checks={
             "database": ctx.check_database,
             "object_storage": ctx.check_storage,

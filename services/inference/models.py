@@ -42,3 +42,21 @@ class SegmentationRequest(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class ModelExport(Base):
+    """An export of a registry version for serving (ONNX + TorchScript through the parity gate, then the
+    Triton repository). Status moves queued → running → succeeded | failed; ``result`` holds what the CLI
+    and the demo print (parity figures, attached artifacts, Triton keys, TensorRT outcome, pruned versions)."""
+
+    __tablename__ = "inference_model_exports"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_uri: Mapped[str] = mapped_column(String(512))
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from services.inference.context import SEGMENT_TASK
+from services.inference.context import EXPORT_MODEL_TASK, SEGMENT_TASK
 
 
 @shared_task(name=SEGMENT_TASK, bind=True)
@@ -30,3 +30,17 @@ def segment_task(self: Any, request_id: str) -> dict[str, Any]:
     except (SourceError, ValueError, PacsRefusedError) as exc:
         raise PermanentTaskError(f"{type(exc).__name__}: {exc}") from exc
     return {"request_id": row.id, "status": row.status, "model_version": row.model_version}
+
+
+@shared_task(name=EXPORT_MODEL_TASK, bind=True, soft_time_limit=1800, time_limit=1900)
+def export_model_task(self: Any, export_id: str) -> dict[str, Any]:
+    """Idempotent by export ID (see :mod:`services.inference.model_exports`)."""
+    from services.inference.model_exports import ExportRefusedError, run_export
+    from services.inference.worker import worker_context
+    from shared.tasks import PermanentTaskError
+
+    try:
+        row = run_export(worker_context(), export_id)
+    except ExportRefusedError as exc:
+        raise PermanentTaskError(str(exc)) from exc
+    return {"export_id": row.id, "status": row.status}

@@ -257,3 +257,47 @@ def test_export_keeps_the_newest_and_every_aliased_version_in_the_triton_reposit
     assert export(versions[0]) == [] and export(versions[1]) == []
     assert export(versions[2]) == [versions[1]]  # neither the newest nor aliased
     assert model_versions(store, name) == [versions[0], versions[2]]
+
+
+def test_export_over_the_api_runs_as_a_worker_job(
+    request: pytest.FixtureRequest, base_settings: dict[str, Any], registered: Registered, shared_data: Path
+) -> None:
+    """``POST /v1/model-exports`` (what ``voxelflow models export`` sends): queued, run by a real Celery worker
+    consuming the inference queue, followed to its result; the gate's failure is a failed job with its reason."""
+    from celery.contrib.testing.worker import start_worker
+
+    from services.inference import worker
+    from services.inference.triton_repository import model_versions
+    from tests.service_harness import wait_for
+
+    version = register_tiny_model(registered.client, registered.name, seed=7)
+    msd = str(shared_data / "msd_task04_hippocampus")
+    with running_service(service_settings(request, base_settings, registered, "onnxruntime"), None) as svc:
+        worker.use_context(svc.ctx)
+        with svc.client("operator") as operator:
+            bad = operator.post("/v1/model-exports", json={"model_uri": "hippocampus/3"})
+            assert bad.status_code == 422
+            with svc.client("researcher") as researcher:
+                assert researcher.post("/v1/model-exports", json={"model_uri": "models:/x/1"}).status_code == 403
+            asked = operator.post(
+                "/v1/model-exports",
+                json={"model_uri": f"models:/{registered.name}/{version}", "cases": msd, "case_limit": 1},
+            )
+            assert asked.status_code == 202, asked.text
+            assert asked.headers["Location"] == f"/v1/model-exports/{asked.json()['id']}"
+            failing = operator.post(
+                "/v1/model-exports", json={"model_uri": f"models:/{registered.name}/999", "cases": msd}
+            ).json()
+            with start_worker(svc.ctx.celery, queues=["inference"], perform_ping_check=False, shutdown_timeout=30):
+
+                def final(export_id: str) -> dict[str, Any] | None:
+                    state: dict[str, Any] = operator.get(f"/v1/model-exports/{export_id}").json()
+                    return state if state["status"] in ("succeeded", "failed") else None
+
+                done = wait_for(lambda: final(asked.json()["id"]), timeout=180, what="the export job")
+                refused = wait_for(lambda: final(failing["id"]), timeout=60, what="the failing export job")
+            assert operator.get("/v1/model-exports/00000000-0000-0000-0000-000000000000").status_code == 404
+    assert done["status"] == "succeeded", done
+    assert done["result"]["parity"]["passed"] and done["result"]["version"] == version
+    assert version in model_versions(open_object_store(base_settings["storage_url"]), registered.name)
+    assert refused["status"] == "failed" and "999" in refused["error"]

@@ -25,3 +25,5 @@ ContextDep = Annotated[InferenceContext, Depends(get_context)]
 SessionDep = Annotated[Session, Depends(get_session)]
 # Who may ask for segmentations and read them: researchers, operators, and a PACS/modality that triggers them.
 SegmentationCaller = Annotated[Principal, Depends(role_checker(Role.RESEARCHER, Role.OPERATOR, Role.PACS))]
+# Exporting a version for serving changes what the serving tier can load: operators only.
+OperatorCaller = Annotated[Principal, Depends(role_checker(Role.OPERATOR))]
