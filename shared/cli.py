@@ -1,38 +1,49 @@
-"""``voxelflow`` command line (also ``python -m shared.cli``): tokens, configuration, the local stack, training,
-model export.
+"""``voxelflow`` command line: tokens, configuration, the local stack, datasets, training, evaluation, models,
+the demo.
 
-``tokens`` talks to the database named by ``VOXELFLOW_DATABASE_URL`` (after running migrations);
-``config`` lists every ``VOXELFLOW_*`` variable of the shared settings and of each service's settings
-class with its default and description.
+The CLI is a client of the platform, as a user's own script would be: ``datasets`` and ``models`` call
+the services' HTTP APIs (:mod:`shared.client`; ``VOXELFLOW_TOKEN`` and ``VOXELFLOW_<SERVICE>_API_URL``, or
+the local stack's ports). ``tokens`` writes the database named by ``VOXELFLOW_DATABASE_URL``; ``train`` and
+``evaluate`` run the shared training and evaluation library in this process. Everything a user can get
+wrong ends in one line that says what to do, and a non-zero exit status, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from pydantic_settings import BaseSettings
 
+from shared.client import ApiError, ServiceClient, build_dataset, export_model, import_msd_folder
 from shared.settings import VoxelflowSettings
 
-SERVICES_DIR = Path(__file__).resolve().parents[1] / "services"
+#: each service declares its settings class under this entry-point group (pyproject.toml), so that the
+#: library can list every variable without importing a service by name
+SETTINGS_ENTRY_POINTS = "voxelflow.settings"
+
+
+class UsageError(Exception):
+    """Something the user asked for that cannot be done; the message says what to do instead."""
 
 
 def _settings_classes() -> list[tuple[str, type[BaseSettings]]]:
     found: list[tuple[str, type[BaseSettings]]] = [("shared", VoxelflowSettings)]
-    for path in sorted(SERVICES_DIR.glob("*/settings.py")):
-        module = importlib.import_module(f"services.{path.parent.name}.settings")
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, VoxelflowSettings) and value is not VoxelflowSettings:
-                found.append((path.parent.name, value))
+    for entry in sorted(entry_points(group=SETTINGS_ENTRY_POINTS), key=lambda e: e.name):
+        found.append((entry.name, entry.load()))
     return found
 
 
 def print_config() -> None:
     shared_fields = set(VoxelflowSettings.model_fields)
-    for owner, cls in _settings_classes():
+    classes = _settings_classes()
+    if len(classes) == 1:
+        print("# (the services' own settings are listed once the project is installed: make install-python)")
+    for owner, cls in classes:
         print(f"# {owner}")
         for name, field in cls.model_fields.items():
             if owner != "shared" and name in shared_fields:
@@ -43,118 +54,106 @@ def print_config() -> None:
 
 
 def tokens(args: argparse.Namespace) -> None:
+    from sqlalchemy.exc import OperationalError
+
     from shared.auth import Role, create_token, revoke_token
     from shared.db import models
     from shared.db.base import make_engine, make_session_factory, run_migrations, session_scope
 
     settings = VoxelflowSettings()
-    run_migrations(settings.database_url, models.MIGRATIONS, models.VERSION_TABLE)
-    factory = make_session_factory(make_engine(settings.database_url))
-    with session_scope(factory) as session:
-        if args.action == "create":
-            secret = create_token(session, args.name, Role(args.role))
-            print(secret)
-            print(f"token {args.name!r} ({args.role}) created; it is shown only once", file=sys.stderr)
-        elif not revoke_token(session, args.name):
-            sys.exit(f"no active token named {args.name!r}")
+    try:
+        run_migrations(settings.database_url, models.MIGRATIONS, models.VERSION_TABLE)
+        factory = make_session_factory(make_engine(settings.database_url))
+        with session_scope(factory) as session:
+            if args.action == "create":
+                secret = create_token(session, args.name, Role(args.role))
+                print(secret)
+                print(f"token {args.name!r} ({args.role}) created; it is shown only once", file=sys.stderr)
+            elif not revoke_token(session, args.name):
+                raise UsageError(f"no active token named {args.name!r}")
+    except OperationalError as exc:
+        raise UsageError(
+            f"cannot reach the database {settings.database_url.split('@')[-1]}: {str(exc.orig).strip().splitlines()[0]}"
+            " (start the stack with `make up` and load its variables: set -a; . .voxelflow/stack/stack.env; set +a)"
+        ) from None
 
 
 def datasets(args: argparse.Namespace) -> None:
-    """``voxelflow datasets``: import an MSD folder and build a version, list versions, show one.
-
-    Runs the preprocessing domain code in this process against the environment's database and storage
-    (VOXELFLOW_DATABASE_URL, VOXELFLOW_STORAGE_URL), so it works without the API or a worker running.
-    """
-    import json
-    import uuid
-
-    from services.preprocessing.context import PreprocessingContext
-    from services.preprocessing.models import DatasetBuild, DatasetVersion
-    from services.preprocessing.settings import PreprocessingSettings
-    from shared.db.base import session_scope
-
-    ctx = PreprocessingContext(PreprocessingSettings())
-    ctx.migrate()
-    if args.action == "import-msd":
-        from services.preprocessing.dataset_builder import BuildRequest, SiteOptions, SplitOptions, build_version
-        from services.preprocessing.msd_import import import_msd
-
-        def progress(done: int, total: int, case_id: str) -> None:
-            if done % 25 == 0 or done == total:
-                print(f"  imported {done}/{total} ({case_id})", file=sys.stderr)
-
-        result = import_msd(
-            ctx.store, ctx.session_factory, Path(args.path), collection=args.collection, progress=progress
-        )
-        print(
-            f"collection {result.collection!r}: {result.counts} in {result.seconds:.1f} s"
-            + (f"; {len(result.errors)} case(s) skipped" if result.errors else ""),
-            file=sys.stderr,
-        )
-        for case_id, reason in result.errors.items():
-            print(f"  skipped {case_id}: {reason}", file=sys.stderr)
-        manifest_csv = Path(args.site_manifest).read_text() if args.site_manifest else None
-        request = BuildRequest(
-            name=args.name or result.collection,
-            collection=result.collection,
-            spec=args.spec,
-            sites=SiteOptions(
-                strategy="manifest" if manifest_csv else args.site_strategy,
-                n_sites=args.sites,
-                seed=args.seed,
-                heterogeneity=args.heterogeneity,
-                manifest_csv=manifest_csv,
-            ),
-            splits=SplitOptions(k_folds=args.folds, seed=args.seed),
-        )
-        build_id = str(uuid.uuid4())
-        with session_scope(ctx.session_factory) as session:
-            session.add(
-                DatasetBuild(
-                    id=build_id, name=request.name, request=request.model_dump(mode="json"), requested_by="cli"
+    """``voxelflow datasets``: import an MSD folder and build a version, list versions, show one (preprocessing API)."""
+    with ServiceClient("preprocessing") as api:
+        if args.action == "import-msd":
+            _import_msd(api, args)
+        elif args.action == "list":
+            for v in api.get("/datasets"):
+                sites = ",".join(f"{k}:{n}" for k, n in v["site_counts"].items())
+                print(
+                    f"{v['version_id']}  {v['name']:<24} {v['case_count']:>5} cases  {v['spec_name']:<16} sites {sites}"
                 )
-            )
-        version_id = build_version(
-            ctx.store,
-            ctx.session_factory,
-            build_id,
-            ctx.settings.default_spec,
-            lambda m: print(f"  {m}", file=sys.stderr),
-        )
-        print(version_id)
-        return
-    with session_scope(ctx.session_factory) as session:
-        if args.action == "list":
-            for v in session.query(DatasetVersion).order_by(DatasetVersion.created_at):
-                sites = ",".join(f"{k}:{n}" for k, n in v.site_counts.items())
-                print(f"{v.version_id}  {v.name:<24} {v.case_count:>5} cases  {v.spec_name:<16} sites {sites}")
-            return
-        version = session.get(DatasetVersion, args.id)
-        if version is None:
-            sys.exit(f"no dataset version {args.id}")
-        from shared.datasets import load_manifest
+        else:
+            try:
+                version = api.get(f"/datasets/{args.id}")
+            except ApiError as exc:
+                if exc.status in (404, 422):
+                    raise UsageError(f"no dataset version {args.id!r}: `voxelflow datasets list` shows them") from None
+                raise
+            qc = api.get(f"/datasets/{args.id}/qc")
+            splits = api.get(f"/datasets/{args.id}/splits")
+            summary = {
+                **{k: version[k] for k in ("version_id", "name", "created_at", "preprocessing_hash", "labels")},
+                "spec": version["spec_name"],
+                "sites": version["site_counts"],
+                "cases": version["case_count"],
+                "qc_excluded": qc.get("excluded", {}),
+                "splits": {n: {p: len(m) for p, m in parts.items()} for n, parts in splits.items()},
+            }
+            print(json.dumps(summary, indent=2))
 
-        manifest = load_manifest(ctx.store, args.id)
-        summary = {
-            "version_id": version.version_id,
-            "name": version.name,
-            "created_at": version.created_at.isoformat(),
-            "spec": version.spec_name,
-            "preprocessing_hash": version.preprocessing_hash,
-            "labels": version.labels,
-            "sites": version.site_counts,
-            "cases": version.case_count,
-            "qc_excluded": manifest.qc.get("excluded", {}),
-            "splits": {n: {p: len(m) for p, m in parts.items()} for n, parts in manifest.splits.items()},
-        }
-        print(json.dumps(summary, indent=2))
+
+def _import_msd(api: ServiceClient, args: argparse.Namespace) -> None:
+    from shared.datasets.msd import MsdFormatError
+
+    def progress(done: int, total: int, case_id: str) -> None:
+        if done % 25 == 0 or done == total:
+            print(f"  uploaded {done}/{total} ({case_id})", file=sys.stderr)
+
+    try:
+        imported = import_msd_folder(api, Path(args.path), collection=args.collection, progress=progress)
+    except MsdFormatError as exc:
+        raise UsageError(str(exc)) from None
+    errors = imported["errors"]
+    print(
+        f"collection {imported['collection']!r}: {imported['counts']}"
+        + (f"; {len(errors)} case(s) refused" if errors else ""),
+        file=sys.stderr,
+    )
+    for case_id, reason in errors.items():
+        print(f"  refused {case_id}: {reason}", file=sys.stderr)
+    manifest_csv = Path(args.site_manifest).read_text() if args.site_manifest else None
+    request: dict[str, Any] = {
+        "name": args.name or imported["collection"],
+        "collection": imported["collection"],
+        "sites": {
+            "strategy": "manifest" if manifest_csv else args.site_strategy,
+            "n_sites": args.sites,
+            "seed": args.seed,
+            "heterogeneity": args.heterogeneity,
+            "manifest_csv": manifest_csv,
+        },
+        "splits": {"k_folds": args.folds, "seed": args.seed},
+    }
+    if args.spec:
+        request["spec"] = args.spec
+    print("  building the dataset version …", file=sys.stderr)
+    version = build_dataset(api, request)
+    print(f"  {version['case_count']} cases, sites {version['site_counts']}", file=sys.stderr)
+    print(version["version_id"])
 
 
 def evaluate(args: argparse.Namespace) -> None:
     """``voxelflow evaluate``: a registered model on an MSD folder; table on stdout, report files."""
     import torch
 
-    from services.preprocessing.msd_import import MsdFormatError, read_msd_index
+    from shared.datasets.msd import MsdFormatError, read_msd_index
     from shared.evaluation import format_table, summarise, write_report
     from shared.evaluation.runner import evaluate_cases, roi_size_of
     from shared.registry import RegistryError, load_model
@@ -164,10 +163,10 @@ def evaluate(args: argparse.Namespace) -> None:
         index = read_msd_index(Path(args.data))
         model = load_model(args.model)
     except (MsdFormatError, RegistryError) as exc:
-        sys.exit(f"voxelflow evaluate: {exc}")
+        raise UsageError(f"voxelflow evaluate: {exc}") from None
     pairs = [(image, label) for image, label in index.pairs if label is not None][: args.limit or None]
     if not pairs:
-        sys.exit(f"voxelflow evaluate: {args.data} has no labelled cases")
+        raise UsageError(f"voxelflow evaluate: {args.data} has no labelled cases")
     roi_size = tuple(args.roi_size) if args.roi_size else roi_size_of(model.training_config_yaml)
     print(f"evaluating {model.uri} on {len(pairs)} cases of {index.name} (window {roi_size})", file=sys.stderr)
     records = evaluate_cases(
@@ -195,41 +194,33 @@ def evaluate(args: argparse.Namespace) -> None:
 def models(args: argparse.Namespace) -> None:
     """``voxelflow models export``: ONNX + TorchScript of a registry version, gated, attached, in the Triton repo.
 
-    Runs in this process against VOXELFLOW_MLFLOW_TRACKING_URI (the registry) and VOXELFLOW_STORAGE_URL
-    (where ``triton/<model>/`` is written). Exit status 1 with the reason when the gate or a read fails.
+    Asks the inference service (``POST /v1/model-exports``), whose worker runs the export, and waits for it.
+    Exit status 1 with the reason when the gate or a read fails.
     """
-    import torch
-
-    from services.inference.export import ExportError, export_registered_model
-    from services.inference.parity_cases import ParityCasesError
-    from shared.registry import RegistryError
-    from shared.storage import open_object_store
-
-    torch.set_num_threads(args.threads)
-    store = open_object_store(VoxelflowSettings().storage_url)
-    options = {"tolerance": args.tolerance, "min_dice": args.min_dice}
-    if args.roi_size:
-        options["roi_size"] = tuple(args.roi_size)
-    try:
-        result = export_registered_model(
-            args.model,
-            store,
-            cases=args.cases,
-            case_limit=args.limit,
-            model_name=args.triton_name,
-            retain_versions=args.retain_versions,
-            **options,
-        )
-    except (ExportError, ParityCasesError, RegistryError) as exc:
-        sys.exit(f"voxelflow models export: {exc}")
-    print(f"{result.model_name} v{result.version}: parity {result.parity.summary()}")
-    for path in result.attached:
+    request: dict[str, Any] = {
+        "model_uri": args.model,
+        "case_limit": args.limit,
+        "tolerance": args.tolerance,
+        "min_dice": args.min_dice,
+        "retain_versions": args.retain_versions,
+    }
+    for key, value in (("cases", args.cases), ("roi_size", args.roi_size), ("triton_name", args.triton_name)):
+        if value:
+            request[key] = str(Path(value).resolve()) if key == "cases" and Path(value).is_dir() else value
+    with ServiceClient("inference") as api:
+        try:
+            done = export_model(api, request)
+        except ApiError as exc:
+            raise UsageError(f"voxelflow models export: {exc}") from None
+    result = done["result"]
+    print(f"{result['model_name']} v{result['version']}: parity {result['parity']['summary']}")
+    for path in result["attached"]:
         print(f"  attached {path}")
-    for key in result.triton_keys:
-        print(f"  wrote {store.url.rstrip('/')}/{key}")
-    print(f"  TensorRT: {result.tensorrt.reason}")
-    if result.pruned_versions:
-        print(f"  pruned Triton versions {result.pruned_versions} (neither among the newest nor aliased)")
+    for key in result["triton_keys"]:
+        print(f"  wrote {key}")
+    print(f"  TensorRT: {result['tensorrt']['reason']}")
+    if result["pruned_versions"]:
+        print(f"  pruned Triton versions {result['pruned_versions']} (neither among the newest nor aliased)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,16 +281,56 @@ def main(argv: list[str] | None = None) -> None:
         default=3,
         help="Triton versions kept in the repository besides the aliased ones (a polling Triton serves them all)",
     )
-    ex.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     train_parser = commands.add_parser(
         "train", help="centralised training on a dataset version (python -m shared.training.centralised)"
     )
     train_parser.add_argument("rest", nargs=argparse.REMAINDER)
+    demo_parser = commands.add_parser("demo", help="the end-to-end demo on the bundled data (what `make demo` runs)")
+    demo_parser.add_argument("rest", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        _dispatch(parser, argv)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # one line for what a user can get wrong; a bug keeps its traceback
+        message = user_error(exc)
+        if message is None:
+            raise
+        sys.exit(f"voxelflow: {message}")
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an error caused by input or environment, None for a bug."""
+    import yaml
+    from pydantic import ValidationError
+
+    from shared.registry import RegistryError
+    from shared.datasets.msd import MsdFormatError
+    from shared.stack.process import StackError
+    from shared.training.config import ConfigError
+
+    if isinstance(exc, UsageError | ApiError | StackError | RegistryError | ConfigError | MsdFormatError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return str(exc) if exc.filename is None else f"{exc.filename}: no such file"
+    if isinstance(exc, yaml.YAMLError):
+        return f"not a valid YAML file: {exc}"
+    if isinstance(exc, ValidationError):
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        return f"invalid {exc.title}: {errors}"
+    return None
+
+
+def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     if argv[:1] == ["train"]:  # its options (--dataset …) belong to the training CLI, not to this parser
         from shared.training.centralised import main as train_main
 
         train_main(argv[1:])
+        return
+    if argv[:1] == ["demo"]:
+        from shared.demo import main as demo_main
+
+        demo_main(argv[1:])
         return
     args = parser.parse_args(argv)
     if args.command == "evaluate":

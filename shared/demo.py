@@ -8,9 +8,10 @@
 6. segment each study's hippocampus-crop series, send the DICOM SEGs back to Orthanc;
 7. print Dice on the test split, latency per study, the URLs, and write PNGs (curves, overlays).
 
-Defaults are sized for a 2-core CPU (a few minutes); ``--full`` runs the long schedule. The demo talks to
-the services over HTTP only (plus the same library call ``voxelflow datasets import-msd`` and
-``voxelflow models export`` make). The stack keeps running afterwards (``make down`` stops it).
+Defaults are sized for a 2-core CPU (a few minutes); ``--full`` runs the long schedule. The demo is a client
+of the platform: it talks to the services over HTTP only, with the same calls ``voxelflow datasets
+import-msd`` and ``voxelflow models export`` make (:mod:`shared.client`). The stack keeps running
+afterwards (``make down`` stops it).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Any
 import httpx
 
 from shared.auth import Role, create_token
+from shared.client import ServiceClient, export_model, import_msd_folder
 from shared.data import shared_data_dir
 from shared.db.base import make_engine, make_session_factory, session_scope
 from shared.stack import Stack, StackConfig
-from shared.storage import open_object_store
 
 MODEL_NAME = "hippocampus"
 SITES = ("site-1", "site-2", "site-3")
@@ -88,6 +89,10 @@ class Demo:
         base = self.stack.components[service].url
         return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {self.tokens[role]}"}, timeout=300)
 
+    def api(self, service: str, role: Role) -> ServiceClient:
+        """The platform client the CLI uses, for one of the stack's services."""
+        return ServiceClient(service, self.tokens[role], self.stack.components[f"{service}-api"].url, timeout=300)
+
     def step(self, number: int, text: str) -> None:
         say(f"{number}/7 {text}")
 
@@ -95,8 +100,6 @@ class Demo:
     def start_stack(self) -> None:
         self.step(1, "starting the local stack: PostgreSQL, Redis, S3, Orthanc, MLflow, Triton and every service")
         self.env = self.stack.up(with_services=True)
-        os.environ.update(self.env)  # the in-process library calls (import, export) use the same servers
-        self.store = open_object_store(self.env["VOXELFLOW_STORAGE_URL"])
         self.session_factory = make_session_factory(make_engine(self.env["VOXELFLOW_DATABASE_URL"]))
         stamp = int(time.time())
         with session_scope(self.session_factory) as session:
@@ -142,13 +145,15 @@ class Demo:
 
     def dataset(self) -> None:
         self.step(3, "importing the MSD hippocampus set; a 3-site dataset version (patient-level splits, QC); cache")
-        from services.preprocessing.msd_import import import_msd
-
         started = time.monotonic()
-        imported = import_msd(
-            self.store, self.session_factory, data_dir() / "msd_task04_hippocampus", collection="hippocampus"
+        with self.api("preprocessing", Role.RESEARCHER) as preprocessing:
+            imported = import_msd_folder(preprocessing, data_dir() / "msd_task04_hippocampus", "hippocampus")
+        if imported["errors"]:
+            sys.exit(f"[demo] the preprocessing service refused cases: {imported['errors']}")
+        say(
+            f"  uploaded {sum(imported['counts'].values())} cases ({imported['counts']}) "
+            f"in {time.monotonic() - started:.1f} s"
         )
-        say(f"  imported {len(imported.case_ids)} cases ({imported.counts}) in {time.monotonic() - started:.1f} s")
         body = {
             "name": "hippocampus-3sites",
             "collection": "hippocampus",
@@ -229,14 +234,14 @@ class Demo:
             self.version_detail = detail
             self.model_uri = f"models:/{MODEL_NAME}/{self.model_version}"
             say(f"  registered {self.model_uri}, held-out test Dice {detail.get('tags', {}).get('test_dice', '?')}")
-        from services.inference.export import export_registered_model
-
         started = time.monotonic()
-        result = export_registered_model(self.model_uri, self.store)
-        parity = result.parity
+        with self.api("inference", Role.OPERATOR) as inference:
+            result = export_model(inference, {"model_uri": self.model_uri})["result"]
+        parity = result["parity"]
         say(
-            f"  export in {time.monotonic() - started:.0f} s: parity max |logit diff| {parity.max_abs_logit_diff:.2e}, "
-            f"Dice vs PyTorch {min(parity.per_case_dice):.4f}; {result.tensorrt.reason if result.tensorrt else ''}"
+            f"  export in {time.monotonic() - started:.0f} s: "
+            f"parity max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+            f"Dice vs PyTorch {min(parity['per_case_dice']):.4f}; {result['tensorrt']['reason']}"
         )
         with self.client("model-registry-api", Role.OPERATOR) as registry:
             promoted = registry.post(f"/models/{MODEL_NAME}/versions/{self.model_version}/promote", json={})
@@ -390,30 +395,27 @@ class Demo:
         say(f"PNGs (training curves, segmentation overlays): {self.out}/")
 
     def source_volume(self, study: str, series: str) -> Any:
-        """The series as the PACS holds it (WADO-RS), rebuilt on its own grid, which is the mask's grid."""
-        import tempfile
-
+        """The series as the PACS holds it (WADO-RS), as a volume on the mask's grid: highdicom's
+        (slice, row, column) volume with its axes in the (column, row, slice) order the service writes."""
+        import highdicom as hd
+        import numpy as np
         from dicomweb_client.api import DICOMwebClient
 
-        from services.ingest.volume import reconstruct_series
-
         client = DICOMwebClient(f"{self.stack.orthanc_url}/dicom-web")
-        with tempfile.TemporaryDirectory(prefix="vf-demo-") as workdir:
-            paths = []
-            for index, dataset in enumerate(client.retrieve_series(study, series)):
-                path = Path(workdir) / f"{index:04d}.dcm"
-                dataset.save_as(path, enforce_file_format=True)
-                paths.append(path)
-            return reconstruct_series(paths)[0].array
+        images = [ds for ds in client.retrieve_series(study, series) if "PixelData" in ds]
+        volume = hd.get_volume_from_series(images, dtype=np.float32, rtol=0.01, orientation_tol=1e-4)
+        return volume.permute_spatial_axes([2, 1, 0]).array
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="voxelflow demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="out/demo", help="where the PNGs go")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default sized for a 2-core CPU)")
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--full", action="store_true", help="the long schedule: 30 rounds x 5 local epochs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.full:
         args.rounds, args.local_epochs = 30, 5
     started = time.monotonic()
@@ -428,5 +430,7 @@ def main() -> None:
     say(f"done in {time.monotonic() - started:.0f} s; the stack keeps running: `make down` stops it")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m shared.demo` = `voxelflow demo`: the CLI's one-line errors
+    from shared.cli import main as cli_main
+
+    cli_main(["demo", *sys.argv[1:]])

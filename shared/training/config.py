@@ -18,6 +18,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Triple = tuple[PositiveInt, PositiveInt, PositiveInt]
 
 
+class ConfigError(ValueError):
+    """A training configuration that cannot be used (bad YAML, unknown field, impossible combination)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -121,15 +125,15 @@ class TrainingConfig(_Strict):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ValueError(f"training configuration is not valid YAML: {exc}") from exc
+            raise ConfigError(f"training configuration is not valid YAML: {exc}") from exc
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"training configuration must be a mapping, got {type(data).__name__}")
+            raise ConfigError(f"training configuration must be a mapping, got {type(data).__name__}")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ValueError(f"invalid training configuration: {exc}") from exc
+            raise ConfigError(f"invalid training configuration: {exc}") from exc
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

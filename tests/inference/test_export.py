@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -166,23 +168,39 @@ def test_export_attaches_to_a_real_mlflow_run_only_after_the_gate(
     assert list(store.list("triton/hippo-drifted/")) == []
 
 
+@pytest.fixture
+def export_service(mlflow_uri: str, base_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The inference API with a real Celery worker on its queue, found by the CLI through its variables."""
+    from celery.contrib.testing.worker import start_worker
+
+    from services.inference import worker
+    from tests.inference.conftest import running_service
+
+    settings = {**base_settings, "mlflow_tracking_uri": mlflow_uri, "backend": "onnxruntime"}
+    with running_service(settings, None) as svc:
+        worker.use_context(svc.ctx)
+        monkeypatch.setenv("VOXELFLOW_INFERENCE_API_URL", svc.url)
+        monkeypatch.setenv("VOXELFLOW_TOKEN", svc.tokens["operator"])
+        with start_worker(svc.ctx.celery, queues=["inference"], perform_ping_check=False, shutdown_timeout=30):
+            yield
+
+
 def test_models_export_cli_on_a_registered_version(
     mlflow_uri: str,
     s3_url: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    export_service: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``voxelflow models export``: a version registered through shared.registry gets model/onnx and
-    model/torchscript on its run after the gate passed on real hippocampus cases preprocessed with the
-    model's own spec, and its Triton model version is in object storage."""
+    """``voxelflow models export`` (a client of ``POST /v1/model-exports``): a version registered through
+    shared.registry gets model/onnx and model/torchscript on its run after the gate passed on real
+    hippocampus cases preprocessed with the model's own spec, and its Triton model version is in object
+    storage."""
     from services.inference.backends import OnnxRuntimeBackend
     from shared.cli import main
     from shared.registry import load_model, registry_client
     from tests.inference.registry_models import register_tiny_model, unique_model_name
 
-    monkeypatch.setenv("VOXELFLOW_MLFLOW_TRACKING_URI", mlflow_uri)
-    monkeypatch.setenv("VOXELFLOW_STORAGE_URL", s3_url)
     client = registry_client(mlflow_uri)
     name = unique_model_name("export-cli")
     version = register_tiny_model(client, name, seed=7)

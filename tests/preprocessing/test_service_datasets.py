@@ -78,7 +78,8 @@ def test_bad_msd_case_is_reported_and_the_rest_imported(
     import json
     import shutil
 
-    from services.preprocessing.msd_import import MsdFormatError, import_msd
+    from services.preprocessing.msd_import import import_msd
+    from shared.datasets.msd import MsdFormatError
 
     folder = tmp_path / "msd"
     (folder / "imagesTr").mkdir(parents=True)
