@@ -839,7 +839,9 @@ class Stack:
         return Component(
             name=name,
             argv=argv,
-            url=f"http://127.0.0.1:{port}" if port is not None else "(no port)",
+            url=(f"http://127.0.0.1:{port}" if health_path else f"tcp://127.0.0.1:{port}")
+            if port is not None
+            else "(no port)",
             health=health,
             ports=(port,) if port is not None else (),
             env=env or {},
