@@ -304,8 +304,8 @@ def user_error(exc: BaseException) -> str | None:
     import yaml
     from pydantic import ValidationError
 
-    from shared.registry import RegistryError
     from shared.datasets.msd import MsdFormatError
+    from shared.registry import RegistryError
     from shared.stack.process import StackError
     from shared.training.config import ConfigError
 

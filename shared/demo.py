@@ -260,10 +260,10 @@ class Demo:
             else:
                 checked(promoted)
         say(f"  {self.model_uri} is now @champion")
-        with self.client("inference-api", Role.OPERATOR) as inference:
+        with self.client("inference-api", Role.OPERATOR) as inference_http:
 
             def serving() -> dict[str, Any] | None:
-                response = inference.get("/readyz")
+                response = inference_http.get("/readyz")
                 return response.json() if response.status_code == 200 else None
 
             wait_until(serving, 600, "the inference service to load the champion")

@@ -84,11 +84,11 @@ def expand(
     site's queue as the contract names it. ``api_argv(app, port)`` and ``worker_argv(module, queue,
     *options)`` build the command lines (the manager's, which the chart mirrors).
     """
-    ports = {row["name"]: base_port + int(row["port_offset"]) for row in rows if "port_offset" in row}
+    ports: dict[str, int] = {row["name"]: base_port + int(row["port_offset"]) for row in rows if "port_offset" in row}
     refs: dict[str, str] = {}
-    for name, port in ports.items():
-        refs[f"port:{name}"] = str(port)
-        refs[f"url:{name}"] = f"http://127.0.0.1:{port}"
+    for name, number in ports.items():
+        refs[f"port:{name}"] = str(number)
+        refs[f"url:{name}"] = f"http://127.0.0.1:{number}"
 
     def fill(text: str, site: str | None) -> str:
         mapping = {**values, **refs}
@@ -101,7 +101,8 @@ def expand(
 
     specs: list[ProcessSpec] = []
     for row in rows:
-        for site in sites if row.get("per_site") else [None]:
+        row_sites: list[str | None] = list(sites) if row.get("per_site") else [None]
+        for site in row_sites:
             port = ports.get(row["name"])
             target = fill(row["target"], site)
             options = [fill(option, site) for option in row.get("options", ())]

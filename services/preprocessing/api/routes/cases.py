@@ -195,4 +195,4 @@ async def put_case(
     add_audit_uids(request, f"{collection}/{case_id}", case.case_hash)
     if state == "added":
         response.status_code = 201
-    return CaseUploadOut(state=state, case=CaseOut.model_validate(case, from_attributes=True))  # type: ignore[arg-type]
+    return CaseUploadOut(state=state, case=CaseOut.model_validate(case, from_attributes=True))
