@@ -163,10 +163,10 @@ def evaluate(args: argparse.Namespace) -> None:
         index = read_msd_index(Path(args.data))
         model = load_model(args.model)
     except (MsdFormatError, RegistryError) as exc:
-        raise UsageError(f"voxelflow evaluate: {exc}") from None
+        raise UsageError(str(exc)) from None
     pairs = [(image, label) for image, label in index.pairs if label is not None][: args.limit or None]
     if not pairs:
-        raise UsageError(f"voxelflow evaluate: {args.data} has no labelled cases")
+        raise UsageError(f"{args.data} has no labelled cases")
     roi_size = tuple(args.roi_size) if args.roi_size else roi_size_of(model.training_config_yaml)
     print(f"evaluating {model.uri} on {len(pairs)} cases of {index.name} (window {roi_size})", file=sys.stderr)
     records = evaluate_cases(
@@ -211,7 +211,7 @@ def models(args: argparse.Namespace) -> None:
         try:
             done = export_model(api, request)
         except ApiError as exc:
-            raise UsageError(f"voxelflow models export: {exc}") from None
+            raise UsageError(str(exc)) from None
     result = done["result"]
     print(f"{result['model_name']} v{result['version']}: parity {result['parity']['summary']}")
     for path in result["attached"]:
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         message = user_error(exc)
         if message is None:
             raise
-        sys.exit(f"voxelflow: {message}")
+        command = " ".join(["voxelflow", *(word for word in argv[:2] if not word.startswith("-"))])
+        sys.exit(f"{command}: {message}")
 
 
 def user_error(exc: BaseException) -> str | None:
@@ -308,8 +309,10 @@ def user_error(exc: BaseException) -> str | None:
     from shared.registry import RegistryError
     from shared.stack.process import StackError
     from shared.training.config import ConfigError
+    from shared.training.data import UnknownDatasetVersion
 
-    if isinstance(exc, UsageError | ApiError | StackError | RegistryError | ConfigError | MsdFormatError):
+    known = (UsageError, ApiError, StackError, RegistryError, ConfigError, MsdFormatError, UnknownDatasetVersion)
+    if isinstance(exc, known):
         return str(exc)
     if isinstance(exc, FileNotFoundError):
         return str(exc) if exc.filename is None else f"{exc.filename}: no such file"

@@ -88,6 +88,9 @@ def test_user_mistakes_end_in_one_line(
     monkeypatch.setenv("VOXELFLOW_TOKEN", "vf_x")
     monkeypatch.setenv("VOXELFLOW_PREPROCESSING_API_URL", f"http://127.0.0.1:{free_port()}")
     assert "is not reachable" in message("datasets", "list")
+    monkeypatch.setenv("VOXELFLOW_STORAGE_URL", tmp_path.as_uri())
+    assert "unknown dataset version" in message("train", "--dataset", "ds-0123456789abcdef")
+    assert "not an MSD dataset" in message("evaluate", "--model", "notauri", "--data", str(tmp_path))
     config = tmp_path / "bad.yaml"
     config.write_text("model: [unclosed\n")
     assert "YAML" in message("train", "--dataset", "ds-0123456789abcdef", "--config", str(config))
