@@ -1,31 +1,54 @@
-# voxelflow — the two commands a new user needs are `make demo` and `make test`.
+# voxelflow — the two commands a new user needs are `make demo` and `make test`. Each first installs what a
+# fresh Debian machine lacks (ci/install-system.sh: Debian packages; the .venv with the project in it), then runs.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+HELM := .tools/bin/helm
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install install-system install-python test lint up down status stack-env demo bench-ingest proto proto-check
+.PHONY: install install-system install-python test lint lint-ruff lint-format lint-types lint-imports lint-chart
+.PHONY: up down status stack-env demo bench-ingest proto proto-check
 
 install: install-system install-python ## everything a fresh Debian machine lacks
 
-install-system: ## Debian packages: Orthanc + DICOMweb plugin (the PACS), dcmtk, PostgreSQL, Redis
-	ci/install-system.sh
+# Silent and instant (one dpkg-query) when everything is there; installs as root or through `sudo -n`,
+# otherwise prints the one command to run as root and fails.
+install-system: ## Debian packages: Orthanc + DICOMweb plugin (the PACS), dcmtk, PostgreSQL, Redis, python3-venv
+	@ci/install-system.sh
 
-install-python: $(VENV)/.installed ## the services' virtual environment
+install-python: $(VENV)/.installed ## the services' virtual environment, with voxelflow itself (the `voxelflow` command)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The project goes in editable (`pip install -e .`): .venv/bin/voxelflow then runs this checkout's code.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml | install-system
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-test: install-python ## the whole suite against real servers it starts itself
+test: install ## the whole suite against real servers it starts itself
 	$(PY) -m pytest -q
 
-lint:
+# Every check runs (make -k) and the summary names the ones that failed.
+LINT_STEPS := lint-ruff lint-format lint-types lint-imports proto-check lint-chart
+lint: install-python ## ruff, ruff format, mypy, import-linter contracts, generated protobuf code, helm lint
+	@$(MAKE) --no-print-directory -k $(LINT_STEPS) || { echo "voxelflow: make lint failed (see the errors above)" >&2; exit 1; }
+
+lint-ruff:
 	$(VENV)/bin/ruff check shared services tests
+
+lint-format:
 	$(VENV)/bin/ruff format --check shared services tests
+
+lint-types:
 	$(VENV)/bin/mypy shared services
+
+lint-imports: ## the [tool.importlinter] contracts of pyproject.toml: shared imports no service, services are independent
+	$(VENV)/bin/lint-imports
+
+lint-chart: ## helm lint --strict of charts/voxelflow (tests/deploy renders and validates it: make helm-lint)
+	@VOXELFLOW_PYTHON=$(PY) ci/install-helm.sh >/dev/null
+	$(HELM) lint --strict charts/voxelflow
 
 # The local stack (PostgreSQL, Redis, SeaweedFS S3, Orthanc, MLflow) on 127.0.0.1, state in .voxelflow/stack.
 # STACK_ARGS passes options through, e.g. `make up STACK_ARGS="--only postgres,redis,s3"` or "--with-services".
@@ -43,7 +66,7 @@ status: ## each component of the local stack with its URL and state
 stack-env: ## print the VOXELFLOW_* variables of the running stack
 	$(PY) -m shared.stack env
 
-demo: install-python ## the end-to-end story on the bundled data (see README)
+demo: install ## the end-to-end story on the bundled data (see README)
 	$(PY) -m shared.demo $(DEMO_ARGS)
 
 .PHONY: helm-lint k8s
@@ -81,7 +104,7 @@ TRITON_VENV ?= .venv-triton
 
 install-triton: $(TRITON_VENV)/.installed ## tritonserver (nvidia-pytriton, CPU) + onnxruntime + numpy<2 in .venv-triton
 
-$(TRITON_VENV)/.installed: requirements-triton.txt
+$(TRITON_VENV)/.installed: requirements-triton.txt | install-system
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install -q -r requirements-triton.txt
 	touch $@

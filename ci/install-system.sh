@@ -1,31 +1,47 @@
 #!/usr/bin/env bash
-# Debian packages the local stack and the test suite run: Orthanc + DICOMweb plugin (the PACS), dcmtk
-# (echoscu/storescu), PostgreSQL and Redis. Idempotent: installs only what is missing, runs
-# `apt-get update` at most once, and keeps the packages' own system services from starting, because
+# The Debian packages voxelflow needs, in one place: `make demo`, `make test` and `.ci/run` call this first.
+#
+#   ci/install-system.sh              check, and install whatever of PACKAGES is missing
+#   ci/install-system.sh PKG...       the same for the packages named instead (used by the tests)
+#
+# Everything present: one dpkg-query call and no output, so a rerun costs a few milliseconds.
+# Something missing: as root it runs apt-get; otherwise through `sudo -n` (never a password prompt:
+# `make` may run without a terminal); without either it prints one line with the exact command to run
+# as root and exits 1. Installing keeps the packages' own system services from starting, because
 # voxelflow starts private servers itself (shared.stack) and Orthanc's default service would hold 4242/8042.
 set -euo pipefail
 
-PACKAGES=(orthanc orthanc-dicomweb dcmtk postgresql redis-server)
-
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || { echo "install-system: run as root or install sudo" >&2; exit 1; }
-    SUDO=(sudo)
+# Orthanc + DICOMweb plugin (the PACS), dcmtk (echoscu/storescu), PostgreSQL, Redis; python3-venv makes
+# the virtual environment (`make install-python`). Add new system dependencies here and nowhere else.
+PACKAGES=(orthanc orthanc-dicomweb dcmtk postgresql redis-server python3-venv)
+if [ "$#" -gt 0 ]; then
+    PACKAGES=("$@")
 fi
 
+# dpkg-query prints one "name status" line per known package and fails for unknown names; a package is
+# present only when its line says "install ok installed".
+installed="$(dpkg-query -W -f='${Package} ${Status}\n' "${PACKAGES[@]}" 2>/dev/null || true)"
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+    if ! grep -qx "${pkg} install ok installed" <<<"$installed"; then
         missing+=("$pkg")
     fi
 done
-
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "install-system: all of ${PACKAGES[*]} already installed"
     exit 0
 fi
 
-echo "install-system: installing ${missing[*]}"
+install_cmd="apt-get install -y --no-install-recommends ${missing[*]}"
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO=(sudo -n)
+else
+    echo "voxelflow: missing Debian packages ${missing[*]}; run as root: apt-get update && ${install_cmd}" >&2
+    exit 1
+fi
+
+echo "voxelflow: installing Debian packages ${missing[*]}"
 # policy-rc.d exit 101 = "do not start services" for invoke-rc.d during this install only.
 policy=/usr/sbin/policy-rc.d
 own_policy=0
@@ -38,8 +54,9 @@ cleanup() { if [ "$own_policy" -eq 1 ]; then "${SUDO[@]}" rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -q
-"${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+# A fresh machine (a container image) has no package lists yet: update first, once.
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive ${install_cmd} -q
 
 # Belt and braces: if a service started anyway (systemd hosts ignore policy-rc.d in some setups),
 # stop Orthanc's, which would otherwise bind 4242/8042 on all interfaces.
@@ -48,4 +65,4 @@ if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
 elif command -v service >/dev/null; then
     "${SUDO[@]}" service orthanc stop >/dev/null 2>&1 || true
 fi
-echo "install-system: done"
+echo "voxelflow: Debian packages installed"

@@ -31,6 +31,20 @@ class UsageError(Exception):
     """Something the user asked for that cannot be done; the message says what to do instead."""
 
 
+def version() -> str:
+    """The installed distribution's version; in a checkout that was never installed, pyproject.toml's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("voxelflow")
+    except PackageNotFoundError:
+        import tomllib
+
+        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as fh:
+            return str(tomllib.load(fh)["project"]["version"])
+
+
 def _settings_classes() -> list[tuple[str, type[BaseSettings]]]:
     found: list[tuple[str, type[BaseSettings]]] = [("shared", VoxelflowSettings)]
     for entry in sorted(entry_points(group=SETTINGS_ENTRY_POINTS), key=lambda e: e.name):
@@ -225,6 +239,7 @@ def models(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="voxelflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"voxelflow {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     token_parser = commands.add_parser("tokens", help="create or revoke API tokens")
     token_parser.add_argument("action", choices=["create", "revoke"])

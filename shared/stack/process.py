@@ -49,6 +49,9 @@ class Component:
     optional_group: str | None = None  # e.g. "services": started only when that group is asked for
     #: variables of the caller's environment the process must not inherit (they would change its behaviour)
     unset_env: Sequence[str] = ()
+    #: why this machine cannot start the component (a binary that is not installed, and how to install it);
+    #: ``up`` refuses to start it with this message, other commands (``status``, ``down``) still work
+    missing: str | None = None
 
 
 def http_ok(url: str, timeout: float = 2.0) -> Callable[[], bool]:

@@ -133,6 +133,79 @@ def test_port_taken_by_a_stranger_gives_a_clear_error(scratch_stack: Stack) -> N
             stack.up(only=["redis"])
 
 
+def run_stack_cli(*args: str, state_dir: Path, base_port: int, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m shared.stack ARGS`` on its own state dir and ports, as a user runs it."""
+    environ = {
+        **os.environ,
+        "VOXELFLOW_STACK_DIR": str(state_dir),
+        "VOXELFLOW_STACK_BASE_PORT": str(base_port),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "shared.stack", *args],
+        cwd=REPO_ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's error: exit status 1 and exactly one line on stderr, no traceback."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("voxelflow stack: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["status", "env"])
+def test_cli_says_make_up_when_the_stack_is_not_up(tmp_path: Path, command: str) -> None:
+    result = run_stack_cli(command, state_dir=tmp_path / "s", base_port=free_base_port())
+    line = one_error_line(result)
+    assert "not up" in line and "make up" in line
+    assert result.stdout == ""
+
+
+def test_cli_env_left_from_a_stopped_stack_says_make_up(tmp_path: Path) -> None:
+    (tmp_path / "stack.env").write_text("VOXELFLOW_BROKER_URL=redis://127.0.0.1:1/0\n")
+    line = one_error_line(run_stack_cli("env", state_dir=tmp_path, base_port=free_base_port()))
+    assert "no longer runs" in line and "make up" in line
+
+
+def test_cli_port_in_use_names_port_component_and_base_port(tmp_path: Path) -> None:
+    base = free_base_port()
+    port = base + PortOffsets.REDIS
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        line = one_error_line(run_stack_cli("up", "--only", "redis", state_dir=tmp_path / "s", base_port=base))
+    assert line.startswith("voxelflow stack: redis: port ")
+    assert f"port {port} " in line and "taken by another program" in line
+    assert "VOXELFLOW_STACK_BASE_PORT=" in line and "make up" in line
+    assert not port_in_use(port)
+
+
+def test_cli_missing_binary_names_package_and_make_target(tmp_path: Path) -> None:
+    """A PATH without redis-server (found only on PATH): ``up`` names the Debian package and the make target,
+    before it starts anything; ``status`` still works on such a machine."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    base = free_base_port()
+    result = run_stack_cli("up", "--only", "redis", state_dir=tmp_path / "s", base_port=base, PATH=str(empty_bin))
+    line = one_error_line(result)
+    assert "redis-server" in line and "Debian package redis-server" in line and "make install-system" in line
+    assert not port_in_use(base + PortOffsets.REDIS)
+    status = run_stack_cli("status", state_dir=tmp_path / "s", base_port=base, PATH=str(empty_bin))
+    assert "make up" in one_error_line(status)
+
+
+@pytest.mark.parametrize(("variable", "expected"), [("abc", "is not a port number"), ("80", "out of range")])
+def test_cli_bad_base_port_is_one_line(tmp_path: Path, variable: str, expected: str) -> None:
+    result = run_stack_cli("status", state_dir=tmp_path, base_port=0, VOXELFLOW_STACK_BASE_PORT=variable)
+    assert expected in one_error_line(result)
+
+
 def test_a_crashing_component_points_at_its_log(scratch_stack: Stack) -> None:
     stack = scratch_stack
     port = stack.config.port(PortOffsets.SERVICES)
