@@ -67,7 +67,7 @@ stack-env: ## print the VOXELFLOW_* variables of the running stack
 	$(PY) -m shared.stack env
 
 demo: install ## the end-to-end story on the bundled data (see README)
-	$(PY) -m shared.demo $(DEMO_ARGS)
+	$(VENV)/bin/voxelflow demo $(DEMO_ARGS)
 
 .PHONY: helm-lint k8s
 helm-lint: ## Helm chart: lint + render + strict schema validation + invariants (tests/deploy)
@@ -120,14 +120,14 @@ bench-inference: install-python ## p50/p99 + volumes/s: Triton vs embedded ONNX 
 .PHONY: evaluate
 # make evaluate MODEL=models:/hippocampus@champion DATA=../shared/data/msd_task04_hippocampus OUT=out/eval.csv
 evaluate: ## metrics of a registered model on an MSD folder (needs VOXELFLOW_MLFLOW_TRACKING_URI)
-	$(PY) -m shared.cli evaluate --model $(MODEL) --data $(DATA) $(if $(OUT),--out $(OUT))
+	$(VENV)/bin/voxelflow evaluate --model $(MODEL) --data $(DATA) $(if $(OUT),--out $(OUT))
 # ---- end model registry ---------------------------------------------------------------------------------
 
 # ---- model export for serving (branch infer-wire) ------------------------------------------------------
 .PHONY: export-model
 # make export-model MODEL=models:/hippocampus/3 CASES=../shared/data/msd_task04_hippocampus
 export-model: ## ONNX + TorchScript of a registry version through the parity gate, attached, Triton repo in storage
-	$(PY) -m shared.cli models export --model $(MODEL) $(if $(CASES),--cases $(CASES))
+	$(VENV)/bin/voxelflow models export --model $(MODEL) $(if $(CASES),--cases $(CASES))
 
 # ---- end model export -----------------------------------------------------------------------------------
 

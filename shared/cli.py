@@ -365,7 +365,7 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         from shared.stack.__main__ import main as stack_main
 
         sys.argv = ["voxelflow stack", *args.rest]
-        stack_main()
+        sys.exit(stack_main())
 
 
 if __name__ == "__main__":
