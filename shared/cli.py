@@ -154,7 +154,7 @@ def evaluate(args: argparse.Namespace) -> None:
     """``voxelflow evaluate``: a registered model on an MSD folder; table on stdout, report files."""
     import torch
 
-    from services.preprocessing.msd_import import MsdFormatError, read_msd_index
+    from shared.datasets.msd import MsdFormatError, read_msd_index
     from shared.evaluation import format_table, summarise, write_report
     from shared.evaluation.runner import evaluate_cases, roi_size_of
     from shared.registry import RegistryError, load_model

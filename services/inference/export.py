@@ -20,17 +20,14 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from services.inference.backends import OnnxRuntimeBackend
-from services.inference.predictor import SlidingWindowPredictor
 from services.inference.triton_repository import (
-    INPUT_NAME,
-    OUTPUT_NAME,
     config_from_onnx,
     flavour_for,
     model_versions,
     prune_model_versions,
     write_model_version,
 )
+from shared.inference import INPUT_NAME, OUTPUT_NAME, OnnxRuntimeBackend, SlidingWindowPredictor
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore

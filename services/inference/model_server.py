@@ -22,9 +22,9 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 from monai.transforms import Compose
 
-from services.inference.backends import InferenceBackend, ModelControl, OnnxRuntimeBackend, TritonBackend
-from services.inference.predictor import SlidingWindowPredictor
+from services.inference.backends import ModelControl, TritonBackend
 from services.inference.triton_repository import TritonModelConfig, model_prefix
+from shared.inference import InferenceBackend, OnnxRuntimeBackend, SlidingWindowPredictor
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore

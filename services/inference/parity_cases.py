@@ -31,7 +31,7 @@ def is_dataset_version(source: str) -> bool:
 
 def cases_from_msd(folder: str | Path, spec: Any, limit: int) -> list[np.ndarray]:
     """The first ``limit`` images of an MSD folder as ``(C, X, Y, Z)`` float32, preprocessed by ``spec``."""
-    from services.preprocessing.msd_import import MsdFormatError, read_msd_index
+    from shared.datasets.msd import MsdFormatError, read_msd_index
     from shared.preprocessing import build_transforms
 
     try:

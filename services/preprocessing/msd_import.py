@@ -8,7 +8,6 @@ cases are imported. Re-importing the same folder uploads nothing and changes no 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,26 +28,13 @@ from services.preprocessing.case_files import (
     sha256_file,
 )
 from services.preprocessing.case_pool import upsert_case
+from shared.datasets.msd import MsdFormatError, MsdIndex, case_id_of, read_msd_index
 from shared.db.base import session_scope
 from shared.storage import ObjectStore
 
 log = logging.getLogger("voxelflow.preprocessing.msd")
 
-# MSD writes free-text modality names; the catalogue uses DICOM modality codes.
-MODALITY_CODES = {"MRI": "MR", "MR": "MR", "CT": "CT", "PET": "PT", "US": "US"}
-
-
-class MsdFormatError(ValueError):
-    """The folder is not a readable MSD dataset (no dataset.json, missing keys, files outside the folder)."""
-
-
-@dataclass(frozen=True)
-class MsdIndex:
-    root: Path
-    name: str
-    modality: str
-    labels: dict[int, str]
-    pairs: list[tuple[Path, Path | None]]
+__all__ = ["ImportResult", "MsdFormatError", "MsdIndex", "import_msd", "read_msd_index"]
 
 
 @dataclass
@@ -60,36 +46,6 @@ class ImportResult:
     errors: dict[str, str] = field(default_factory=dict)
     case_ids: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def read_msd_index(folder: Path) -> MsdIndex:
-    folder = folder.resolve()
-    index_path = folder / "dataset.json"
-    if not index_path.is_file():
-        raise MsdFormatError(f"{folder} is not an MSD dataset: no dataset.json")
-    try:
-        index = json.loads(index_path.read_text())
-        training = index["training"]
-        labels = {int(k): str(v) for k, v in index["labels"].items()}
-        modalities = [str(v) for v in dict(index.get("modality", {})).values()]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise MsdFormatError(f"{index_path}: not MSD dataset.json ({type(exc).__name__}: {exc})") from exc
-    codes = sorted({MODALITY_CODES.get(m.upper(), m.upper()) for m in modalities}) or ["OT"]
-    pairs: list[tuple[Path, Path | None]] = []
-    for entry in training:
-        image = (folder / entry["image"]).resolve()
-        label = (folder / entry["label"]).resolve() if entry.get("label") else None
-        for path in (image, label):
-            if path is not None and not path.is_relative_to(folder):
-                raise MsdFormatError(f"{path} is outside the dataset folder {folder}")
-        pairs.append((image, label))
-    if not pairs:
-        raise MsdFormatError(f"{index_path} lists no training cases")
-    return MsdIndex(folder, str(index.get("name") or folder.name), "+".join(codes), labels, pairs)
-
-
-def case_id_of(image: Path) -> str:
-    return image.name.removesuffix(".gz").removesuffix(".nii")
 
 
 def _prepare_case(store: ObjectStore, index: MsdIndex, image: Path, label: Path | None) -> dict[str, Any]:
