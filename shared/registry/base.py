@@ -51,10 +51,35 @@ class RegisteredVersion:
     tags: dict[str, str] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
     source: str = ""
+    status: str = "READY"
+    created_at_ms: int | None = None
 
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A tracked run: its experiment, status, parameters, latest metric values and tags."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model: its aliases (alias → version number) and newest version."""
+
+    name: str
+    description: str = ""
+    aliases: dict[str, int] = field(default_factory=dict)
+    latest_version: int | None = None
+    updated_at_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +205,10 @@ class ModelRegistry(abc.ABC):
     #: the URI this registry was opened with (``open_registry(registry.uri)`` opens the same one)
     uri: str
 
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise when the registry cannot be reached (a readiness check; cheap)."""
+
     # ------------------------------------------------------------------------- primitives: tracking
 
     @abc.abstractmethod
@@ -195,16 +224,19 @@ class ModelRegistry(abc.ABC):
         """Ids of the runs of ``experiment`` whose tag ``tag`` equals ``value`` (none when it does not exist)."""
 
     @abc.abstractmethod
-    def run_tags(self, run_id: str) -> dict[str, str]:
-        """The run's tags; RegistryError for an unknown run."""
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run; RegistryError for an unknown run."""
 
-    @abc.abstractmethod
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return self.get_run(run_id).tags
+
     def run_status(self, run_id: str) -> str:
         """``RUNNING``, ``FINISHED`` or ``FAILED``."""
+        return self.get_run(run_id).status
 
-    @abc.abstractmethod
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of the run."""
+        return self.get_run(run_id).metrics
 
     @abc.abstractmethod
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
@@ -230,6 +262,10 @@ class ModelRegistry(abc.ABC):
         """Artifact paths directly under ``path`` (files and directories, run-relative, e.g. ``model/labels.json``)."""
 
     @abc.abstractmethod
+    def walk_artifacts(self, run_id: str) -> list[str]:
+        """Every artifact file of the run, recursively, sorted (run-relative paths)."""
+
+    @abc.abstractmethod
     def download_artifacts(self, run_id: str, path: str, dest: str | Path) -> Path:
         """Download a file or directory of the run into ``dest``; returns the local path. RegistryError if absent."""
 
@@ -252,8 +288,12 @@ class ModelRegistry(abc.ABC):
         """Every version of ``model_name`` (of ``run_id`` only, when given); [] for an unknown model."""
 
     @abc.abstractmethod
-    def list_models(self) -> list[str]:
-        """Names of the registered models."""
+    def list_models(self) -> list[RegisteredModel]:
+        """The registered models, by name."""
+
+    @abc.abstractmethod
+    def get_model(self, model_name: str) -> RegisteredModel:
+        """RegistryError for an unknown model."""
 
     @abc.abstractmethod
     def set_alias(self, model_name: str, alias: str, version: int | str) -> None:
@@ -263,9 +303,9 @@ class ModelRegistry(abc.ABC):
     def get_version_by_alias(self, model_name: str, alias: str) -> RegisteredVersion | None:
         """The version holding ``alias``, or None when no version holds it (e.g. no champion yet)."""
 
-    @abc.abstractmethod
     def model_aliases(self, model_name: str) -> dict[str, str]:
         """Every alias of ``model_name`` and the version it points at; RegistryError for an unknown model."""
+        return {alias: str(version) for alias, version in self.get_model(model_name).aliases.items()}
 
     @abc.abstractmethod
     def set_version_tag(self, model_name: str, version: int | str, key: str, value: str) -> None: ...

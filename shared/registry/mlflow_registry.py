@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 # MLflow's telemetry thread adds and removes an environment variable while requests copies os.environ on
@@ -23,7 +24,14 @@ from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from shared.registry.base import MAX_PARAM_LENGTH, ModelRegistry, RegisteredVersion, RegistryError
+from shared.registry.base import (
+    MAX_PARAM_LENGTH,
+    ModelRegistry,
+    RegisteredModel,
+    RegisteredVersion,
+    RegistryError,
+    RunRecord,
+)
 
 #: MLflow's log_batch limits (metrics per call, params per call)
 _BATCH = 100
@@ -41,6 +49,18 @@ def as_version(model_version: ModelVersion) -> RegisteredVersion:
         tags={str(k): str(v) for k, v in (model_version.tags or {}).items()},
         aliases=[str(a) for a in (getattr(model_version, "aliases", None) or [])],
         source=str(model_version.source or ""),
+        status=str(getattr(model_version, "status", None) or "READY"),
+        created_at_ms=getattr(model_version, "creation_timestamp", None),
+    )
+
+
+def as_model(model: Any) -> RegisteredModel:
+    return RegisteredModel(
+        name=str(model.name),
+        description=str(model.description or ""),
+        aliases={str(alias): int(v) for alias, v in (model.aliases or {}).items()},
+        latest_version=max((int(v.version) for v in model.latest_versions or []), default=None),
+        updated_at_ms=model.last_updated_timestamp,
     )
 
 
@@ -59,6 +79,9 @@ class MlflowRegistry(ModelRegistry):
     def from_client(cls, client: MlflowClient) -> MlflowRegistry:
         """The registry behind an existing client (callers that still hold an ``MlflowClient``)."""
         return cls(str(client.tracking_uri), client=client)
+
+    def ping(self) -> None:
+        self.client.search_registered_models(max_results=1)
 
     # ------------------------------------------------------------------------- tracking
 
@@ -92,14 +115,16 @@ class MlflowRegistry(ModelRegistry):
         except MlflowException as exc:
             raise RegistryError(f"run {run_id}: {exc.message}") from exc
 
-    def run_tags(self, run_id: str) -> dict[str, str]:
-        return dict(self._run(run_id).data.tags)
-
-    def run_status(self, run_id: str) -> str:
-        return str(self._run(run_id).info.status)
-
-    def run_metrics(self, run_id: str) -> dict[str, float]:
-        return {k: float(v) for k, v in self._run(run_id).data.metrics.items()}
+    def get_run(self, run_id: str) -> RunRecord:
+        run = self._run(run_id)
+        return RunRecord(
+            run_id=str(run.info.run_id),
+            experiment_id=str(run.info.experiment_id),
+            status=str(run.info.status),
+            params={str(k): str(v) for k, v in run.data.params.items()},
+            metrics={str(k): float(v) for k, v in run.data.metrics.items()},
+            tags={str(k): str(v) for k, v in run.data.tags.items()},
+        )
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         entities = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
@@ -127,6 +152,14 @@ class MlflowRegistry(ModelRegistry):
 
     def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
         return [str(f.path) for f in self.client.list_artifacts(run_id, path)]
+
+    def walk_artifacts(self, run_id: str) -> list[str]:
+        files: list[str] = []
+        pending: list[str | None] = [None]
+        while pending:  # a run's tree is small: model/, plots/, evaluation/
+            for info in self.client.list_artifacts(run_id, pending.pop()):
+                (pending.append(info.path) if info.is_dir else files.append(str(info.path)))
+        return sorted(files)
 
     def download_artifacts(self, run_id: str, path: str, dest: str | Path) -> Path:
         try:
@@ -166,8 +199,15 @@ class MlflowRegistry(ModelRegistry):
             raise
         return sorted((as_version(v) for v in found), key=lambda v: int(v.version))
 
-    def list_models(self) -> list[str]:
-        return sorted(str(m.name) for m in self.client.search_registered_models(max_results=1000))
+    def list_models(self) -> list[RegisteredModel]:
+        found = self.client.search_registered_models(max_results=1000)
+        return sorted((as_model(m) for m in found), key=lambda m: m.name)
+
+    def get_model(self, model_name: str) -> RegisteredModel:
+        try:
+            return as_model(self.client.get_registered_model(model_name))
+        except MlflowException as exc:
+            raise RegistryError(f"registered model {model_name!r}: {exc.message}") from exc
 
     def set_alias(self, model_name: str, alias: str, version: int | str) -> None:
         try:
@@ -182,13 +222,6 @@ class MlflowRegistry(ModelRegistry):
             if _missing(exc):
                 return None
             raise
-
-    def model_aliases(self, model_name: str) -> dict[str, str]:
-        try:
-            model = self.client.get_registered_model(model_name)
-        except MlflowException as exc:
-            raise RegistryError(f"registered model {model_name!r}: {exc.message}") from exc
-        return {str(k): str(v) for k, v in (model.aliases or {}).items()}
 
     def set_version_tag(self, model_name: str, version: int | str, key: str, value: str) -> None:
         self.client.set_model_version_tag(model_name, str(version), key, value)

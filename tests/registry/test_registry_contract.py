@@ -44,6 +44,7 @@ def test_the_implementation_is_chosen_by_uri_scheme(tmp_path: Path) -> None:
     assert isinstance(open_registry(f"sqlite:///{tmp_path / 'mlflow.db'}"), MlflowRegistry)
     local = open_registry((tmp_path / "reg").as_uri())
     assert isinstance(local, MlflowRegistry) and (tmp_path / "reg" / "mlflow.db").is_file()
+    local.ping()
     with pytest.raises(ValueError, match="unsupported registry URI scheme 'ftp'"):
         open_registry("ftp://example.org/registry")
 
@@ -85,7 +86,12 @@ def test_registering_is_idempotent_and_carries_lineage_and_held_out_dice(registr
     assert [v.version for v in registry.search_versions(name)] == [str(version)]
     assert [v.version for v in registry.search_versions(name, run_id=run_id)] == [str(version)]
     assert registry.search_versions(unique_name("never-registered")) == []
-    assert name in registry.list_models()
+    assert name in [m.name for m in registry.list_models()]
+    model = registry.get_model(name)
+    assert model.latest_version == version and model.aliases == {CANDIDATE: version}
+    assert set(registry.walk_artifacts(run_id)) >= {"model/weights.pt", "plots/val_dice.png", PER_CASE}
+    run = registry.get_run(run_id)
+    assert run.params["optimizer.lr"] == "0.002" and run.params["rounds"] == "3" and run.experiment_id
 
 
 def test_a_version_without_evaluation_has_no_per_case_dice(registry: ModelRegistry) -> None:
