@@ -38,11 +38,11 @@ import torch  # noqa: E402
 from monai.inferers import sliding_window_inference  # noqa: E402
 from monai.networks.nets import UNet  # noqa: E402
 
-from services.inference.backends import InferenceBackend, OnnxRuntimeBackend, TritonBackend  # noqa: E402
+from services.inference.backends import TritonBackend  # noqa: E402
 from services.inference.export import export_onnx, parity_check  # noqa: E402
-from services.inference.predictor import SlidingWindowPredictor  # noqa: E402
 from services.inference.triton_repository import config_from_onnx, write_model_version  # noqa: E402
 from shared.data import shared_data_dir  # noqa: E402
+from shared.inference import InferenceBackend, OnnxRuntimeBackend, SlidingWindowPredictor  # noqa: E402
 from shared.stack import PortOffsets, Stack, StackConfig  # noqa: E402
 from shared.stack.process import port_in_use  # noqa: E402
 from shared.storage import open_object_store  # noqa: E402

@@ -75,104 +75,68 @@ def curves_png(history: list[dict[str, Any]]) -> bytes:
 
 
 class MlflowTracker:
+    """A federated run as a registry run (``shared.registry.ModelRegistry``; MLflow behind the URI)."""
+
     def __init__(self, tracking_uri: str, experiment: str, model_name: str) -> None:
-        import os
+        from shared.registry import open_registry
 
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # see shared/registry/client.py
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.registry = open_registry(tracking_uri)
         self.experiment = experiment
         self.model_name = model_name
 
-    def _experiment_id(self) -> str:
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return str(found.experiment_id)
-        try:
-            return str(self.client.create_experiment(self.experiment))
-        except Exception:  # created concurrently by another aggregator
-            found = self.client.get_experiment_by_name(self.experiment)
-            if found is None:
-                raise
-            return str(found.experiment_id)
-
     def start(self, run: Any, params: dict[str, Any], tags: dict[str, str]) -> str | None:
-        existing = self.client.search_runs(
-            [self._experiment_id()], filter_string=f"tags.federated_run_id = '{run.id}'", max_results=1
-        )
-        if existing:
-            return str(existing[0].info.run_id)
-        created = self.client.create_run(
-            self._experiment_id(), run_name=run.id, tags={**tags, "federated_run_id": run.id}
-        )
-        mlflow_run_id = str(created.info.run_id)
-        from mlflow.entities import Param
+        from shared.registry import flatten_params
 
-        self.client.log_batch(mlflow_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        existing = self.registry.find_runs(self.experiment, "federated_run_id", run.id)
+        if existing:
+            return existing[0]
+        mlflow_run_id = self.registry.create_run(
+            self.experiment, run_name=run.id, tags={**tags, "federated_run_id": run.id}
+        )
+        self.registry.log_params(mlflow_run_id, flatten_params(params))
         return mlflow_run_id
 
     def log_round(self, mlflow_run_id: str | None, round_index: int, metrics: dict[str, float]) -> None:
         if mlflow_run_id is None:
             return
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            mlflow_run_id, metrics=[Metric(k, float(v), now, round_index) for k, v in sorted(metrics.items())]
-        )
+        self.registry.log_metrics(mlflow_run_id, [(k, float(v), round_index) for k, v in sorted(metrics.items())])
 
     def finish(self, mlflow_run_id, federated_run_id, history, artifacts, version_tags, per_case=None):
-        """Log the model files and curves, then register through ``shared.registry.register_evaluated_version``
-        (test metrics, ``evaluation/per_case.json``, ``test_dice`` tag, alias ``candidate``): the same path
-        as the centralised baseline, so the promotion gate can compare the two."""
+        """Log the model files and curves, then register through ``register_evaluated_version`` (test
+        metrics, ``evaluation/per_case.json``, ``test_dice`` tag, alias ``candidate``): the same path as the
+        centralised baseline, so the promotion gate can compare the two."""
         if mlflow_run_id is None:
             return None, None
-        from shared.registry import register_evaluated_version
-
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             (root / "model").mkdir()
             for name, data in artifacts.items():
                 (root / "model" / name).write_bytes(data)
-            self.client.log_artifacts(mlflow_run_id, str(root / "model"), "model")
+            self.registry.log_artifacts(mlflow_run_id, root / "model", "model")
             (root / "curves.png").write_bytes(curves_png(history))
             (root / "history.json").write_text(json.dumps(history, indent=1))
-            self.client.log_artifact(mlflow_run_id, str(root / "curves.png"))
-            self.client.log_artifact(mlflow_run_id, str(root / "history.json"))
-        version = self._registered_version(federated_run_id)
-        if version is None:
+            self.registry.log_artifacts(mlflow_run_id, root / "curves.png")
+            self.registry.log_artifacts(mlflow_run_id, root / "history.json")
+        found = self.registry.find_version_by_tag(self.model_name, "federated_run_id", federated_run_id)
+        if found is not None:
+            version = found.version
+        else:
             version = str(
-                register_evaluated_version(
+                self.registry.register_evaluated_version(
                     mlflow_run_id,
                     self.model_name,
                     per_case,
                     {**version_tags, "federated_run_id": federated_run_id},
-                    client=self.client,
                 )
             )
-        self.client.set_terminated(mlflow_run_id, "FINISHED")
+        self.registry.end_run(mlflow_run_id, "FINISHED")
         return self.model_name, version
-
-    def _registered_version(self, federated_run_id: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            versions = self.client.search_model_versions(f"name = '{self.model_name}'")
-        except MlflowException:
-            return None
-        for version in versions:
-            if (version.tags or {}).get("federated_run_id") == federated_run_id:
-                return str(version.version)
-        return None
 
     def fail(self, mlflow_run_id: str | None, reason: str) -> None:
         if mlflow_run_id is None:
             return
-        self.client.set_tag(mlflow_run_id, "failure_reason", reason[:5000])
-        self.client.set_terminated(mlflow_run_id, "FAILED")
+        self.registry.set_run_tag(mlflow_run_id, "failure_reason", reason[:5000])
+        self.registry.end_run(mlflow_run_id, "FAILED")
 
 
 def make_tracker(tracking_uri: str | None, experiment: str, model_name: str) -> RunTracker:

@@ -1,143 +1,45 @@
-"""Where the network actually runs: an embedded ONNX Runtime session or a Triton Inference Server.
+"""The inference service's Triton backend; the in-process backends and the protocol are shared.
 
-Both backends take the same thing (a float32 batch of windows, ``(N, C, X, Y, Z)``) and give back the
-same thing (float32 logits, ``(N, K, X, Y, Z)``), so everything above them — sliding windows, the
-service, the benchmark — is one code path whichever runs the model. The embedded backend is the default
-for a single machine where no Triton runs; Triton is what a cluster uses (dynamic batching across
-requests, GPU instance groups, TensorRT plans).
+``shared.inference.backends`` holds :class:`InferenceBackend` (what the predictor needs), the embedded
+ONNX Runtime backend (the default for a single machine where no Triton runs) and the PyTorch backend
+evaluation uses. Triton is what a cluster uses (dynamic batching across requests, GPU instance groups,
+TensorRT plans); it is the service's own because only the service talks to a Triton server, and it
+implements the same protocol, so the shared predictor runs over it unchanged.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
-
-import numpy as np
+from typing import TYPE_CHECKING, Literal
 
 from services.inference.triton_repository import (
-    INPUT_NAME,
-    OUTPUT_NAME,
     TritonModelConfig,
     local_model_config,
     model_prefix,
     sync_repository,
 )
+from shared.inference.backends import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BackendError,
+    InferenceBackend,
+    OnnxRuntimeBackend,
+    check_batch,
+)
 from shared.storage import ObjectNotFoundError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from shared.storage import ObjectStore
 
+__all__ = ["BackendError", "InferenceBackend", "ModelControl", "OnnxRuntimeBackend", "TritonBackend", "check_batch"]
 
 #: how the Triton server is told which versions to serve (its ``--model-control-mode``)
 ModelControl = Literal["explicit", "poll"]
-
-
-class BackendError(RuntimeError):
-    """The backend cannot serve: no model loaded, the server refused the model, or the input is wrong."""
-
-
-@runtime_checkable
-class InferenceBackend(Protocol):
-    """What the predictor needs from a backend; one model version is loaded at a time."""
-
-    @property
-    def ready(self) -> bool:
-        """True when a model is loaded and a request would be answered now."""
-        ...
-
-    def load(self, model_name: str, version: int | str, path: str | Path | None = None) -> None:
-        """Load ``model_name`` version ``version`` (``path``: an ONNX file or a Triton model repository)."""
-        ...
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a float32 batch ``(N, C, X, Y, Z)``."""
-        ...
-
-    def unload(self) -> None:
-        """Release the loaded model (idempotent)."""
-        ...
-
-
-def check_batch(batch: np.ndarray) -> np.ndarray:
-    """The batch as a C-contiguous float32 5-D array, or a clear error (never a silent reshape)."""
-    if not isinstance(batch, np.ndarray):
-        raise BackendError(f"batch must be a numpy array, got {type(batch).__name__}")
-    if batch.ndim != 5:
-        raise BackendError(f"batch must be 5-D (N, C, X, Y, Z), got shape {batch.shape}")
-    if batch.shape[0] == 0:
-        raise BackendError("batch is empty (N = 0)")
-    if not np.issubdtype(batch.dtype, np.floating):
-        raise BackendError(f"batch must be floating point, got {batch.dtype}")
-    if not np.isfinite(batch).all():
-        raise BackendError("batch contains NaN or infinite values")
-    return np.ascontiguousarray(batch, dtype=np.float32)
-
-
-def _resolve_onnx(model_name: str, version: int | str, path: str | Path | None) -> Path:
-    """An ONNX file given directly, or ``<repository>/<model_name>/<version>/model.onnx``."""
-    if path is None:
-        raise BackendError("the ONNX Runtime backend needs a path: an .onnx file or a model repository")
-    path = Path(path)
-    candidate = path if path.is_file() else path / model_name / str(version) / "model.onnx"
-    if not candidate.is_file():
-        raise BackendError(f"no ONNX model at {candidate}")
-    return candidate
-
-
-class OnnxRuntimeBackend:
-    """ONNX Runtime inside the calling process (CUDA provider first when this onnxruntime build has it)."""
-
-    def __init__(self, providers: list[str] | None = None, intra_op_threads: int | None = None) -> None:
-        self.providers = providers
-        self.intra_op_threads = intra_op_threads
-        self.model_name: str | None = None
-        self.version: str | None = None
-        self._session = None
-        self._lock = threading.Lock()
-
-    @property
-    def ready(self) -> bool:
-        return self._session is not None
-
-    @property
-    def input_shape(self) -> tuple[int | str, ...]:
-        """The loaded model's input shape (the batch axis as its name, the window size as integers)."""
-        if self._session is None:
-            raise BackendError("no model loaded")
-        return tuple(self._session.get_inputs()[0].shape)
-
-    def load(self, model_name: str, version: int | str, path: str | Path | None = None) -> None:
-        import onnxruntime as ort
-
-        onnx_path = _resolve_onnx(model_name, version, path)
-        options = ort.SessionOptions()
-        if self.intra_op_threads:
-            options.intra_op_num_threads = self.intra_op_threads
-        available = ort.get_available_providers()
-        providers = self.providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        try:
-            session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise BackendError(f"ONNX Runtime could not load {onnx_path}: {exc}") from exc
-        names = [i.name for i in session.get_inputs()]
-        if INPUT_NAME not in names:
-            raise BackendError(f"{onnx_path} has inputs {names}, expected {INPUT_NAME!r}")
-        with self._lock:  # the swap is atomic for concurrent infer() callers
-            self._session, self.model_name, self.version = session, model_name, str(version)
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        session = self._session
-        if session is None:
-            raise BackendError("no model loaded")
-        return session.run([OUTPUT_NAME], {INPUT_NAME: check_batch(batch)})[0]
-
-    def unload(self) -> None:
-        with self._lock:
-            self._session, self.model_name, self.version = None, None, None
 
 
 class TritonBackend:

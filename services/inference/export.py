@@ -20,17 +20,14 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from services.inference.backends import OnnxRuntimeBackend
-from services.inference.predictor import SlidingWindowPredictor
 from services.inference.triton_repository import (
-    INPUT_NAME,
-    OUTPUT_NAME,
     config_from_onnx,
     flavour_for,
     model_versions,
     prune_model_versions,
     write_model_version,
 )
+from shared.inference import INPUT_NAME, OUTPUT_NAME, OnnxRuntimeBackend, SlidingWindowPredictor
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore
@@ -401,9 +398,10 @@ def export_registered_model(
     """
     from services.inference.parity_cases import ParityCasesError, load_parity_cases
     from shared.evaluation.runner import roi_size_of
-    from shared.registry import attach_artifact, load_model, registry_client
+    from shared.registry import as_registry
 
-    loaded = load_model(model_uri, client=client)
+    registry = as_registry(client)
+    loaded = registry.load_model(model_uri)
     registered, version = loaded.name, int(loaded.version.version)
     if cases is None:
         dataset_version = (loaded.version.tags or {}).get("dataset_version")
@@ -415,7 +413,7 @@ def export_registered_model(
     kwargs.setdefault("roi_size", roi_size_of(loaded.training_config_yaml))
 
     def attach(path: Path, artifact_dir: str) -> None:
-        attach_artifact(registered, version, path, artifact_dir, client=client)
+        registry.attach_artifact(registered, version, path, artifact_dir)
 
     result = export_model_version(
         loaded.network,
@@ -427,8 +425,7 @@ def export_registered_model(
         **kwargs,
     )
     if retain_versions is not None:
-        registry = registry_client() if client is None else client
-        aliased = {int(v) for v in registry.get_registered_model(registered).aliases.values()}
+        aliased = {int(v) for v in registry.model_aliases(registered).values()}
         newest = model_versions(store, result.model_name)[-retain_versions:] if retain_versions > 0 else []
         result.pruned_versions = prune_model_versions(store, result.model_name, {version, *newest, *aliased})
         if result.pruned_versions:

@@ -22,9 +22,9 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 from monai.transforms import Compose
 
-from services.inference.backends import InferenceBackend, ModelControl, OnnxRuntimeBackend, TritonBackend
-from services.inference.predictor import SlidingWindowPredictor
+from services.inference.backends import ModelControl, TritonBackend
 from services.inference.triton_repository import TritonModelConfig, model_prefix
+from shared.inference import InferenceBackend, OnnxRuntimeBackend, SlidingWindowPredictor
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore
@@ -101,26 +101,28 @@ class VersionArtifacts:
         return f"models:/{self.name}/{self.version}"
 
 
-def read_version_artifacts(client: Any, model_name: str, version: str) -> VersionArtifacts:
+def read_version_artifacts(registry: Any, model_name: str, version: str) -> VersionArtifacts:
     """The version's ``model/preprocessing.json`` and ``model/labels.json``, and whether ``model/onnx`` exists.
 
-    Only these small files are downloaded: the service never rebuilds the PyTorch network (the backends
-    run the exports), so it does not fetch the weights either.
+    ``registry``: a ``shared.registry.ModelRegistry`` (or an ``MlflowClient``, wrapped). Only these small
+    files are downloaded: the service never rebuilds the PyTorch network (the backends run the exports),
+    so it does not fetch the weights either.
     """
     import json
     import tempfile
 
-    from shared.registry import RegistryError, resolve_version, run_id_of
+    from shared.registry import RegistryError, as_registry, run_id_of
 
-    model_version = resolve_version(f"models:/{model_name}/{version}", client)
+    registry = as_registry(registry)
+    model_version = registry.resolve(f"models:/{model_name}/{version}")
     run_id = run_id_of(model_version)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            spec = json.loads(Path(client.download_artifacts(run_id, "model/preprocessing.json", tmp)).read_text())
-            labels = json.loads(Path(client.download_artifacts(run_id, "model/labels.json", tmp)).read_text())
-        except Exception as exc:  # MlflowException / OSError: the version lacks the contract's files
+            spec = json.loads(registry.download_artifacts(run_id, "model/preprocessing.json", tmp).read_text())
+            labels = json.loads(registry.download_artifacts(run_id, "model/labels.json", tmp).read_text())
+        except (RegistryError, OSError, ValueError) as exc:  # the version lacks the contract's files
             raise RegistryError(f"models:/{model_name}/{version}: cannot read its model/ files: {exc}") from exc
-    has_onnx = any(f.path == ONNX_ARTIFACT for f in client.list_artifacts(run_id, "model/onnx"))
+    has_onnx = ONNX_ARTIFACT in registry.list_artifacts(run_id, "model/onnx")
     return VersionArtifacts(
         name=model_name,
         version=str(model_version.version),
@@ -148,7 +150,7 @@ class _TritonVersions:
 
 
 class RegistryModelSource:
-    """Versions of one registered model, read through ``shared.registry`` (MLflow), run on a backend.
+    """Versions of one registered model, read through ``shared.registry.ModelRegistry``, run on a backend.
 
     ``onnxruntime``: the version's ``model/onnx/model.onnx`` artifact in an embedded ONNX Runtime session.
     ``triton``: the version of ``triton/<model>/`` in object storage, loaded into a Triton server (synced
@@ -190,25 +192,24 @@ class RegistryModelSource:
         self.overlap = overlap
         self.onnxruntime_threads = onnxruntime_threads
         self.tracking_uri = tracking_uri
-        self._client: Any = None
+        self._registry: Any = None
         self._triton = _TritonVersions()
 
     @property
-    def client(self) -> Any:
-        if self._client is None:
-            from shared.registry import registry_client
+    def registry(self) -> Any:
+        """The ``shared.registry.ModelRegistry`` at ``tracking_uri`` (opened on first use)."""
+        if self._registry is None:
+            from shared.registry import open_registry
 
-            self._client = registry_client(self.tracking_uri)
-        return self._client
+            self._registry = open_registry(self.tracking_uri)
+        return self._registry
 
     def resolve(self, alias: str) -> str | None:
-        from shared.registry import get_version_by_alias
-
-        version = get_version_by_alias(self.model_name, alias, self.client)
+        version = self.registry.get_version_by_alias(self.model_name, alias)
         return None if version is None else str(version.version)
 
     def load(self, version: str) -> ServedModel:
-        artifacts = read_version_artifacts(self.client, self.model_name, version)
+        artifacts = read_version_artifacts(self.registry, self.model_name, version)
         backend: InferenceBackend
         if self.backend == "onnxruntime":
             onnx, close = self._open_onnxruntime(artifacts)
@@ -230,7 +231,7 @@ class RegistryModelSource:
         backend = OnnxRuntimeBackend(intra_op_threads=self.onnxruntime_threads)
         workdir = tempfile.mkdtemp(prefix=f"vf-serve-{artifacts.name}-{artifacts.version}-")
         try:
-            onnx_path = self.client.download_artifacts(artifacts.run_id, ONNX_ARTIFACT, workdir)
+            onnx_path = self.registry.download_artifacts(artifacts.run_id, ONNX_ARTIFACT, workdir)
             backend.load(artifacts.name, artifacts.version, onnx_path)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)  # the session holds the model in memory

@@ -1,18 +1,20 @@
-"""One volume through one served model: preprocess → predict → postprocess (the KServe-style steps)."""
+"""One volume through one served model: the shared pipeline (``shared.inference.segment_array``) plus findings.
+
+Preprocessing, sliding windows, post-processing and inversion are ``shared.inference``'s, the code
+``voxelflow evaluate`` and the held-out test evaluation run too, so the reported Dice is that of what
+is served; this module adds only what a request returns (findings, window count, timings).
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from monai.data import MetaTensor
 
 from services.inference.model_server import ServedModel
-from services.inference.postprocess import argmax_labels, invert_to_source, keep_largest_components, label_findings
 from services.inference.sources import SourceVolume
+from shared.inference import label_findings, segment_array
 
 
 @dataclass
@@ -24,28 +26,20 @@ class Segmentation:
     model_seconds: float
 
 
-def preprocess(model: ServedModel, volume: SourceVolume) -> MetaTensor:
-    """Apply the model's own inference transforms to the source image (channel-first MetaTensor)."""
-    image = MetaTensor(torch.from_numpy(volume.array[None]), affine=torch.from_numpy(volume.affine))
-    image.meta["filename_or_obj"] = volume.series_uid or "upload"
-    image.meta["original_channel_dim"] = 0  # already channel first: EnsureChannelFirstd keeps it as is
-    return model.transforms({"image": image})["image"]
-
-
 def segment_volume(model: ServedModel, volume: SourceVolume, *, largest_component: bool = False) -> Segmentation:
-    preprocessed = preprocess(model, volume)
-    started = time.perf_counter()
-    logits = model.predict(preprocessed.as_tensor()[None].to(torch.float32))
-    model_seconds = time.perf_counter() - started
-    mask = invert_to_source(argmax_labels(logits[0]), preprocessed, model.transforms)
-    if mask.shape != volume.array.shape:
-        raise RuntimeError(f"inverted mask {mask.shape} does not match the source {volume.array.shape}")
-    if largest_component:
-        mask = keep_largest_components(mask, model.labels)
+    result = segment_array(
+        model.predict,
+        model.transforms,
+        model.labels,
+        volume.array,
+        volume.affine,
+        name=volume.series_uid or "upload",
+        largest_component=largest_component,
+    )
     return Segmentation(
-        mask=mask,
+        mask=result.mask,
         affine=volume.affine,
-        findings=label_findings(mask, volume.affine, model.labels),
-        windows=model.windows_for(tuple(preprocessed.shape[1:])),
-        model_seconds=model_seconds,
+        findings=label_findings(result.mask, volume.affine, model.labels),
+        windows=model.windows_for(result.preprocessed_shape),
+        model_seconds=result.model_seconds,
     )

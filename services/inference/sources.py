@@ -13,17 +13,16 @@ NIfTI-style arrays: axes (i, j, k) with ``affine @ [i, j, k, 1]`` = RAS position
 
 from __future__ import annotations
 
-import gzip
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import highdicom as hd
 import httpx
-import nibabel as nib
 import numpy as np
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
+
+from shared.inference.segmentation import VolumeError, read_nifti
 
 SERIES_URL = re.compile(r"^(?P<root>https?://.+?)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/?$")
 
@@ -148,24 +147,9 @@ def volume_from_datasets(datasets: list[Dataset]) -> SourceVolume:
 
 
 def volume_from_nifti(data: bytes, patient_id: str | None = None) -> SourceVolume:
-    """An uploaded NIfTI (gzipped or not). 4-D only with a single volume; the affine is taken as is."""
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise SourceError(f"corrupt gzip: {exc}") from exc
+    """An uploaded NIfTI (gzipped or not), read as evaluation reads its cases (``shared.inference.read_nifti``)."""
     try:
-        image: Any = nib.Nifti1Image.from_bytes(data)
-        array = np.asanyarray(image.dataobj, dtype=np.float32)
-    except Exception as exc:
-        raise SourceError(f"not a readable NIfTI-1 image: {exc}") from exc
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim != 3 or min(array.shape) < 1:
-        raise SourceError(f"expected a 3-D volume, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise SourceError("the image contains NaN or infinite values")
-    affine = np.asarray(image.affine, dtype=float)
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise SourceError("the NIfTI affine is singular")
-    return SourceVolume(array=np.ascontiguousarray(array), affine=affine, patient_id=patient_id)
+        array, affine = read_nifti(data)
+    except VolumeError as exc:
+        raise SourceError(str(exc)) from exc
+    return SourceVolume(array=array, affine=affine, patient_id=patient_id)

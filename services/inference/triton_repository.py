@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from google.protobuf import json_format, text_format
 
+from shared.inference.backends import INPUT_NAME, OUTPUT_NAME
+
 if TYPE_CHECKING:
     from shared.storage import ObjectStore
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 REPOSITORY_PREFIX = "triton"
 Flavour = Literal["python_onnx", "onnxruntime_onnx", "tensorrt_plan"]
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from mlflow import MlflowClient
-
 from services.model_registry.promotion import GateConfig
 from services.model_registry.settings import ModelRegistrySettings
-from shared.registry import registry_client
+from shared.registry import ModelRegistry, open_registry
 from shared.service_context import ServiceContext
 
 SERVICE = "model-registry"
@@ -24,8 +22,9 @@ class ModelRegistryContext(ServiceContext):
     settings: ModelRegistrySettings
 
     @cached_property
-    def mlflow(self) -> MlflowClient:
-        return registry_client(self.settings.mlflow_tracking_uri)
+    def registry(self) -> ModelRegistry:
+        """The registry at ``mlflow_tracking_uri`` (the implementation is chosen by its scheme)."""
+        return open_registry(self.settings.mlflow_tracking_uri)
 
     @property
     def gate(self) -> GateConfig:
@@ -41,4 +40,4 @@ class ModelRegistryContext(ServiceContext):
         return (self.settings.mlflow_ui_url or self.settings.mlflow_tracking_uri).rstrip("/")
 
     def check_mlflow(self) -> None:
-        self.mlflow.search_registered_models(max_results=1)
+        self.registry.ping()

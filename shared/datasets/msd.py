@@ -1,7 +1,9 @@
-"""The Medical Segmentation Decathlon folder format (``dataset.json`` + ``imagesTr``/``labelsTr``), read.
+"""Reading a Medical Segmentation Decathlon folder: ``dataset.json`` and its ``imagesTr``/``labelsTr`` pairs.
 
-One reader for everyone who meets such a folder: the preprocessing service importing it into its case
-pool, the inference service picking parity cases, the CLI uploading it, evaluation reading it.
+One reader for every consumer: the preprocessing service imports the cases into its catalogue
+(``services.preprocessing.msd_import``), ``voxelflow evaluate`` scores a model on the labelled pairs, the
+export parity gate preprocesses the first images, and the benchmark/test loader
+(``shared.training.msd.load_msd_cases``) finds a case's files. Only reading is here; nothing is written.
 """
 
 from __future__ import annotations

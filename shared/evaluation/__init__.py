@@ -1,6 +1,5 @@
 """Segmentation evaluation: per-case metrics (MONAI), bootstrap summaries, whole-image inference, reports."""
 
-from shared.evaluation.inference import predict_labels
 from shared.evaluation.metrics import METRICS, bootstrap_ci, case_metrics, mean_dice_per_case, summarise
 from shared.evaluation.report import format_table, write_csv, write_json, write_report
 
@@ -10,7 +9,6 @@ __all__ = [
     "case_metrics",
     "format_table",
     "mean_dice_per_case",
-    "predict_labels",
     "summarise",
     "write_csv",
     "write_json",

@@ -5,7 +5,9 @@ Why here and in the preprocessed space: the federated aggregator (global model o
 (``voxelflow train``) must score a model the same way, or the comparison between them is meaningless.
 Both call :func:`evaluate_state` on the cases the manifest names; the cached case is exactly what the
 network was trained on (the dataset's deterministic preprocessing), so no inversion is needed, and the
-voxel spacing for HD95/ASD comes from the cached affine. ``voxelflow evaluate`` (``runner.py``) is the
+voxel spacing for HD95/ASD comes from the cached affine. The windows run through the inference service's
+own predictor (``shared.inference.SlidingWindowPredictor``), so the test Dice recorded at registration is
+that of the served window, overlap and blending. ``voxelflow evaluate`` (``runner.py``) is the
 other view: a registered model on raw NIfTI files in the hospital's own geometry.
 """
 
@@ -19,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.evaluation.inference import predict_labels
 from shared.evaluation.metrics import case_metrics, mean_dice_per_case, summarise
+from shared.inference import InferenceBackend, SlidingWindowPredictor, TorchModuleBackend, predict_labels
 
 _CACHE_LOCK = threading.Lock()
 _CASE_CACHE: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -40,19 +42,26 @@ def label_names(labels: Mapping[Any, str] | None, num_classes: int) -> dict[int,
 
 
 def evaluate_network(
-    network: torch.nn.Module,
+    network: torch.nn.Module | InferenceBackend,
     cases: Iterable[Mapping[str, Any]],
     labels: Mapping[int, str],
     roi_size: Sequence[int],
     sw_batch_size: int = 1,
     overlap: float = 0.25,
 ) -> list[dict[str, Any]]:
-    """:func:`case_metrics` records (with ``case_id``) of ``network`` on cached cases (``image``, ``label``)."""
+    """:func:`case_metrics` records (with ``case_id``) of ``network`` on cached cases (``image``, ``label``).
+
+    The windows go through the inference service's own predictor (``shared.inference``: the same sliding
+    window, overlap, Gaussian blending and argmax as served), over the network in this process — or over
+    any backend given instead, e.g. ONNX Runtime on the export.
+    """
+    backend = TorchModuleBackend(network) if isinstance(network, torch.nn.Module) else network
+    predictor = SlidingWindowPredictor(backend, roi_size, sw_batch_size=sw_batch_size, overlap=overlap)
     records: list[dict[str, Any]] = []
     for case in cases:
         if case.get("label") is None:
             raise ValueError(f"case {case.get('case_id')!r} has no label: it cannot be evaluated")
-        prediction = predict_labels(network, case["image"], roi_size, sw_batch_size, overlap)
+        prediction = predict_labels(predictor, case["image"])
         spacing = spacing_of(case["affine"]) if case.get("affine") is not None else None
         for record in case_metrics(prediction, case["label"], labels, spacing):
             records.append({"case_id": str(case["case_id"]), **record})

@@ -1,8 +1,13 @@
-"""Evaluate a registered model on labelled NIfTI cases, in each case's original geometry.
+"""Evaluate a registered model on labelled NIfTI cases, in each case's original geometry, as it is served.
 
-Why the original geometry: the model's own stored preprocessing (``build_transforms(spec, "inference")``)
-resamples, reorients and pads; ``Invertd`` takes the predicted mask back onto the image grid as the
-hospital gave it, and the metrics compare it with the untouched ground truth there, in millimetres.
+Why the served pipeline: a Dice worth reporting is the Dice of what the inference service returns. Each
+case goes through ``shared.inference`` — the very code the service runs per request: the NIfTI read as an
+upload is read, the model's own stored inference transforms (resample, reorient, normalise, pad), the
+sliding-window predictor (window, overlap, Gaussian blending) over a backend, argmax, inversion onto the
+image grid as the hospital gave it, and optionally the largest-component filter. Only the backend may
+differ: the registered PyTorch network in this process (:class:`~shared.inference.TorchModuleBackend`),
+or the version's ONNX export (:class:`~shared.inference.OnnxRuntimeBackend`), which is what is served.
+The metrics then compare the mask with the untouched ground truth there, in millimetres.
 """
 
 from __future__ import annotations
@@ -12,12 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirst, LoadImage
 
-from shared.evaluation.inference import predict_labels
 from shared.evaluation.metrics import case_metrics
+from shared.inference import InferenceBackend, SlidingWindowPredictor, TorchModuleBackend, read_nifti, segment_array
 
 log = logging.getLogger("voxelflow.evaluation")
 DEFAULT_ROI_SIZE = (48, 64, 48)
@@ -32,39 +36,50 @@ def roi_size_of(training_config_yaml: str) -> tuple[int, int, int]:
     return tuple(int(r) for r in roi) if roi else DEFAULT_ROI_SIZE  # type: ignore[return-value]
 
 
+def as_backend(model: torch.nn.Module | InferenceBackend) -> InferenceBackend:
+    """A backend for ``model``: a PyTorch network runs in this process, a backend is used as given."""
+    return TorchModuleBackend(model) if isinstance(model, torch.nn.Module) else model
+
+
 def evaluate_cases(
-    network: torch.nn.Module,
+    model: torch.nn.Module | InferenceBackend,
     spec: Any,
     labels: dict[int, str],
     pairs: Sequence[tuple[Path, Path]],
     roi_size: Sequence[int],
     sw_batch_size: int = 1,
     progress: Callable[[int, int, str], None] | None = None,
+    *,
+    overlap: float = 0.25,
+    largest_component: bool = False,
 ) -> list[dict[str, Any]]:
-    """Records of :func:`case_metrics` with ``case_id`` for every (image, label) pair."""
-    from shared.preprocessing import build_transforms, make_inverter
+    """Records of :func:`case_metrics` with ``case_id`` for every (image, label) pair.
 
-    inference = build_transforms(spec, "inference")
-    inverter = make_inverter(inference, "pred", nearest=True)
-    load_truth = LoadImage(image_only=True, reader="NibabelReader")
-    channel_first = EnsureChannelFirst()
+    ``model``: the registered PyTorch network, or a loaded backend (e.g. ONNX Runtime on the export).
+    ``overlap`` and ``largest_component`` are the inference service's settings of the same names
+    (``VOXELFLOW_INFERENCE_OVERLAP``, ``…_KEEP_LARGEST_COMPONENT``; defaults equal).
+    """
+    from shared.preprocessing import PreprocessingSpec, build_transforms
+
+    if not isinstance(spec, PreprocessingSpec):
+        spec = PreprocessingSpec.from_dict(dict(spec))
+    transforms = build_transforms(spec, "inference", load=False)  # what ServedModel.transforms is
+    predictor = SlidingWindowPredictor(as_backend(model), roi_size, sw_batch_size=sw_batch_size, overlap=overlap)
     records: list[dict[str, Any]] = []
     for done, (image_path, label_path) in enumerate(pairs, start=1):
         case_id = Path(image_path).name.removesuffix(".gz").removesuffix(".nii")
-        data = inference({"image": str(image_path)})
-        prediction = predict_labels(network, data["image"], roi_size, sw_batch_size)
-        data["pred"] = prediction.to(torch.float32)
-        restored = inverter(data)["pred"]
-        truth = channel_first(load_truth(str(label_path)))
-        if tuple(restored.shape[1:]) != tuple(truth.shape[1:]):
+        array, affine = read_nifti(image_path)
+        mask = segment_array(
+            predictor, transforms, labels, array, affine, name=case_id, largest_component=largest_component
+        ).mask
+        truth, truth_affine = read_nifti(label_path)
+        if mask.shape != truth.shape:
             raise ValueError(
-                f"{case_id}: prediction restored to {tuple(restored.shape[1:])} but the label is "
-                f"{tuple(truth.shape[1:])}: image and label grids differ"
+                f"{case_id}: prediction restored to {mask.shape} but the label is {truth.shape}: "
+                "image and label grids differ"
             )
-        if not isinstance(truth, MetaTensor):
-            raise TypeError(f"{case_id}: the label loader returned no spatial metadata")
-        spacing = [float(s) for s in truth.pixdim[:3]]
-        for record in case_metrics(torch.round(torch.as_tensor(restored)), truth, labels, spacing):
+        spacing = [float(s) for s in np.linalg.norm(truth_affine[:3, :3], axis=0)]
+        for record in case_metrics(mask, truth, labels, spacing):
             records.append({"case_id": case_id, **record})
         if progress:
             progress(done, len(pairs), case_id)

@@ -111,12 +111,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def register(args: argparse.Namespace, config: Any, manifest: Any, result: Any, records: list[dict[str, Any]]) -> dict:
     """Log the trained model to MLflow and register it with the lineage of a federated version."""
-    from shared.registry import MetricPoint, log_training_run, register_evaluated_version, registry_client
+    from shared.registry import MetricPoint, open_registry
 
-    client = registry_client(args.tracking_uri)
+    registry = open_registry(args.tracking_uri)
     points = [MetricPoint("train_loss", h.train_loss, h.epoch) for h in result.history]
     points += [MetricPoint("val_dice", h.val_dice, h.epoch) for h in result.history if h.val_dice is not None]
-    run_id = log_training_run(
+    run_id = registry.log_training_run(
         experiment=args.experiment,
         state_dict=result.state_dict,
         training_config_yaml=config.to_yaml(),
@@ -127,9 +127,8 @@ def register(args: argparse.Namespace, config: Any, manifest: Any, result: Any, 
         params={"training": config.model_dump(mode="json"), "split": args.split, "world_size": _world_size()},
         metrics=points,
         tags={"strategy": "centralised", "federated_run_id": ""},
-        client=client,
     )
-    version = register_evaluated_version(run_id, args.model_name, records or None, client=client)
+    version = registry.register_evaluated_version(run_id, args.model_name, records or None)
     return {"run_id": run_id, "model_name": args.model_name, "version": version}
 
 

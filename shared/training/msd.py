@@ -2,7 +2,8 @@
 
 Platform training reads preprocessed dataset versions (shared.training.data); this loader exists so the
 benchmark and the unit tests can run on the bundled hippocampus set without a preprocessing run. The steps
-mirror the hippocampus preprocessing spec: load, channel first, RAS, z-score over non-zero voxels, pad to 16.
+mirror the hippocampus preprocessing spec; the files are those ``dataset.json`` names (``shared.datasets.msd``,
+the one MSD reader): load, channel first, RAS, z-score over non-zero voxels, pad to 16.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ def load_msd_cases(root: Path, case_ids: list[str]) -> list[dict[str, Any]]:
             DivisiblePadd(["image", "label"], k=16),
         ]
     )
+    from shared.datasets.msd import case_id_of, read_msd_index
+
+    pairs = {case_id_of(image): (image, label) for image, label in read_msd_index(Path(root)).pairs}
     cases = []
     for case_id in case_ids:
-        item = pipeline(
-            {
-                "image": str(root / "imagesTr" / f"{case_id}.nii.gz"),
-                "label": str(root / "labelsTr" / f"{case_id}.nii.gz"),
-            }
-        )
+        if case_id not in pairs or pairs[case_id][1] is None:
+            raise KeyError(f"{root}/dataset.json lists no labelled case {case_id!r}")
+        image, label = pairs[case_id]
+        item = pipeline({"image": str(image), "label": str(label)})
         cases.append(
             {
                 "image": _plain(item["image"]).float().contiguous(),

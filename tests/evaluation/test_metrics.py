@@ -15,11 +15,11 @@ from shared.evaluation import (
     case_metrics,
     format_table,
     mean_dice_per_case,
-    predict_labels,
     summarise,
     write_report,
 )
 from shared.evaluation.metrics import bootstrap_ci
+from shared.inference import SlidingWindowPredictor, TorchModuleBackend, predict_labels
 
 LABELS = {0: "background", 1: "a", 2: "b"}
 
@@ -149,11 +149,12 @@ def test_predict_labels_gives_argmax_label_map() -> None:
 
     image = -torch.ones(1, 13, 17, 11)
     image[:, 2:6, 3:9, 4:7] = 1.0
-    labels = predict_labels(Constant(), image, roi_size=(8, 8, 8))
+    predictor = SlidingWindowPredictor(TorchModuleBackend(Constant()), roi_size=(8, 8, 8), sw_batch_size=1)
+    labels = predict_labels(predictor, image)
     assert labels.shape == (1, 13, 17, 11) and labels.dtype == torch.int64
     assert torch.equal(labels[0] == 2, image[0] > 0) and set(labels.unique().tolist()) == {0, 2}
     with pytest.raises(ValueError, match="channel-first"):
-        predict_labels(Constant(), image[0], roi_size=(8, 8, 8))
+        predict_labels(predictor, image[0])
 
 
 def test_report_files_and_table(tmp_path: Path) -> None:

@@ -9,9 +9,8 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from services.inference.backends import BackendError, InferenceBackend, OnnxRuntimeBackend
 from services.inference.export import export_onnx
-from services.inference.predictor import SlidingWindowPredictor
+from shared.inference import BackendError, InferenceBackend, OnnxRuntimeBackend, SlidingWindowPredictor
 from tests.inference.helpers import ROI, hippocampus_cases, tiny_unet
 from tests.service_harness import require_shared_data
 

@@ -196,8 +196,8 @@ def test_models_export_cli_on_a_registered_version(
     shared.registry gets model/onnx and model/torchscript on its run after the gate passed on real
     hippocampus cases preprocessed with the model's own spec, and its Triton model version is in object
     storage."""
-    from services.inference.backends import OnnxRuntimeBackend
     from shared.cli import main
+    from shared.inference import OnnxRuntimeBackend
     from shared.registry import load_model, registry_client
     from tests.inference.registry_models import register_tiny_model, unique_model_name
 

@@ -87,15 +87,15 @@ def segment(svc: InferenceService, data: bytes, **fields: str) -> Any:
 
 def reference_mask(uri: str, image_path: Path) -> np.ndarray:
     """What the registered PyTorch network predicts for the image, on its grid: the evaluation code path
-    (LoadImaged + the model's own inference transforms, MONAI sliding window, Invertd) — no service code."""
-    from shared.evaluation.inference import predict_labels
-    from shared.preprocessing import build_transforms, make_inverter
+    (``shared.evaluation.runner``: the shared pipeline over the PyTorch network) — no service code."""
+    from shared.inference import SlidingWindowPredictor, TorchModuleBackend, read_nifti, segment_array
+    from shared.preprocessing import build_transforms
 
     loaded = load_model(uri)
-    transforms = build_transforms(loaded.spec, "inference")
-    data = transforms({"image": str(image_path)})
-    data["pred"] = predict_labels(loaded.network, data["image"], (32, 32, 32), 4).to(torch.float32)
-    return np.asarray(make_inverter(transforms, "pred", nearest=True)(data)["pred"][0]).astype(np.uint8)
+    transforms = build_transforms(loaded.spec, "inference", load=False)
+    predictor = SlidingWindowPredictor(TorchModuleBackend(loaded.network), (32, 32, 32), sw_batch_size=4)
+    array, affine = read_nifti(image_path)
+    return segment_array(predictor, transforms, loaded.labels, array, affine).mask
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

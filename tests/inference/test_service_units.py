@@ -20,8 +20,8 @@ from services.inference.admission import (
 from services.inference.dicom_seg import GridMismatchError, frames_on_source_grid
 from services.inference.model_lifecycle import canary_bucket, routes_to_candidate
 from services.inference.model_server import count_windows
-from services.inference.postprocess import keep_largest_components, label_findings
 from services.inference.sources import SourceError, parse_series_url, volume_from_nifti
+from shared.inference.postprocess import keep_largest_components, label_findings
 
 
 @pytest.mark.parametrize("share", [0.1, 0.25, 0.5])

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.inference.backends import BackendError, OnnxRuntimeBackend, TritonBackend
+from services.inference.backends import TritonBackend
 from services.inference.export import export_onnx
-from services.inference.predictor import SlidingWindowPredictor
 from services.inference.triton_repository import (
     TritonModelConfig,
     config_from_onnx,
@@ -26,6 +25,7 @@ from services.inference.triton_repository import (
     prune_model_versions,
     write_model_version,
 )
+from shared.inference import BackendError, OnnxRuntimeBackend, SlidingWindowPredictor
 from shared.storage import ObjectStore, open_object_store
 from tests.conftest import TritonServer
 from tests.inference.helpers import ROI, hippocampus_cases, tiny_unet

@@ -40,14 +40,14 @@ def _not_found(exc: NotFoundError) -> HTTPException:
 
 @router.get("", summary="Registered models with their aliases")
 def get_models(ctx: ContextDep, _: ReadCaller) -> list[dict[str, Any]]:
-    return list_models(ctx.mlflow)
+    return list_models(ctx.registry)
 
 
 @router.get("/{name}/versions", summary="Versions of a model, newest first")
 def get_versions(name: ModelName, ctx: ContextDep, _: ReadCaller, request: Request) -> list[dict[str, Any]]:
     add_audit_uids(request, f"models:/{name}")
     try:
-        return list_versions(ctx.mlflow, name)
+        return list_versions(ctx.registry, name)
     except NotFoundError as exc:
         raise _not_found(exc) from exc
 
@@ -56,7 +56,7 @@ def get_versions(name: ModelName, ctx: ContextDep, _: ReadCaller, request: Reque
 def get_version(name: ModelName, version: Version, ctx: ContextDep, _: ReadCaller, request: Request) -> dict[str, Any]:
     add_audit_uids(request, f"models:/{name}/{version}")
     try:
-        return version_detail(ctx.mlflow, name, version, ctx.ui_url)
+        return version_detail(ctx.registry, name, version, ctx.ui_url)
     except NotFoundError as exc:
         raise _not_found(exc) from exc
 
@@ -74,7 +74,7 @@ def get_comparison(
     if a == b:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "compare two different versions (a != b)")
     try:
-        return compare_versions(ctx.mlflow, name, a, b)
+        return compare_versions(ctx.registry, name, a, b)
     except NotFoundError as exc:
         raise _not_found(exc) from exc
 
@@ -100,7 +100,7 @@ def post_promote(
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "a forced promotion needs a reason")
         add_audit_uids(request, "force")
     try:
-        outcome = promote(ctx.mlflow, name, version, ctx.gate, caller.name, force=body.force)
+        outcome = promote(ctx.registry, name, version, ctx.gate, caller.name, force=body.force)
     except NotFoundError as exc:
         raise _not_found(exc) from exc
     payload = {

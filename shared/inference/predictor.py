@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from services.inference.backends import BackendError, InferenceBackend
+from shared.inference.backends import BackendError, InferenceBackend
 
 
 class SlidingWindowPredictor:
