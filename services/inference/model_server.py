@@ -25,6 +25,7 @@ from monai.transforms import Compose
 from services.inference.backends import InferenceBackend, ModelControl, OnnxRuntimeBackend, TritonBackend
 from services.inference.predictor import SlidingWindowPredictor
 from services.inference.triton_repository import TritonModelConfig, model_prefix
+from shared.contracts import artifacts
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore
@@ -116,11 +117,11 @@ def read_version_artifacts(client: Any, model_name: str, version: str) -> Versio
     run_id = run_id_of(model_version)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            spec = json.loads(Path(client.download_artifacts(run_id, "model/preprocessing.json", tmp)).read_text())
-            labels = json.loads(Path(client.download_artifacts(run_id, "model/labels.json", tmp)).read_text())
+            spec = json.loads(Path(client.download_artifacts(run_id, artifacts.PREPROCESSING, tmp)).read_text())
+            labels = json.loads(Path(client.download_artifacts(run_id, artifacts.LABELS, tmp)).read_text())
         except Exception as exc:  # MlflowException / OSError: the version lacks the contract's files
             raise RegistryError(f"models:/{model_name}/{version}: cannot read its model/ files: {exc}") from exc
-    has_onnx = any(f.path == ONNX_ARTIFACT for f in client.list_artifacts(run_id, "model/onnx"))
+    has_onnx = any(f.path == ONNX_ARTIFACT for f in client.list_artifacts(run_id, artifacts.ONNX_DIR))
     return VersionArtifacts(
         name=model_name,
         version=str(model_version.version),
@@ -131,7 +132,7 @@ def read_version_artifacts(client: Any, model_name: str, version: str) -> Versio
     )
 
 
-ONNX_ARTIFACT = "model/onnx/model.onnx"
+ONNX_ARTIFACT = artifacts.ONNX
 
 
 class _TritonVersions:

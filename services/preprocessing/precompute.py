@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from google.protobuf.json_format import ParseDict, ParseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.preprocessing import metrics
 from services.preprocessing.models import PrecomputeJob
+from shared.contracts import messages
 from shared.datasets import load_manifest, preprocess_cases
 from shared.db.base import session_scope, utcnow
 from shared.preprocessing import PreprocessingSpec
@@ -24,8 +24,8 @@ from shared.tasks import PermanentTaskError
 
 def parse_job(message: dict[str, Any]) -> PreprocessingJob:
     try:
-        job = ParseDict(message, PreprocessingJob())
-    except ParseError as exc:
+        job = messages.from_dict(message, PreprocessingJob)
+    except messages.MessageError as exc:
         raise PermanentTaskError(f"not a PreprocessingJob message: {exc}") from exc
     if not job.job_id or not job.dataset_version_id:
         raise PermanentTaskError("PreprocessingJob needs job_id and dataset_version_id")

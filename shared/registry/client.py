@@ -29,6 +29,8 @@ from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from shared.contracts import artifacts
+from shared.contracts.codec import state_from_bytes, state_to_bytes
 from shared.registry import lineage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -182,10 +184,12 @@ def log_training_run(
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = Path(tmp) / lineage.MODEL_DIR
             model_dir.mkdir()
-            torch.save(dict(state_dict), model_dir / "weights.pt")
-            (model_dir / "training-config.yaml").write_text(training_config_yaml)
-            (model_dir / "preprocessing.json").write_text(json.dumps(dict(preprocessing_spec), indent=2))
-            (model_dir / "labels.json").write_text(json.dumps({str(k): v for k, v in sorted(label_map.items())}))
+            (model_dir / artifacts.WEIGHTS_FILE).write_bytes(state_to_bytes(state_dict))
+            (model_dir / artifacts.TRAINING_CONFIG_FILE).write_text(training_config_yaml)
+            (model_dir / artifacts.PREPROCESSING_FILE).write_text(json.dumps(dict(preprocessing_spec), indent=2))
+            (model_dir / artifacts.LABELS_FILE).write_text(
+                json.dumps({str(k): v for k, v in sorted(label_map.items())})
+            )
             client.log_artifacts(run_id, str(model_dir), lineage.MODEL_DIR)
         from matplotlib import pyplot as plt
 
@@ -442,10 +446,13 @@ def load_model(
         except MlflowException as exc:
             raise RegistryError(f"{uri}: cannot download {lineage.MODEL_DIR}/: {exc.message}") from exc
         try:
-            state_dict = torch.load(local / "weights.pt", map_location=map_location, weights_only=True)
-            config_yaml = (local / "training-config.yaml").read_text()
-            spec_dict = json.loads((local / "preprocessing.json").read_text())
-            labels = {int(k): str(v) for k, v in json.loads((local / "labels.json").read_text()).items()}
+            state_dict = {
+                k: v.to(map_location) if isinstance(v, torch.Tensor) else v
+                for k, v in state_from_bytes((local / artifacts.WEIGHTS_FILE).read_bytes()).items()
+            }
+            config_yaml = (local / artifacts.TRAINING_CONFIG_FILE).read_text()
+            spec_dict = json.loads((local / artifacts.PREPROCESSING_FILE).read_text())
+            labels = {int(k): str(v) for k, v in json.loads((local / artifacts.LABELS_FILE).read_text()).items()}
         except FileNotFoundError as exc:
             raise RegistryError(f"{uri}: incomplete model artifacts ({exc.filename} missing)") from exc
     network = (network_builder or default_network_builder)(config_yaml, _in_channels(config_yaml), len(labels))
