@@ -6,10 +6,10 @@ from typing import Any
 
 from celery import shared_task
 
-from services.inference.context import SEGMENT_TASK
+from shared.contracts.tasks import SEGMENT, limits
 
 
-@shared_task(name=SEGMENT_TASK, bind=True)
+@shared_task(name=SEGMENT.name, bind=True, **limits(SEGMENT))
 def segment_task(self: Any, request_id: str) -> dict[str, Any]:
     """Idempotent by request ID: a finished request is returned as is; a rerun rewrites the same outputs."""
     from services.inference.admission import OverloadedError

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import shared_task
 
-from services.preprocessing.context import BUILD_DATASET_TASK, PRECOMPUTE_TASK, SERIES_READY_TASK
+from shared.contracts.tasks import BUILD_DATASET, PRECOMPUTE, SERIES_READY, limits
 from shared.tasks import PermanentTaskError
 
 
@@ -20,7 +20,7 @@ def _context() -> Any:
     return worker_context()
 
 
-@shared_task(name=SERIES_READY_TASK, bind=True)
+@shared_task(name=SERIES_READY.name, bind=True, **limits(SERIES_READY))
 def series_ready_task(self: Any, message: dict[str, Any]) -> str:
     from services.preprocessing.case_files import CaseFileError
     from services.preprocessing.catalogue_cases import SeriesMessageError, record_series
@@ -32,7 +32,7 @@ def series_ready_task(self: Any, message: dict[str, Any]) -> str:
         raise PermanentTaskError(str(exc)) from exc
 
 
-@shared_task(name=BUILD_DATASET_TASK, bind=True)
+@shared_task(name=BUILD_DATASET.name, bind=True, **limits(BUILD_DATASET))
 def build_dataset_task(self: Any, build_id: str) -> str:
     from services.preprocessing.dataset_builder import BuildError, build_version
     from services.preprocessing.sites import SiteAssignmentError
@@ -47,7 +47,7 @@ def build_dataset_task(self: Any, build_id: str) -> str:
         raise PermanentTaskError(str(exc)) from exc
 
 
-@shared_task(name=PRECOMPUTE_TASK, bind=True)
+@shared_task(name=PRECOMPUTE.name, bind=True, **limits(PRECOMPUTE))
 def precompute_task(self: Any, job: dict[str, Any]) -> dict[str, int]:
     from services.preprocessing.precompute import run_precompute
 
