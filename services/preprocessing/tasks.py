@@ -1,4 +1,4 @@
-"""Thin Celery tasks of the preprocessing service: they take IDs or messages and call domain code.
+"""Thin Celery tasks of the preprocessing service: they take IDs (or, from ingest, its message) and call domain code.
 
 All are idempotent: cases are upserted by source, versions are content-addressed, preprocessed cases are
 keyed by (case hash, pipeline hash). Bad input raises PermanentTaskError (dead letter, no retry).
@@ -48,8 +48,8 @@ def build_dataset_task(self: Any, build_id: str) -> str:
 
 
 @shared_task(name=PRECOMPUTE.name, bind=True, **limits(PRECOMPUTE))
-def precompute_task(self: Any, job: dict[str, Any]) -> dict[str, int]:
+def precompute_task(self: Any, job_id: str) -> dict[str, int]:
     from services.preprocessing.precompute import run_precompute
 
     ctx = _context()
-    return run_precompute(ctx.store, ctx.session_factory, job)
+    return run_precompute(ctx.store, ctx.session_factory, job_id)
