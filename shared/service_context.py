@@ -4,8 +4,8 @@ their migrations, and the ``/readyz`` probes over them.
 A context is built once per process (API or worker) and everything in it is lazy, so a process only
 connects to what it uses. A service's context subclasses this as a dataclass holding its settings, adds
 its ``celery`` app (queues differ per service) and its own parts, and names its models module in
-``service_models`` when it owns tables; ``main.py`` passes the probes it needs to
-:func:`shared.http.create_service_app`.
+``service_models`` when it owns tables. ``main.py`` hands it to :func:`shared.service_app.build_service_app`
+(probes, dead letters, migrations on startup), ``worker.py`` to :class:`shared.worker.ServiceWorker`.
 """
 
 from __future__ import annotations

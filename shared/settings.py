@@ -45,3 +45,9 @@ class VoxelflowSettings(BaseSettings):
         default=2 * 1024**3,
         description="Largest request body any HTTP endpoint accepts; larger requests get 413.",
     )
+    task_time_limits: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Per Celery task name: [soft, hard] time limits in seconds, replacing the defaults of "
+        "shared.contracts.tasks (e.g. a training round longer than 5.5 h; keep the broker's visibility timeout "
+        "above the hard limit).",
+    )

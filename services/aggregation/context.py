@@ -11,12 +11,11 @@ from celery import Celery
 
 from services.aggregation import models
 from services.aggregation.settings import AggregationSettings
+from shared.contracts.tasks import ADVANCE_RUN_TASK, training_queue
 from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "aggregation"
-ADVANCE_RUN_TASK = "aggregation.advance_run"
-TRAIN_ROUND_TASK = "training.train_round"
 
 
 @dataclass
@@ -40,7 +39,7 @@ class AggregationContext(ServiceContext):
             return "unknown"
 
     def training_queue(self, site: str) -> str:
-        return f"{self.settings.training_queue_prefix}{site}"
+        return training_queue(site, self.settings.training_queue_prefix)
 
     def kick(self, run_id: str, task_id: str | None = None, force: bool = False) -> str:
         """Send ``aggregation.advance_run`` for a run; ``force`` takes the polling chain over (recovery)."""

@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from google.protobuf import json_format
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from services.aggregation import federated_storage as fs
 from services.aggregation import metrics as agg_metrics
-from services.aggregation.context import TRAIN_ROUND_TASK, AggregationContext
+from services.aggregation.context import AggregationContext
 from services.aggregation.models import TERMINAL_STATUSES, FederatedRound, FederatedRun, RoundSite, SiteUpdate
 from services.aggregation.privacy import PrivacyConfig, epsilon_after, privatise
 from services.aggregation.strategies import (
@@ -50,6 +49,8 @@ from services.aggregation.strategies import (
     server_update,
 )
 from services.aggregation.tracking import RunTracker, make_tracker
+from shared.contracts import artifacts, messages
+from shared.contracts.tasks import TRAIN_ROUND_TASK
 from shared.db.base import session_scope, utcnow
 from shared.privacy import update_norm
 from shared.proto.voxelflow.v1 import training_pb2
@@ -327,9 +328,7 @@ class RunOrchestrator:
                     task_attempt_id=rs.attempt_id,
                     dp_clip_norm=float(run.privacy["clip_norm"]) if run.privacy else 0.0,
                 )
-                payload = json_format.MessageToDict(
-                    task, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-                )
+                payload = messages.to_dict(task)
                 self.ctx.celery.send_task(
                     TRAIN_ROUND_TASK, args=[payload], queue=self.ctx.training_queue(rs.site), task_id=rs.attempt_id
                 )
@@ -472,8 +471,8 @@ class RunOrchestrator:
     ) -> tuple[training_pb2.ModelUpdate | None, dt.datetime | None, str | None]:
         """The ModelUpdate in update.json, checked against its path; (None, None, reason) when invalid."""
         try:
-            message = json_format.Parse(self.store.get_bytes(key), training_pb2.ModelUpdate())
-        except (json_format.ParseError, KeyError, UnicodeDecodeError) as exc:
+            message = messages.from_json_bytes(self.store.get_bytes(key), training_pb2.ModelUpdate)
+        except (messages.MessageError, KeyError) as exc:
             return None, None, f"invalid: update.json is not a ModelUpdate: {exc}"
         expected = (run_id, round_index, site, attempt)
         got = (message.run_id, message.round, message.site, message.task_attempt_id)
@@ -617,11 +616,11 @@ class RunOrchestrator:
             )
             history.append({"round": rnd.round, "metrics": self._round_metrics(run, rnd, sites)})
         manifest = self._manifest(run)
-        artifacts = {
-            "weights.pt": final,
-            "training-config.yaml": yaml.safe_dump(run.training_config, sort_keys=False).encode(),
-            "preprocessing.json": json.dumps(manifest.get("preprocessing", {}), indent=1).encode(),
-            "labels.json": json.dumps(manifest.get("labels", {}), indent=1).encode(),
+        model_files = {
+            artifacts.WEIGHTS_FILE: final,
+            artifacts.TRAINING_CONFIG_FILE: yaml.safe_dump(run.training_config, sort_keys=False).encode(),
+            artifacts.PREPROCESSING_FILE: json.dumps(manifest.get("preprocessing", {}), indent=1).encode(),
+            artifacts.LABELS_FILE: json.dumps(manifest.get("labels", {}), indent=1).encode(),
         }
         tags = {
             "dataset_version": run.dataset_version,
@@ -631,7 +630,7 @@ class RunOrchestrator:
         }
         per_case = self._test_records(run)
         run.model_name, run.model_version = self.tracker.finish(
-            run.mlflow_run_id, run.id, history, artifacts, tags, per_case=per_case
+            run.mlflow_run_id, run.id, history, model_files, tags, per_case=per_case
         )
         run.status, run.finished_at = "succeeded", utcnow()
         agg_metrics.runs_total.labels("succeeded").inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from shared.contracts.tasks import TRAINING_QUEUE_PREFIX
 from shared.settings import VoxelflowSettings
 
 
@@ -12,7 +13,8 @@ class AggregationSettings(VoxelflowSettings):
         default="aggregation", description="Queue of the aggregator's own task (aggregation.advance_run)."
     )
     training_queue_prefix: str = Field(
-        default="training.", description="Round tasks for site S go to queue '<prefix>S' (the site's worker)."
+        default=TRAINING_QUEUE_PREFIX,
+        description="Round tasks for site S go to queue '<prefix>S' (the site's worker; the same setting there).",
     )
     poll_interval_seconds: float = Field(
         default=2.0, gt=0, description="How often a collecting round looks for new updates in object storage."

@@ -6,10 +6,10 @@ from typing import Any
 
 from celery import shared_task
 
-from services.aggregation.context import ADVANCE_RUN_TASK
+from shared.contracts.tasks import ADVANCE_RUN, limits
 
 
-@shared_task(name=ADVANCE_RUN_TASK, bind=True)
+@shared_task(name=ADVANCE_RUN.name, bind=True, **limits(ADVANCE_RUN))
 def advance_run_task(self: Any, run_id: str, force: bool = False) -> dict[str, Any]:
     from services.aggregation.run_orchestration import RunOrchestrator
     from services.aggregation.worker import worker_context

@@ -13,12 +13,11 @@ from services.inference.admission import AdmissionController
 from services.inference.model_lifecycle import CANDIDATE, CHAMPION, ModelManager
 from services.inference.model_server import ModelSource, RegistryModelSource
 from services.inference.settings import InferenceSettings
+from shared.contracts.tasks import INFERENCE_QUEUE
 from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "inference"
-SEGMENT_TASK = "inference.segment"
-EXPORT_MODEL_TASK = "inference.export_model"
 
 
 @dataclass
@@ -93,6 +92,6 @@ class InferenceContext(ServiceContext):
 
         client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=2)
         try:
-            return int(client.llen(SERVICE))
+            return int(client.llen(INFERENCE_QUEUE))
         finally:
             client.close()

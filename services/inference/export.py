@@ -27,6 +27,7 @@ from services.inference.triton_repository import (
     prune_model_versions,
     write_model_version,
 )
+from shared.contracts import artifacts
 from shared.inference import INPUT_NAME, OUTPUT_NAME, OnnxRuntimeBackend, SlidingWindowPredictor
 
 if TYPE_CHECKING:
@@ -328,9 +329,9 @@ def export_model_version(
     network = network.eval()
     in_channels = network_in_channels(network)
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vf-export-"))
-    onnx_path = export_onnx(network, in_channels, roi_size, work / "onnx" / "model.onnx")
+    onnx_path = export_onnx(network, in_channels, roi_size, work / "onnx" / artifacts.ONNX_FILE)
     torchscript_path = export_torchscript(
-        network, torch.zeros(1, in_channels, *roi_size), work / "torchscript" / "model.pt"
+        network, torch.zeros(1, in_channels, *roi_size), work / "torchscript" / artifacts.TORCHSCRIPT_FILE
     )
     report = parity_check(network, onnx_path, cases, tolerance=tolerance, min_dice=min_dice)
     log.info("%s v%s: %s", model_name, version, report.summary())
@@ -341,7 +342,7 @@ def export_model_version(
     tensorrt = (
         build_tensorrt_engine(
             onnx_path,
-            work / "tensorrt" / "model.plan",
+            work / "tensorrt" / artifacts.TENSORRT_FILE,
             int8=int8_calibration is not None,
             calibration_batches=int8_calibration,
             max_batch_size=max_batch_size,
@@ -350,12 +351,12 @@ def export_model_version(
         else TensorRTOutcome(False, "no GPU in this cluster; using ONNX")
     )
     attached = []
-    for path, artifact_dir in ((onnx_path, "model/onnx"), (torchscript_path, "model/torchscript")):
+    for path, artifact_dir in ((onnx_path, artifacts.ONNX_DIR), (torchscript_path, artifacts.TORCHSCRIPT_DIR)):
         attach(path, artifact_dir)
         attached.append(f"{artifact_dir}/{path.name}")
     if tensorrt.built and tensorrt.engine_path is not None:
-        attach(tensorrt.engine_path, "model/tensorrt")
-        attached.append(f"model/tensorrt/{tensorrt.engine_path.name}")
+        attach(tensorrt.engine_path, artifacts.TENSORRT_DIR)
+        attached.append(f"{artifacts.TENSORRT_DIR}/{tensorrt.engine_path.name}")
 
     flavour, kind = flavour_for(gpu=use_gpu, has_engine=tensorrt.built)
     config = config_from_onnx(

@@ -36,6 +36,7 @@ from services.inference.sources import (
     parse_series_url,
     volume_from_nifti,
 )
+from shared.contracts import layout
 from shared.db.base import session_scope, utcnow
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def new_request_id() -> str:
 
 
 def input_key(request_id: str) -> str:
-    return f"inference/{request_id}/input.nii.gz"
+    return layout.inference_input_key(request_id)
 
 
 def patient_ref(patient_id: str | None) -> str | None:
@@ -202,8 +203,7 @@ def _store_outputs(
     labels: dict[int, str],
     algorithm: AlgorithmInfo,
 ) -> dict[str, str]:
-    prefix = f"inference/{request_id}"
-    keys = {"mask": f"{prefix}/mask.nii.gz", "findings": f"{prefix}/findings.json"}
+    keys = {"mask": layout.inference_mask_key(request_id), "findings": layout.inference_findings_key(request_id)}
     image = nib.Nifti1Image(mask.astype(np.uint8), volume.affine)
     image.header.set_xyzt_units("mm")
     buffer = io.BytesIO()
@@ -216,7 +216,7 @@ def _store_outputs(
         seg = build_dicom_seg(mask, volume.affine, volume.datasets, labels, algorithm, ctx.settings.manufacturer)
         out = DicomBytesIO()
         seg.save_as(out, enforce_file_format=True)
-        keys["seg"] = f"{prefix}/seg.dcm"
+        keys["seg"] = layout.inference_seg_key(request_id)
         ctx.store.put_bytes(keys["seg"], out.getvalue(), content_type="application/dicom")
     document = {
         "request_id": request_id,

@@ -6,10 +6,10 @@ from typing import Any
 
 from celery import shared_task
 
-from services.inference.context import EXPORT_MODEL_TASK, SEGMENT_TASK
+from shared.contracts.tasks import EXPORT_MODEL, SEGMENT, limits
 
 
-@shared_task(name=SEGMENT_TASK, bind=True)
+@shared_task(name=SEGMENT.name, bind=True, **limits(SEGMENT))
 def segment_task(self: Any, request_id: str) -> dict[str, Any]:
     """Idempotent by request ID: a finished request is returned as is; a rerun rewrites the same outputs."""
     from services.inference.admission import OverloadedError
@@ -32,7 +32,7 @@ def segment_task(self: Any, request_id: str) -> dict[str, Any]:
     return {"request_id": row.id, "status": row.status, "model_version": row.model_version}
 
 
-@shared_task(name=EXPORT_MODEL_TASK, bind=True, soft_time_limit=1800, time_limit=1900)
+@shared_task(name=EXPORT_MODEL.name, bind=True, **limits(EXPORT_MODEL))
 def export_model_task(self: Any, export_id: str) -> dict[str, Any]:
     """Idempotent by export ID (see :mod:`services.inference.model_exports`)."""
     from services.inference.model_exports import ExportRefusedError, run_export

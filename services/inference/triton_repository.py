@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from google.protobuf import json_format, text_format
 
+from shared.contracts import artifacts, layout
 from shared.inference.backends import INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore
 
-REPOSITORY_PREFIX = "triton"
+REPOSITORY_PREFIX = layout.TRITON_PREFIX
 Flavour = Literal["python_onnx", "onnxruntime_onnx", "tensorrt_plan"]
 
 #: model.py of the Python-backend flavour. It runs under Triton's Python backend stub with the packages
@@ -218,7 +219,7 @@ def config_from_onnx(onnx_path: str | Path, model_name: str, **kwargs: Any) -> T
 def model_prefix(model_name: str) -> str:
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise ValueError(f"invalid Triton model name {model_name!r}")
-    return f"{REPOSITORY_PREFIX}/{model_name}"
+    return layout.triton_model_prefix(model_name)
 
 
 def write_model_version(
@@ -247,7 +248,7 @@ def write_model_version(
     else:
         if onnx_path is None:
             raise ValueError(f"the {config.flavour} flavour needs onnx_path")
-        written.append(store.put_file(f"{prefix}/model.onnx", str(onnx_path)).key)
+        written.append(store.put_file(f"{prefix}/{artifacts.ONNX_FILE}", str(onnx_path)).key)
     if config.flavour == "python_onnx":
         written.append(store.put_bytes(f"{prefix}/model.py", PYTHON_BACKEND_MODEL.encode(), "text/x-python").key)
     stored = replace(config, versions=None, all_versions=True)

@@ -11,13 +11,11 @@ from services.ingest import models
 from services.ingest.deidentify import Deidentifier
 from services.ingest.receiver import InstanceReceiver
 from services.ingest.settings import IngestSettings
+from shared.contracts.tasks import FINALIZE_SERIES_TASK, INGEST_QUEUE
 from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "ingest"
-FINALIZE_SERIES_TASK = "ingest.finalize_series"
-PULL_FROM_PACS_TASK = "ingest.pull_from_pacs"
-SERIES_READY_TASK = "preprocessing.series_ready"
 
 
 @dataclass
@@ -50,5 +48,5 @@ class IngestContext(ServiceContext):
             FINALIZE_SERIES_TASK,
             args=[series_uid],
             countdown=self.settings.series_stable_seconds if delay is None else delay,
-            queue=SERVICE,
+            queue=INGEST_QUEUE,
         )

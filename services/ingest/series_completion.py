@@ -14,13 +14,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf.json_format import MessageToDict
 from sqlalchemy import select, update
 
 from services.ingest import metrics
-from services.ingest.context import SERIES_READY_TASK, IngestContext
+from services.ingest.context import IngestContext
 from services.ingest.models import Instance, Series
 from services.ingest.volume import NonVolumetricSeriesError, reconstruct_series
+from shared.contracts import messages
+from shared.contracts.tasks import SERIES_READY_TASK
 from shared.db.base import session_scope, utcnow
 from shared.proto.voxelflow.v1.ingest_pb2 import SeriesIngested
 
@@ -117,7 +118,7 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
         message.spacing_mm.extend(first["spacing_mm"])
     ctx.celery.send_task(
         SERIES_READY_TASK,
-        args=[MessageToDict(message, preserving_proto_field_name=True)],
+        args=[messages.to_dict(message)],
         queue=ctx.settings.preprocessing_queue,
         task_id=f"series-ready-{series_uid}-g{generation}",
     )

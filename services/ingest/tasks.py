@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from services.ingest.context import FINALIZE_SERIES_TASK, PULL_FROM_PACS_TASK
+from shared.contracts.tasks import FINALIZE_SERIES, PULL_FROM_PACS, limits
 
 
 def _context() -> Any:
@@ -15,7 +15,7 @@ def _context() -> Any:
     return worker_context()
 
 
-@shared_task(name=FINALIZE_SERIES_TASK, bind=True)
+@shared_task(name=FINALIZE_SERIES.name, bind=True, **limits(FINALIZE_SERIES))
 def finalize_series_task(self: Any, series_uid: str) -> str:
     from services.ingest.series_completion import finalize_series
 
@@ -26,7 +26,7 @@ def finalize_series_task(self: Any, series_uid: str) -> str:
     return outcome.state
 
 
-@shared_task(name=PULL_FROM_PACS_TASK, bind=True)
+@shared_task(name=PULL_FROM_PACS.name, bind=True, **limits(PULL_FROM_PACS))
 def pull_from_pacs_task(self: Any, job_id: str) -> dict[str, Any]:
     from services.ingest.pacs_pull import pull
 

@@ -1,25 +1,16 @@
-"""Celery entry point of the ingest service: ``celery -A services.ingest.worker worker -Q ingest``."""
+"""Celery entry point of the ingest service: ``celery -A services.ingest.worker worker -Q ingest``.
+
+Importing this module does nothing; ``celery_app`` is built on first access (:class:`shared.worker.ServiceWorker`).
+"""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from services.ingest.context import IngestContext
 from services.ingest.settings import IngestSettings
-from shared.observability.logging import configure_logging
+from shared.worker import ServiceWorker
 
-
-@lru_cache(maxsize=1)
-def worker_context() -> IngestContext:
-    return IngestContext(IngestSettings())
-
-
-settings = worker_context().settings
-configure_logging("ingest-worker", settings.log_level, settings.log_json)
-celery_app = worker_context().celery
-if settings.metrics_port:
-    from prometheus_client import start_http_server
-
-    start_http_server(settings.metrics_port)
-
-import services.ingest.tasks  # noqa: E402,F401  (registers the tasks)
+worker = ServiceWorker(
+    "ingest-worker", lambda: IngestContext(IngestSettings()), ["services.ingest.tasks"], migrate=False
+)
+worker_context = worker.context
+__getattr__ = worker.module_getattr

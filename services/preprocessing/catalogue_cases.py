@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import ParseDict, ParseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.preprocessing import metrics
 from services.preprocessing.case_files import case_hash, image_stats, label_stats, put_content_addressed
 from services.preprocessing.case_pool import upsert_case
 from services.preprocessing.models import Case
+from shared.contracts import messages
 from shared.db.base import session_scope, utcnow
 from shared.proto.voxelflow.v1.ingest_pb2 import SeriesIngested
 from shared.storage import ObjectStore
@@ -34,8 +34,8 @@ class SeriesMessageError(ValueError):
 
 def parse_series_message(message: dict[str, Any]) -> SeriesIngested:
     try:
-        parsed = ParseDict(message, SeriesIngested())
-    except ParseError as exc:
+        parsed = messages.from_dict(message, SeriesIngested)
+    except messages.MessageError as exc:
         raise SeriesMessageError(f"not a SeriesIngested message: {exc}") from exc
     if not parsed.series_instance_uid or not parsed.patient_pseudonym:
         raise SeriesMessageError("SeriesIngested needs series_instance_uid and patient_pseudonym")

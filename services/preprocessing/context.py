@@ -13,9 +13,6 @@ from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "preprocessing"
-SERIES_READY_TASK = "preprocessing.series_ready"
-BUILD_DATASET_TASK = "preprocessing.build_dataset"
-PRECOMPUTE_TASK = "preprocessing.precompute"
 
 
 @dataclass

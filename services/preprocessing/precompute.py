@@ -7,9 +7,8 @@ sharing the cases costs one existence check per case. One failing case is record
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
 
-from google.protobuf.json_format import ParseDict, ParseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.preprocessing import metrics
@@ -17,27 +16,32 @@ from services.preprocessing.models import PrecomputeJob
 from shared.datasets import load_manifest, preprocess_cases
 from shared.db.base import session_scope, utcnow
 from shared.preprocessing import PreprocessingSpec
-from shared.proto.voxelflow.v1.preprocessing_pb2 import PreprocessingJob
 from shared.storage import ObjectStore
 from shared.tasks import PermanentTaskError
 
 
-def parse_job(message: dict[str, Any]) -> PreprocessingJob:
-    try:
-        job = ParseDict(message, PreprocessingJob())
-    except ParseError as exc:
-        raise PermanentTaskError(f"not a PreprocessingJob message: {exc}") from exc
-    if not job.job_id or not job.dataset_version_id:
-        raise PermanentTaskError("PreprocessingJob needs job_id and dataset_version_id")
-    return job
+@dataclass(frozen=True)
+class JobRequest:
+    """What the API recorded in the job's row: the task reads it by ID instead of carrying it."""
+
+    job_id: str
+    version_id: str
+    pipeline_hash: str
+    case_ids: tuple[str, ...]
 
 
-def run_precompute(
-    store: ObjectStore, session_factory: sessionmaker[Session], message: dict[str, Any]
-) -> dict[str, int]:
-    job = parse_job(message)
+def load_job(session_factory: sessionmaker[Session], job_id: str) -> JobRequest:
+    with session_scope(session_factory) as session:
+        row = session.get(PrecomputeJob, job_id)
+        if row is None:
+            raise PermanentTaskError(f"no precompute job {job_id!r}")
+        return JobRequest(row.id, row.version_id, row.pipeline_hash, tuple(row.case_ids or ()))
+
+
+def run_precompute(store: ObjectStore, session_factory: sessionmaker[Session], job_id: str) -> dict[str, int]:
+    job = load_job(session_factory, job_id)
     try:
-        manifest = load_manifest(store, job.dataset_version_id)
+        manifest = load_manifest(store, job.version_id)
     except KeyError as exc:
         raise PermanentTaskError(str(exc)) from exc
     spec = PreprocessingSpec.from_dict(manifest.preprocessing)

@@ -1,4 +1,4 @@
-"""Thin Celery tasks of the preprocessing service: they take IDs or messages and call domain code.
+"""Thin Celery tasks of the preprocessing service: they take IDs (or, from ingest, its message) and call domain code.
 
 All are idempotent: cases are upserted by source, versions are content-addressed, preprocessed cases are
 keyed by (case hash, pipeline hash). Bad input raises PermanentTaskError (dead letter, no retry).
@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import shared_task
 
-from services.preprocessing.context import BUILD_DATASET_TASK, PRECOMPUTE_TASK, SERIES_READY_TASK
+from shared.contracts.tasks import BUILD_DATASET, PRECOMPUTE, SERIES_READY, limits
 from shared.tasks import PermanentTaskError
 
 
@@ -20,7 +20,7 @@ def _context() -> Any:
     return worker_context()
 
 
-@shared_task(name=SERIES_READY_TASK, bind=True)
+@shared_task(name=SERIES_READY.name, bind=True, **limits(SERIES_READY))
 def series_ready_task(self: Any, message: dict[str, Any]) -> str:
     from services.preprocessing.case_files import CaseFileError
     from services.preprocessing.catalogue_cases import SeriesMessageError, record_series
@@ -32,7 +32,7 @@ def series_ready_task(self: Any, message: dict[str, Any]) -> str:
         raise PermanentTaskError(str(exc)) from exc
 
 
-@shared_task(name=BUILD_DATASET_TASK, bind=True)
+@shared_task(name=BUILD_DATASET.name, bind=True, **limits(BUILD_DATASET))
 def build_dataset_task(self: Any, build_id: str) -> str:
     from services.preprocessing.dataset_builder import BuildError, build_version
     from services.preprocessing.sites import SiteAssignmentError
@@ -47,9 +47,9 @@ def build_dataset_task(self: Any, build_id: str) -> str:
         raise PermanentTaskError(str(exc)) from exc
 
 
-@shared_task(name=PRECOMPUTE_TASK, bind=True)
-def precompute_task(self: Any, job: dict[str, Any]) -> dict[str, int]:
+@shared_task(name=PRECOMPUTE.name, bind=True, **limits(PRECOMPUTE))
+def precompute_task(self: Any, job_id: str) -> dict[str, int]:
     from services.preprocessing.precompute import run_precompute
 
     ctx = _context()
-    return run_precompute(ctx.store, ctx.session_factory, job)
+    return run_precompute(ctx.store, ctx.session_factory, job_id)

@@ -8,15 +8,11 @@ from functools import cached_property
 from celery import Celery
 
 from services.training_worker.settings import TrainingWorkerSettings
+from shared.contracts.tasks import training_queue
 from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
 SERVICE = "training-worker"
-TRAIN_ROUND_TASK = "training.train_round"
-
-
-def site_queue(site: str) -> str:
-    return f"training.{site}"
 
 
 @dataclass
@@ -25,7 +21,7 @@ class TrainingWorkerContext(ServiceContext):
 
     @property
     def queue(self) -> str:
-        return site_queue(self.settings.site)
+        return training_queue(self.settings.site, self.settings.training_queue_prefix)
 
     @cached_property
     def celery(self) -> Celery:

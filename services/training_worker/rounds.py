@@ -1,6 +1,6 @@
 """One federated round at one site: validate the task, train from the global weights, deliver the update.
 
-Delivery protocol (docs/contracts.md): everything of an attempt lives under
+Delivery protocol (docs/contracts.md, keys from :mod:`shared.contracts.layout`): everything of an attempt lives under
 ``federated/{run_id}/round-{r:04d}/{site}/{attempt_id}/``; ``weights.pt`` is written first and
 ``update.json`` last, so the existence of ``update.json`` means "delivered" and a redelivered task that
 finds it returns it without training again (a result is never produced twice). ``checkpoint.pt`` is
@@ -17,28 +17,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format
-
 from services.training_worker import metrics
 from services.training_worker.context import TrainingWorkerContext
+from shared.contracts import layout, messages
+from shared.contracts.codec import state_from_bytes, state_to_bytes
 from shared.privacy import clip_update
 from shared.proto.voxelflow.v1 import training_pb2
 from shared.storage import ObjectNotFoundError
 from shared.tasks import PermanentTaskError
 from shared.training import EpochRecord, TrainingConfig, TrainingDiverged, train_local
 from shared.training.data import MissingCachedCase, UnknownDatasetVersion, load_site_data
-from shared.training.state import state_from_bytes, state_to_bytes
 
 log = logging.getLogger("voxelflow.training_worker")
 
 
-def attempt_prefix(task: training_pb2.TrainingRoundTask) -> str:
-    return f"federated/{task.run_id}/round-{task.round:04d}/{task.site}/{task.task_attempt_id}/"
-
-
 def next_global_key(task: training_pb2.TrainingRoundTask) -> str:
     """The weights the next round starts from: once they exist, this round is aggregated (docs/contracts.md)."""
-    return f"federated/{task.run_id}/round-{task.round + 1:04d}/global.pt"
+    return layout.global_key(task.run_id, task.round + 1)
 
 
 @dataclass(frozen=True)
@@ -49,15 +44,15 @@ class RoundKeys:
 
     @classmethod
     def for_task(cls, task: training_pb2.TrainingRoundTask) -> RoundKeys:
-        prefix = attempt_prefix(task)
-        return cls(prefix + "weights.pt", prefix + "update.json", prefix + "checkpoint.pt")
+        at = (task.run_id, task.round, task.site, task.task_attempt_id)
+        return cls(layout.weights_key(*at), layout.update_key(*at), layout.checkpoint_key(*at))
 
 
 def parse_task(message: dict[str, Any], site: str) -> training_pb2.TrainingRoundTask:
     """The TrainingRoundTask in ``message``; PermanentTaskError when it is malformed or for another site."""
     try:
-        task = json_format.ParseDict(message, training_pb2.TrainingRoundTask())
-    except (json_format.ParseError, TypeError, AttributeError) as exc:
+        task = messages.from_dict(message, training_pb2.TrainingRoundTask)
+    except messages.MessageError as exc:
         raise PermanentTaskError(f"not a TrainingRoundTask: {exc}") from exc
     missing = [
         name
@@ -194,7 +189,7 @@ def run_round(
         finished_at=dt.datetime.now(dt.UTC).isoformat(),
         clip_norm=task.dp_clip_norm,
     )
-    body = json_format.MessageToDict(update, preserving_proto_field_name=True)
+    body = messages.to_dict(update)
     ctx.store.put_bytes(keys.update, json.dumps(body).encode(), content_type="application/json")  # written last
     metrics.rounds_total.labels(site, "resumed" if result.resumed_from_epoch else "trained").inc()
     log.info("delivered %s (%d samples, %s)", keys.update, result.num_samples, result.metrics)

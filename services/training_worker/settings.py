@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from shared.contracts.tasks import TRAINING_QUEUE_PREFIX
 from shared.settings import VoxelflowSettings
 
 
@@ -13,6 +14,10 @@ class TrainingWorkerSettings(VoxelflowSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="The site this worker trains for: it consumes queue 'training.<site>' and reads only this "
         "site's cases; a round task addressed to another site is refused.",
+    )
+    training_queue_prefix: str = Field(
+        default=TRAINING_QUEUE_PREFIX,
+        description="This worker consumes queue '<prefix><site>' (aggregation's training_queue_prefix must match).",
     )
     device: str | None = Field(
         default=None, description="torch device (cpu, cuda, cuda:1); default: CUDA when present, else CPU."

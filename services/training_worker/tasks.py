@@ -6,10 +6,10 @@ from typing import Any
 
 from celery import shared_task
 
-from services.training_worker.context import TRAIN_ROUND_TASK
+from shared.contracts.tasks import TRAIN_ROUND, limits
 
 
-@shared_task(name=TRAIN_ROUND_TASK, bind=True)
+@shared_task(name=TRAIN_ROUND.name, bind=True, **limits(TRAIN_ROUND))
 def train_round_task(self: Any, message: dict[str, Any]) -> dict[str, Any]:
     from services.training_worker.rounds import run_round
     from services.training_worker.worker import worker_context

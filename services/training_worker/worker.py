@@ -4,34 +4,29 @@
 
 The solo pool runs the round in the worker process itself: training already uses every core through
 torch's threads, and not forking keeps CUDA and torch's thread pools sane. Killing the process loses
-only the epoch in progress (the task is redelivered and resumes from ``checkpoint.pt``).
+only the epoch in progress (the task is redelivered and resumes from ``checkpoint.pt``). Importing this
+module does nothing; ``celery_app`` is built on first access (:class:`shared.worker.ServiceWorker`).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from services.training_worker.context import TrainingWorkerContext
 from services.training_worker.settings import TrainingWorkerSettings
-from shared.observability.logging import configure_logging
+from shared.worker import ServiceWorker
 
 
-@lru_cache(maxsize=1)
-def worker_context() -> TrainingWorkerContext:
-    return TrainingWorkerContext(TrainingWorkerSettings())
+def _set_torch_threads(ctx: TrainingWorkerContext) -> None:
+    if ctx.settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(ctx.settings.torch_threads)
 
 
-settings = worker_context().settings
-configure_logging(f"training-worker-{settings.site}", settings.log_level, settings.log_json)
-if settings.torch_threads:
-    import torch
-
-    torch.set_num_threads(settings.torch_threads)
-worker_context().migrate()  # dead letters need the shared tables; idempotent
-celery_app = worker_context().celery
-if settings.metrics_port:
-    from prometheus_client import start_http_server
-
-    start_http_server(settings.metrics_port)
-
-import services.training_worker.tasks  # noqa: E402,F401  (registers the task)
+worker = ServiceWorker(
+    lambda ctx: f"training-worker-{ctx.settings.site}",
+    lambda: TrainingWorkerContext(TrainingWorkerSettings()),
+    ["services.training_worker.tasks"],
+    setup=_set_torch_threads,
+)
+worker_context = worker.context
+__getattr__ = worker.module_getattr

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.contracts import artifacts
 from shared.registry import lineage
 
 if TYPE_CHECKING:
@@ -383,11 +384,13 @@ class ModelRegistry(abc.ABC):
             with tempfile.TemporaryDirectory() as tmp:
                 model_dir = Path(tmp) / lineage.MODEL_DIR
                 model_dir.mkdir()
-                torch.save(dict(state_dict), model_dir / "weights.pt")
-                (model_dir / "training-config.yaml").write_text(training_config_yaml)
-                (model_dir / "preprocessing.json").write_text(json.dumps(dict(preprocessing_spec), indent=2))
+                from shared.contracts.codec import state_to_bytes
+
+                (model_dir / artifacts.WEIGHTS_FILE).write_bytes(state_to_bytes(state_dict))
+                (model_dir / artifacts.TRAINING_CONFIG_FILE).write_text(training_config_yaml)
+                (model_dir / artifacts.PREPROCESSING_FILE).write_text(json.dumps(dict(preprocessing_spec), indent=2))
                 labels_json = json.dumps({str(k): v for k, v in sorted(label_map.items())})
-                (model_dir / "labels.json").write_text(labels_json)
+                (model_dir / artifacts.LABELS_FILE).write_text(labels_json)
                 self.log_artifacts(run_id, model_dir, lineage.MODEL_DIR)
                 from matplotlib import pyplot as plt
 
@@ -513,6 +516,8 @@ class ModelRegistry(abc.ABC):
         ``shared.training.build_network``."""
         import torch
 
+        from shared.contracts.codec import state_from_bytes
+
         model_version = self.resolve(uri)
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -520,10 +525,14 @@ class ModelRegistry(abc.ABC):
             except RegistryError as exc:
                 raise RegistryError(f"{uri}: cannot download {lineage.MODEL_DIR}/: {exc}") from exc
             try:
-                state_dict = torch.load(local / "weights.pt", map_location=map_location, weights_only=True)
-                config_yaml = (local / "training-config.yaml").read_text()
-                spec_dict = json.loads((local / "preprocessing.json").read_text())
-                labels = {int(k): str(v) for k, v in json.loads((local / "labels.json").read_text()).items()}
+                state_dict = {
+                    key: value.to(map_location) if isinstance(value, torch.Tensor) else value
+                    for key, value in state_from_bytes((local / artifacts.WEIGHTS_FILE).read_bytes()).items()
+                }
+                config_yaml = (local / artifacts.TRAINING_CONFIG_FILE).read_text()
+                spec_dict = json.loads((local / artifacts.PREPROCESSING_FILE).read_text())
+                labels_text = (local / artifacts.LABELS_FILE).read_text()
+                labels = {int(k): str(v) for k, v in json.loads(labels_text).items()}
             except FileNotFoundError as exc:
                 raise RegistryError(f"{uri}: incomplete model artifacts ({exc.filename} missing)") from exc
         network = (network_builder or _default_network_builder)(config_yaml, _in_channels(config_yaml), len(labels))

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-MODEL_DIR = "model"
-WEIGHTS = f"{MODEL_DIR}/weights.pt"
-TRAINING_CONFIG = f"{MODEL_DIR}/training-config.yaml"
-PREPROCESSING = f"{MODEL_DIR}/preprocessing.json"
-LABELS = f"{MODEL_DIR}/labels.json"
-#: per-case held-out Dice, logged at registration; what the promotion gate compares
-PER_CASE = "evaluation/per_case.json"
-PLOTS_DIR = "plots"
-
-CANDIDATE = "candidate"
-CHAMPION = "champion"
-ALIASES = (CANDIDATE, CHAMPION)
+# artifact paths and aliases are the contract shared.contracts.artifacts; re-exported for the registry code
+from shared.contracts.artifacts import (  # noqa: F401
+    ALIASES,
+    CANDIDATE,
+    CHAMPION,
+    LABELS,
+    MODEL_DIR,
+    PER_CASE,
+    PLOTS_DIR,
+    PREPROCESSING,
+    TRAINING_CONFIG,
+    WEIGHTS,
+)
 
 #: version tags every registered version carries (empty string where a run has no such thing, e.g.
 #: ``federated_run_id`` of a centrally trained model)

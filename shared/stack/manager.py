@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 if TYPE_CHECKING:
     from minio import Minio
 
+from shared.contracts.tasks import training_queue
 from shared.stack.components import expand, load_table
 from shared.stack.process import Component, ProcessTable, StackError, http_ok, port_in_use
 
@@ -910,7 +911,7 @@ class Stack:
                 "orthanc_url": self.orthanc_url,
                 "inference_backend": backend,
             },
-            training_queue=lambda site: f"training.{site}",
+            training_queue=training_queue,
             backend_server="triton" if backend == "triton" else None,
             api_argv=uvicorn_argv,
             worker_argv=celery_worker_argv,

@@ -1,31 +1,17 @@
 """Weights on the wire: state dicts to and from bytes, and the FedAvg weighted mean (used by the benchmark).
 
-``torch.save``/``torch.load(weights_only=True)`` is the format of every ``*.pt`` key in docs/contracts.md;
-loading with ``weights_only`` means a tampered object can fail but never execute code.
+The codec itself is the contract :mod:`shared.contracts.codec` (re-exported here for training code).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from shared.contracts.codec import state_from_bytes, state_to_bytes
 
-def state_to_bytes(state: Mapping[str, object]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
-    return buffer.getvalue()
-
-
-def state_from_bytes(data: bytes) -> dict:
-    try:
-        loaded = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as exc:
-        raise ValueError(f"not a torch.save state dict: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(loaded, dict):
-        raise ValueError(f"expected a dict, got {type(loaded).__name__}")
-    return loaded
+__all__ = ["state_from_bytes", "state_to_bytes", "weighted_average"]
 
 
 def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict:

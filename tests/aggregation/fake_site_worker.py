@@ -11,7 +11,6 @@ by the lead after the branches are merged.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 from celery import Celery
 
 from services.aggregation import federated_storage as fs
+from shared.contracts import messages
 from shared.privacy import clip_update
 from shared.proto.voxelflow.v1 import training_pb2
 from shared.storage import open_object_store
@@ -95,11 +95,8 @@ def write_update(
         finished_at=(finished_at or dt.datetime.now(dt.UTC)).isoformat(),
         clip_norm=clip_norm,
     )
-    from google.protobuf import json_format
-
     key = fs.update_key(run_id, round_index, site, attempt)
-    body = json_format.MessageToDict(update, preserving_proto_field_name=True)
-    store.put_bytes(key, json.dumps(body).encode(), content_type="application/json")
+    store.put_bytes(key, messages.to_json_bytes(update), content_type="application/json")
     return key
 
 

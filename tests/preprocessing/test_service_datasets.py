@@ -235,7 +235,7 @@ def test_series_ready_label_upload_and_precompute(
     preprocessing_service: PreprocessingService, preprocessing_worker: object, hippocampus_dir: Path, tmp_path: Path
 ) -> None:
     """Ingest's message → candidate case; a label attached by upload; a version; precompute twice (cached)."""
-    from services.preprocessing.context import SERIES_READY_TASK
+    from shared.contracts.tasks import SERIES_READY_TASK
 
     ctx = preprocessing_service.ctx
     uids = []

@@ -459,6 +459,11 @@ site consumes ("training.<site>", fixed by the workload catalogue above). */}}
 - name: VOXELFLOW_TRAINING_QUEUE_PREFIX
   value: "training."
 {{- end }}
+{{- if eq $w.package "training_worker" }}
+{{- /* The same prefix as aggregation's (shared.contracts.tasks.training_queue): the worker consumes "training.<site>". */}}
+- name: VOXELFLOW_TRAINING_QUEUE_PREFIX
+  value: "training."
+{{- end }}
 {{- if $w.site }}
 - name: VOXELFLOW_SITE
   value: {{ $w.site | quote }}

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from fastapi import Depends
 
 from services.inference.context import InferenceContext
 from shared.auth import Principal, Role, role_checker
+from shared.deps import SessionDep, context_getter  # noqa: F401  (SessionDep: re-exported for the routes)
 
-
-def get_context(request: Request) -> InferenceContext:
-    return request.app.state.ctx
-
-
-def get_session(ctx: Annotated[InferenceContext, Depends(get_context)]) -> Iterator[Session]:
-    with ctx.session_factory() as session:
-        yield session
-
-
+get_context = context_getter(InferenceContext)
 ContextDep = Annotated[InferenceContext, Depends(get_context)]
-SessionDep = Annotated[Session, Depends(get_session)]
 # Who may ask for segmentations and read them: researchers, operators, and a PACS/modality that triggers them.
 SegmentationCaller = Annotated[Principal, Depends(role_checker(Role.RESEARCHER, Role.OPERATOR, Role.PACS))]
 # Exporting a version for serving changes what the serving tier can load: operators only.

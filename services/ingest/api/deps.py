@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from fastapi import Depends
 
 from services.ingest.context import IngestContext
 from shared.auth import Principal, Role, role_checker
+from shared.deps import SessionDep, context_getter  # noqa: F401  (SessionDep: re-exported for the routes)
 
-
-def get_context(request: Request) -> IngestContext:
-    ctx: IngestContext = request.app.state.ctx
-    return ctx
-
-
-def get_session(ctx: Annotated[IngestContext, Depends(get_context)]) -> Iterator[Session]:
-    with ctx.session_factory() as session:
-        yield session
-
-
+get_context = context_getter(IngestContext)
 ContextDep = Annotated[IngestContext, Depends(get_context)]
-SessionDep = Annotated[Session, Depends(get_session)]
 # Who may do what: PACS push and query; researchers query and retrieve; operators also pull from a PACS.
 StoreCaller = Annotated[Principal, Depends(role_checker(Role.PACS, Role.OPERATOR))]
 QueryCaller = Annotated[Principal, Depends(role_checker(Role.PACS, Role.RESEARCHER, Role.OPERATOR))]

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from fastapi import Depends
 
 from services.preprocessing.context import PreprocessingContext
 from shared.auth import Principal, Role, role_checker
+from shared.deps import SessionDep, context_getter  # noqa: F401  (SessionDep: re-exported for the routes)
 
-
-def get_context(request: Request) -> PreprocessingContext:
-    ctx: PreprocessingContext = request.app.state.ctx
-    return ctx
-
-
-def get_session(ctx: Annotated[PreprocessingContext, Depends(get_context)]) -> Iterator[Session]:
-    with ctx.session_factory() as session:
-        yield session
-
-
+get_context = context_getter(PreprocessingContext)
 ContextDep = Annotated[PreprocessingContext, Depends(get_context)]
-SessionDep = Annotated[Session, Depends(get_session)]
 # Datasets are research material: researchers and operators read and build them; a PACS token may not.
 ReadCaller = Annotated[Principal, Depends(role_checker(Role.RESEARCHER, Role.OPERATOR))]
 BuildCaller = Annotated[Principal, Depends(role_checker(Role.RESEARCHER, Role.OPERATOR))]

@@ -15,8 +15,8 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from services.inference.api.deps import ContextDep, OperatorCaller, SessionDep
-from services.inference.context import EXPORT_MODEL_TASK, SERVICE
 from services.inference.models import ModelExport
+from shared.contracts.tasks import EXPORT_MODEL, INFERENCE_QUEUE
 from shared.http import add_audit_uids
 
 router = APIRouter(prefix="/v1/model-exports", tags=["model exports"])
@@ -98,7 +98,7 @@ def create_export(
     )
     session.add(row)
     session.commit()
-    ctx.celery.send_task(EXPORT_MODEL_TASK, args=[row.id], queue=SERVICE, task_id=f"export-{row.id}")
+    ctx.celery.send_task(EXPORT_MODEL.name, args=[row.id], queue=INFERENCE_QUEUE, task_id=f"export-{row.id}")
     add_audit_uids(request, body.model_uri, row.id)
     response.headers["Location"] = f"/v1/model-exports/{row.id}"
     return ModelExportOut.model_validate(row, from_attributes=True)

@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 
 from services.inference.admission import OverloadedError
 from services.inference.api.deps import ContextDep, SegmentationCaller, SessionDep
-from services.inference.context import SEGMENT_TASK, SERVICE, InferenceContext
+from services.inference.context import InferenceContext
 from services.inference.model_lifecycle import ModelUnavailableError
 from services.inference.models import SegmentationRequest
 from services.inference.segment_request import (
@@ -36,6 +36,7 @@ from services.inference.sources import (
     volume_from_nifti,
 )
 from shared.auth import Principal
+from shared.contracts.tasks import INFERENCE_QUEUE, SEGMENT_TASK
 from shared.http import add_audit_uids
 
 router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"])
@@ -258,7 +259,7 @@ def _dispatch(
         raise OverloadedError(429, "queue_full", "the inference job queue is full", ctx.settings.retry_after_seconds)
     outcome = record()
     if not outcome.reused:
-        ctx.celery.send_task(SEGMENT_TASK, args=[request_id], queue=SERVICE)
+        ctx.celery.send_task(SEGMENT_TASK, args=[request_id], queue=INFERENCE_QUEUE)
     return 202, outcome.row
 
 

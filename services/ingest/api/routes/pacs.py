@@ -9,8 +9,8 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field, model_validator
 
 from services.ingest.api.deps import ContextDep, OperatorCaller, SessionDep
-from services.ingest.context import PULL_FROM_PACS_TASK
 from services.ingest.models import PullJob
+from shared.contracts.tasks import INGEST_QUEUE, PULL_FROM_PACS_TASK
 
 router = APIRouter(prefix="/pacs", tags=["PACS"])
 
@@ -53,7 +53,7 @@ def retrieve(name: str, body: RetrieveRequest, ctx: ContextDep, session: Session
     job = PullJob(id=str(uuid.uuid4()), pacs=name, query=query, status="queued", requested_by=caller.name)
     session.add(job)
     session.commit()
-    ctx.celery.send_task(PULL_FROM_PACS_TASK, args=[job.id], queue="ingest", task_id=f"pull-{job.id}")
+    ctx.celery.send_task(PULL_FROM_PACS_TASK, args=[job.id], queue=INGEST_QUEUE, task_id=f"pull-{job.id}")
     return job
 
 

@@ -8,17 +8,15 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, status
-from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from services.preprocessing.api.deps import BuildCaller, ContextDep, ReadCaller, SessionDep
-from services.preprocessing.context import BUILD_DATASET_TASK, PRECOMPUTE_TASK
 from services.preprocessing.dataset_builder import BuildRequest
 from services.preprocessing.models import Case, DatasetBuild, DatasetVersion, PrecomputeJob
 from services.preprocessing.sites import SiteAssignmentError, parse_site_manifest
+from shared.contracts.tasks import BUILD_DATASET_TASK, PRECOMPUTE_TASK
 from shared.http import add_audit_uids
-from shared.proto.voxelflow.v1.preprocessing_pb2 import PreprocessingJob
 
 router = APIRouter(tags=["datasets"])
 
@@ -190,12 +188,7 @@ def precompute(
     )
     session.add(job)
     session.commit()
-    message = PreprocessingJob(
-        job_id=job.id, dataset_version_id=version_id, pipeline_hash=version.preprocessing_hash, case_ids=body.case_ids
-    )
-    ctx.send(
-        PRECOMPUTE_TASK, [MessageToDict(message, preserving_proto_field_name=True)], task_id=f"precompute-{job.id}"
-    )
+    ctx.send(PRECOMPUTE_TASK, [job.id], task_id=f"precompute-{job.id}")  # the task reads the job's row
     add_audit_uids(request, version_id, job.id)
     return job
 

@@ -1,0 +1,38 @@
+"""Artifact names of a registered model version's MLflow run, and the aliases (docs/registry.md).
+
+Written by aggregation (``model/`` at registration) and the export (``model/onnx``, ``model/torchscript``,
+``model/tensorrt``); read by the registry, the promotion gate and inference.
+"""
+
+from __future__ import annotations
+
+MODEL_DIR = "model"
+WEIGHTS_FILE = "weights.pt"
+TRAINING_CONFIG_FILE = "training-config.yaml"
+PREPROCESSING_FILE = "preprocessing.json"
+LABELS_FILE = "labels.json"
+#: the files every registered version has under ``model/``
+MODEL_FILES = (WEIGHTS_FILE, TRAINING_CONFIG_FILE, PREPROCESSING_FILE, LABELS_FILE)
+
+WEIGHTS = f"{MODEL_DIR}/{WEIGHTS_FILE}"
+TRAINING_CONFIG = f"{MODEL_DIR}/{TRAINING_CONFIG_FILE}"
+PREPROCESSING = f"{MODEL_DIR}/{PREPROCESSING_FILE}"
+LABELS = f"{MODEL_DIR}/{LABELS_FILE}"
+
+# exports, attached only after the parity gate passed
+ONNX_DIR = f"{MODEL_DIR}/onnx"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_DIR = f"{MODEL_DIR}/torchscript"
+TORCHSCRIPT_FILE = "model.pt"
+TENSORRT_DIR = f"{MODEL_DIR}/tensorrt"
+TENSORRT_FILE = "model.plan"
+ONNX = f"{ONNX_DIR}/{ONNX_FILE}"
+TORCHSCRIPT = f"{TORCHSCRIPT_DIR}/{TORCHSCRIPT_FILE}"
+
+#: per-case held-out Dice, logged at registration; what the promotion gate compares
+PER_CASE = "evaluation/per_case.json"
+PLOTS_DIR = "plots"
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+ALIASES = (CANDIDATE, CHAMPION)

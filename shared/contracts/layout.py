@@ -1,0 +1,118 @@
+"""Object-storage keys shared between services (one bucket per deployment; table in docs/contracts.md).
+
+Writers and readers both build keys with these functions, so the layout is written once. Other keys with a
+single home stay there: ``datasets/{version}/manifest.json`` (:func:`shared.datasets.manifest_key`),
+``cases/sha256/…`` and ``preprocessed/{pipeline}/{case}.pt`` (``shared.datasets``).
+"""
+
+from __future__ import annotations
+
+import re
+
+#: a site name as it appears in keys and queue names
+SITE_PATTERN = r"[a-z0-9](?:[a-z0-9-]{0,62})"
+
+FEDERATED_PREFIX = "federated"
+INFERENCE_PREFIX = "inference"
+#: the Triton model repository inside the bucket: ``triton/{model}/config.pbtxt``, ``triton/{model}/{version}/…``
+TRITON_PREFIX = "triton"
+
+
+# --- federated runs: aggregation writes the run's config and global weights, the sites their updates ---
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{FEDERATED_PREFIX}/{run_id}/"
+
+
+def config_key(run_id: str) -> str:
+    """The run's ``shared.training.TrainingConfig`` as YAML."""
+    return f"{run_prefix(run_id)}training-config.yaml"
+
+
+def test_evaluation_key(run_id: str) -> str:
+    """Per-case records of the final model on holdout.test (written once; a resumed finish reuses them)."""
+    return f"{run_prefix(run_id)}test-evaluation.json"
+
+
+def round_prefix(run_id: str, round_index: int) -> str:
+    return f"{run_prefix(run_id)}round-{round_index:04d}/"
+
+
+def global_key(run_id: str, round_index: int) -> str:
+    """The weights round ``round_index`` starts from; its existence means round ``round_index - 1`` is aggregated.
+
+    For ``round_index == rounds`` it is the final model.
+    """
+    return f"{round_prefix(run_id, round_index)}global.pt"
+
+
+def server_state_key(run_id: str, round_index: int) -> str:
+    """Server optimiser moments after round ``round_index - 1`` (FedAdam/FedYogi only)."""
+    return f"{round_prefix(run_id, round_index)}server-state.pt"
+
+
+def attempt_id(run_id: str, round_index: int, site: str) -> str:
+    """The idempotency key of one site's round task; also its Celery task id."""
+    return f"{run_id}-r{round_index}-{site}"
+
+
+def attempt_prefix(run_id: str, round_index: int, site: str, attempt: str) -> str:
+    """Everything one attempt of a site's round writes lives under here."""
+    return f"{round_prefix(run_id, round_index)}{site}/{attempt}/"
+
+
+def weights_key(run_id: str, round_index: int, site: str, attempt: str) -> str:
+    """The site's state dict after local training (written before ``update.json``)."""
+    return f"{attempt_prefix(run_id, round_index, site, attempt)}weights.pt"
+
+
+def update_key(run_id: str, round_index: int, site: str, attempt: str) -> str:
+    """The ``ModelUpdate`` (proto JSON), written last: its existence means "delivered"."""
+    return f"{attempt_prefix(run_id, round_index, site, attempt)}update.json"
+
+
+def checkpoint_key(run_id: str, round_index: int, site: str, attempt: str) -> str:
+    """The site's resume point inside a round (model, optimiser, scheduler, epoch, RNG)."""
+    return f"{attempt_prefix(run_id, round_index, site, attempt)}checkpoint.pt"
+
+
+def parse_update_key(run_id: str, key: str) -> tuple[int, str, str] | None:
+    """``federated/{run}/round-{r}/{site}/{attempt}/update.json`` → (r, site, attempt); None otherwise."""
+    match = re.fullmatch(
+        rf"{FEDERATED_PREFIX}/{re.escape(run_id)}/round-(\d{{4,}})/({SITE_PATTERN})/([^/]+)/update\.json", key
+    )
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2), match.group(3)
+
+
+# --- inference requests: inputs and outputs of one segmentation request ---
+
+
+def inference_prefix(request_id: str) -> str:
+    return f"{INFERENCE_PREFIX}/{request_id}/"
+
+
+def inference_input_key(request_id: str) -> str:
+    return f"{inference_prefix(request_id)}input.nii.gz"
+
+
+def inference_mask_key(request_id: str) -> str:
+    return f"{inference_prefix(request_id)}mask.nii.gz"
+
+
+def inference_seg_key(request_id: str) -> str:
+    return f"{inference_prefix(request_id)}seg.dcm"
+
+
+def inference_findings_key(request_id: str) -> str:
+    return f"{inference_prefix(request_id)}findings.json"
+
+
+# --- the Triton model repository ---
+
+
+def triton_model_prefix(model_name: str) -> str:
+    """``triton/{model}`` (no trailing slash): ``config.pbtxt`` and one folder per version below it."""
+    return f"{TRITON_PREFIX}/{model_name}"
