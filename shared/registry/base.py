@@ -358,7 +358,6 @@ class ModelRegistry(abc.ABC):
         git SHA, plus ``tags``), the ``model/`` artifacts of the contract and one PNG curve per metric key
         under ``plots/``.
         """
-        import torch
 
         points = list(metrics)
         label_map = {int(k): str(v) for k, v in labels.items()}
