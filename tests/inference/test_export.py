@@ -173,6 +173,7 @@ def export_service(mlflow_uri: str, base_settings: dict[str, Any], monkeypatch: 
     """The inference API with a real Celery worker on its queue, found by the CLI through its variables."""
     from celery.contrib.testing.worker import start_worker
 
+    import services.inference.tasks  # noqa: F401  (registers the tasks with the app the worker serves)
     from services.inference import worker
     from tests.inference.conftest import running_service
 

@@ -266,6 +266,7 @@ def test_export_over_the_api_runs_as_a_worker_job(
     consuming the inference queue, followed to its result; the gate's failure is a failed job with its reason."""
     from celery.contrib.testing.worker import start_worker
 
+    import services.inference.tasks  # noqa: F401  (registers the tasks with the app the worker serves)
     from services.inference import worker
     from services.inference.triton_repository import model_versions
     from tests.service_harness import wait_for
