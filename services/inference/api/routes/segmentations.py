@@ -37,6 +37,7 @@ from services.inference.sources import (
 )
 from shared.auth import Principal
 from shared.http import add_audit_uids
+from shared.validation import SAFE_TEXT_PATTERN, ResourceId
 
 router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"])
 
@@ -47,7 +48,7 @@ class SegmentationOptions(BaseModel):
     """What every request may say, whatever its source (form fields of an upload, or JSON)."""
 
     request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN)
-    model_alias: str | None = Field(default=None, max_length=64)
+    model_alias: str | None = Field(default=None, max_length=64, pattern=SAFE_TEXT_PATTERN)
     largest_component: bool | None = None
 
 
@@ -55,7 +56,7 @@ class SegmentationIn(SegmentationOptions):
     """JSON body: exactly one of ``series_instance_uid`` (catalogue) or ``dicomweb_series_url``."""
 
     series_instance_uid: str | None = Field(default=None, pattern=r"^[0-9.]{1,64}$")
-    dicomweb_series_url: str | None = Field(default=None, max_length=2048)
+    dicomweb_series_url: str | None = Field(default=None, max_length=2048, pattern=SAFE_TEXT_PATTERN)
     send_to_pacs: bool = False
 
     @model_validator(mode="after")
@@ -270,7 +271,7 @@ def _get_row(session: Any, id: str) -> SegmentationRequest:
 
 
 @router.get("/{id}", response_model=SegmentationOut, summary="Status and result of a segmentation request")
-def get_segmentation(id: str, session: SessionDep, caller: SegmentationCaller) -> SegmentationOut:
+def get_segmentation(id: ResourceId, session: SessionDep, caller: SegmentationCaller) -> SegmentationOut:
     return to_out(_get_row(session, id))
 
 
@@ -283,7 +284,7 @@ DOWNLOADS = {
 
 @router.get("/{id}/{output}", summary="Download an output: mask (NIfTI), seg (DICOM SEG) or findings (JSON)")
 def download(
-    id: str, output: str, ctx: ContextDep, session: SessionDep, caller: SegmentationCaller
+    id: ResourceId, output: ResourceId, ctx: ContextDep, session: SessionDep, caller: SegmentationCaller
 ) -> StreamingResponse:
     if output not in DOWNLOADS:
         raise HTTPException(404, f"unknown output {output!r}; one of {', '.join(DOWNLOADS)}")

@@ -18,6 +18,7 @@ from services.ingest.query import (
     series_json,
     study_json,
 )
+from shared.validation import DicomUID
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb QIDO-RS"])
 
@@ -49,7 +50,7 @@ def _search(request: Request, ctx: ContextDep, session: SessionDep, level: str, 
     return JSONResponse(results, media_type="application/dicom+json")
 
 
-def _require_study(session: SessionDep, ctx: ContextDep, study_uid: str) -> None:
+def _require_study(session: SessionDep, ctx: ContextDep, study_uid: DicomUID) -> None:
     candidates = [study_uid, ctx.deidentifier.pseudonymise_uid(study_uid)]
     if session.scalar(select(Study.id).where(Study.study_instance_uid.in_(candidates))) is None:
         raise HTTPException(404, f"no study {study_uid}")
@@ -67,7 +68,7 @@ def search_all_series(request: Request, ctx: ContextDep, session: SessionDep, ca
 
 @router.get("/studies/{study_uid}/series", summary="Search for series of a study")
 def search_series(
-    study_uid: str, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> Response:
     _require_study(session, ctx, study_uid)
     return _search(request, ctx, session, "series", {"StudyInstanceUID": study_uid})
@@ -75,8 +76,8 @@ def search_series(
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances", summary="Search for instances of a series")
 def search_instances(
-    study_uid: str,
-    series_uid: str,
+    study_uid: DicomUID,
+    series_uid: DicomUID,
     request: Request,
     ctx: ContextDep,
     session: SessionDep,
@@ -91,7 +92,7 @@ def search_instances(
 
 @router.get("/studies/{study_uid}/instances", summary="Search for instances of a study")
 def search_study_instances(
-    study_uid: str, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> Response:
     _require_study(session, ctx, study_uid)
     return _search(request, ctx, session, "instance", {"StudyInstanceUID": study_uid})

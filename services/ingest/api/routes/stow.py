@@ -22,6 +22,7 @@ from services.ingest.dicomweb import (
 )
 from services.ingest.validation import FAILURE_STATUS, InstanceRejectedError, RejectReason
 from shared.http import add_audit_uids
+from shared.validation import DicomUID
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb STOW-RS"])
 
@@ -97,5 +98,7 @@ async def store_instances(request: Request, ctx: ContextDep, caller: StoreCaller
 
 
 @router.post("/studies/{study_uid}", summary="Store instances of one study (STOW-RS)")
-async def store_study_instances(study_uid: str, request: Request, ctx: ContextDep, caller: StoreCaller) -> JSONResponse:
+async def store_study_instances(
+    study_uid: DicomUID, request: Request, ctx: ContextDep, caller: StoreCaller
+) -> JSONResponse:
     return await _store(request, ctx, study_uid)

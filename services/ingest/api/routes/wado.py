@@ -12,6 +12,7 @@ from services.ingest.api.deps import ContextDep, QueryCaller, SessionDep
 from services.ingest.dicomweb import multipart_stream
 from services.ingest.models import Instance, Series, Study
 from services.ingest.query import instance_json
+from shared.validation import DicomUID
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb WADO-RS"])
 
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/dicomweb", tags=["DICOMweb WADO-RS"])
 def _instances(
     session: SessionDep,
     ctx: ContextDep,
-    study_uid: str,
+    study_uid: DicomUID,
     series_uid: str | None = None,
     sop_uid: str | None = None,
 ) -> list[Instance]:
@@ -58,38 +59,48 @@ def _metadata(ctx: ContextDep, instances: list[Instance]) -> JSONResponse:
 
 
 @router.get("/studies/{study_uid}", summary="Retrieve a study")
-def retrieve_study(study_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> StreamingResponse:
+def retrieve_study(study_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> StreamingResponse:
     return _retrieve(ctx, _instances(session, ctx, study_uid))
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}", summary="Retrieve a series")
 def retrieve_series(
-    study_uid: str, series_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID, series_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> StreamingResponse:
     return _retrieve(ctx, _instances(session, ctx, study_uid, series_uid))
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", summary="Retrieve an instance")
 def retrieve_instance(
-    study_uid: str, series_uid: str, sop_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID,
+    series_uid: DicomUID,
+    sop_uid: DicomUID,
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: QueryCaller,
 ) -> StreamingResponse:
     return _retrieve(ctx, _instances(session, ctx, study_uid, series_uid, sop_uid))
 
 
 @router.get("/studies/{study_uid}/metadata", summary="Study metadata")
-def study_metadata(study_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> JSONResponse:
+def study_metadata(study_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> JSONResponse:
     return _metadata(ctx, _instances(session, ctx, study_uid))
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/metadata", summary="Series metadata")
 def series_metadata(
-    study_uid: str, series_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID, series_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> JSONResponse:
     return _metadata(ctx, _instances(session, ctx, study_uid, series_uid))
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata", summary="Instance metadata")
 def instance_metadata(
-    study_uid: str, series_uid: str, sop_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID,
+    series_uid: DicomUID,
+    sop_uid: DicomUID,
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: QueryCaller,
 ) -> JSONResponse:
     return _metadata(ctx, _instances(session, ctx, study_uid, series_uid, sop_uid))
