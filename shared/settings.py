@@ -45,3 +45,9 @@ class VoxelflowSettings(BaseSettings):
         default=2 * 1024**3,
         description="Largest request body any HTTP endpoint accepts; larger requests get 413.",
     )
+    api_body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a client may take to send a request body, from the first read; a slower or "
+        "stalled client gets 408 and its connection is closed, so it cannot hold a worker.",
+    )

@@ -3,6 +3,7 @@ bad ones reported one by one in FailedSOPSequence, and one bad file never fails 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from services.ingest.validation import FAILURE_STATUS, InstanceRejectedError, Re
 from shared.http import add_audit_uids
 from shared.validation import DicomUID
 
+log = logging.getLogger("voxelflow.ingest.stow")
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb STOW-RS"])
 
 DICOM_JSON = "application/dicom+json"
@@ -47,7 +49,7 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
     referenced: list[dict[str, object]] = []
     failed: list[dict[str, Any]] = []
 
-    def store_part(part: Part) -> None:
+    def store_part(index: int, part: Part) -> None:
         try:
             if part.content_type.split(";")[0].strip().lower() != "application/dicom":
                 raise InstanceRejectedError(
@@ -64,7 +66,21 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
                     f"{exc.reason.value}: {exc.message}",
                 )
             )
-            add_audit_uids(request, exc.sop_instance_uid)
+            # The audit log holds no original identifiers: a refused instance is named by its pseudonym.
+            if exc.sop_instance_uid:
+                add_audit_uids(request, ctx.deidentifier.pseudonymise_uid(exc.sop_instance_uid))
+        except Exception as exc:
+            # An unforeseen failure of one part must not turn the whole request into a 500: the parts
+            # stored before it would go unreported and the PACS would send them again, or give up.
+            log.exception("STOW part %d failed unexpectedly", index)
+            failed.append(
+                failed_sop_item(
+                    "",
+                    "",
+                    FAILURE_STATUS[RejectReason.STORAGE_ERROR],
+                    f"{RejectReason.STORAGE_ERROR.value}: part {index} could not be processed ({type(exc).__name__})",
+                )
+            )
         else:
             url = (
                 f"{base}/dicomweb/studies/{received.study_instance_uid}/series/{received.series_instance_uid}"
@@ -75,8 +91,8 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
         finally:
             part.file.close()
 
-    for part in parts:
-        await anyio.to_thread.run_sync(store_part, part)
+    for index, part in enumerate(parts, start=1):
+        await anyio.to_thread.run_sync(store_part, index, part)
 
     retrieve = f"{base}/dicomweb/studies/{study_uid}" if study_uid else None
     body = stow_response(retrieve, referenced, failed)
