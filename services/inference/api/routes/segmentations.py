@@ -8,6 +8,7 @@ request instead of segmenting twice. Busy: 429 + Retry-After; not ready / no GPU
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import anyio
@@ -115,13 +116,41 @@ def _error(status: int, detail: str, retry_after: int | None = None) -> HTTPExce
     return HTTPException(status, detail, headers=headers)
 
 
+# The route reads its body by hand (JSON or a multipart upload), so the OpenAPI document is told here.
+SEGMENTATION_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": SegmentationIn.model_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "NIfTI image (.nii or .nii.gz)"},
+                    "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN},
+                    "model_alias": {"type": "string", "maxLength": 64},
+                    "largest_component": {"type": "string", "enum": ["true", "false"]},
+                    "patient_id": {"type": "string", "maxLength": 64},
+                },
+            }
+        },
+    },
+}
+
+
 @router.post(
     "",
     summary="Segment a series (catalogue UID or DICOMweb URL, JSON) or an uploaded NIfTI (multipart 'file')",
     response_model=SegmentationOut,
+    openapi_extra={"requestBody": SEGMENTATION_REQUEST_BODY},
     responses={
-        202: {"description": "queued as a job"},
+        202: {"description": "queued as a job", "model": SegmentationOut},
+        401: {"description": "missing or unknown token"},
+        403: {"description": "role may not segment"},
+        415: {"description": "neither application/json nor multipart/form-data"},
+        422: {"description": "invalid request"},
         429: {"description": "busy"},
+        502: {"description": "the catalogue or PACS could not be reached"},
         503: {"description": "not ready"},
     },
 )
@@ -136,6 +165,9 @@ async def create_segmentation(request: Request, ctx: ContextDep, caller: Segment
             raise HTTPException(422, "multipart upload needs a 'file' part holding a NIfTI image")
         data = await upload.read()
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        unsafe = sorted(k for k, v in fields.items() if len(v) > 256 or re.search(SAFE_TEXT_PATTERN, v) is None)
+        if unsafe:
+            raise HTTPException(422, f"form fields {unsafe} must be at most 256 characters, no control characters")
         submit = functools.partial(_submit_upload, ctx, caller, data, fields)
     elif content_type == "application/json":
         try:

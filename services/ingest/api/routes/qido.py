@@ -22,6 +22,16 @@ from shared.validation import DicomUID
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb QIDO-RS"])
 
+SEARCH: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the matches, as DICOM JSON",
+        "content": {"application/dicom+json": {"schema": {"type": "array", "items": {"type": "object"}}}},
+    },
+    204: {"description": "no matches"},
+    400: {"description": "unknown matching key or malformed value"},
+    404: {"description": "no such study or series"},
+}
+
 
 def _search(request: Request, ctx: ContextDep, session: SessionDep, level: str, scope: dict[str, str]) -> Response:
     params = [(k, v) for k, v in request.query_params.multi_items()]
@@ -56,17 +66,19 @@ def _require_study(session: SessionDep, ctx: ContextDep, study_uid: DicomUID) ->
         raise HTTPException(404, f"no study {study_uid}")
 
 
-@router.get("/studies", summary="Search for studies")
+@router.get("/studies", summary="Search for studies", responses=SEARCH, response_class=JSONResponse)
 def search_studies(request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> Response:
     return _search(request, ctx, session, "study", {})
 
 
-@router.get("/series", summary="Search for series")
+@router.get("/series", summary="Search for series", responses=SEARCH, response_class=JSONResponse)
 def search_all_series(request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> Response:
     return _search(request, ctx, session, "series", {})
 
 
-@router.get("/studies/{study_uid}/series", summary="Search for series of a study")
+@router.get(
+    "/studies/{study_uid}/series", summary="Search for series of a study", responses=SEARCH, response_class=JSONResponse
+)
 def search_series(
     study_uid: DicomUID, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> Response:
@@ -74,7 +86,12 @@ def search_series(
     return _search(request, ctx, session, "series", {"StudyInstanceUID": study_uid})
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}/instances", summary="Search for instances of a series")
+@router.get(
+    "/studies/{study_uid}/series/{series_uid}/instances",
+    summary="Search for instances of a series",
+    responses=SEARCH,
+    response_class=JSONResponse,
+)
 def search_instances(
     study_uid: DicomUID,
     series_uid: DicomUID,
@@ -90,7 +107,12 @@ def search_instances(
     return _search(request, ctx, session, "instance", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
 
 
-@router.get("/studies/{study_uid}/instances", summary="Search for instances of a study")
+@router.get(
+    "/studies/{study_uid}/instances",
+    summary="Search for instances of a study",
+    responses=SEARCH,
+    response_class=JSONResponse,
+)
 def search_study_instances(
     study_uid: DicomUID, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> Response:

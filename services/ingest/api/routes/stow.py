@@ -108,12 +108,49 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
 
-@router.post("/studies", summary="Store instances (STOW-RS)")
+# What the OpenAPI document says about STOW-RS: the route reads its multipart body by hand.
+STOW_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "description": "PS3.18 10.5: one application/dicom Part-10 instance per part; the closing delimiter is required.",
+    "content": {
+        'multipart/related; type="application/dicom"': {
+            "schema": {"type": "string", "format": "binary"},
+        }
+    },
+}
+_STOW_RESPONSE = {DICOM_JSON: {"schema": {"type": "object", "description": "PS3.18 store-instances response"}}}
+STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "every instance stored", "content": _STOW_RESPONSE},
+    202: {"description": "some instances stored, the others listed in FailedSOPSequence", "content": _STOW_RESPONSE},
+    400: {"description": "malformed multipart body (nothing stored)"},
+    401: {"description": "missing or unknown token"},
+    403: {"description": "role may not store"},
+    408: {"description": "the body was not received in time"},
+    409: {"description": "no instance stored; each listed with its reason", "content": _STOW_RESPONSE},
+    413: {"description": "body larger than the limit"},
+    415: {"description": 'not multipart/related; type="application/dicom"'},
+    503: {"description": "object storage unavailable", "content": _STOW_RESPONSE},
+}
+
+
+@router.post(
+    "/studies",
+    summary="Store instances (STOW-RS)",
+    openapi_extra={"requestBody": STOW_REQUEST_BODY},
+    responses=STOW_RESPONSES,
+    response_class=JSONResponse,
+)
 async def store_instances(request: Request, ctx: ContextDep, caller: StoreCaller) -> JSONResponse:
     return await _store(request, ctx, None)
 
 
-@router.post("/studies/{study_uid}", summary="Store instances of one study (STOW-RS)")
+@router.post(
+    "/studies/{study_uid}",
+    summary="Store instances of one study (STOW-RS)",
+    openapi_extra={"requestBody": STOW_REQUEST_BODY},
+    responses=STOW_RESPONSES,
+    response_class=JSONResponse,
+)
 async def store_study_instances(
     study_uid: DicomUID, request: Request, ctx: ContextDep, caller: StoreCaller
 ) -> JSONResponse:
