@@ -131,13 +131,45 @@ def _with_transfer_syntax(dataset: Dataset) -> Dataset:
 
 
 def validate_instance(dataset: Dataset) -> None:
-    """Raise :class:`InstanceRejectedError` with the first problem found."""
-    sop_class = str(dataset.get("SOPClassUID", "") or "")
-    sop_instance = str(dataset.get("SOPInstanceUID", "") or "")
+    """Raise :class:`InstanceRejectedError` with the first problem found.
+
+    pydicom decodes elements lazily, so a corrupt element (an unknown VR, a length past the end) only
+    raises when it is first read, with whatever exception type its decoder chose: any such error is the
+    sender's malformed file, refused as unparseable, never a server error."""
+    try:
+        _validate_instance(dataset)
+    except InstanceRejectedError:
+        raise
+    except Exception as exc:
+        raise InstanceRejectedError(
+            RejectReason.UNPARSEABLE,
+            f"unreadable element: {type(exc).__name__}: {str(exc)[:300]}",
+            _safe_str(dataset, "SOPClassUID"),
+            _safe_str(dataset, "SOPInstanceUID"),
+        ) from exc
+
+
+def _safe_str(dataset: Dataset, keyword: str) -> str:
+    try:
+        return str(dataset.get(keyword, "") or "")
+    except Exception:
+        return ""
+
+
+def _validate_instance(dataset: Dataset) -> None:
+    sop_class = _safe_str(dataset, "SOPClassUID")
+    sop_instance = _safe_str(dataset, "SOPInstanceUID")
     try:
         missing = [kw for kw in REQUIRED_UIDS if not str(dataset.get(kw, "") or "").strip()]
     except Exception as exc:
         raise InstanceRejectedError(RejectReason.UNPARSEABLE, f"unreadable header: {exc}") from exc
+    if any(tag.group == 0x0002 for tag in dataset.keys()):  # noqa: SIM118 (tags, without decoding elements)
+        raise InstanceRejectedError(
+            RejectReason.UNPARSEABLE,
+            "File Meta (0002,xxxx) elements inside the data set: the File Meta group length is wrong",
+            sop_class,
+            sop_instance,
+        )
     if missing:
         raise InstanceRejectedError(
             RejectReason.MISSING_ATTRIBUTE,
