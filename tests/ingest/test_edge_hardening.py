@@ -4,9 +4,11 @@ reason, no STOW part is lost without a word, a slow client gets 408, and authent
 from __future__ import annotations
 
 import io
+import re
 import socket
 from collections.abc import Iterator
 from urllib.parse import urlsplit
+from uuid import uuid4
 
 import httpx
 import pydicom
@@ -18,7 +20,7 @@ from services.ingest.models import Instance
 from shared.db.models import AuditEvent
 from tests.ingest.conftest import IngestService, multipart_body, stow
 from tests.ingest.test_dicomweb_api import FAILED, REFERENCED, count_instances, minimal_image
-from tests.service_harness import free_port, patched_environ, serving
+from tests.service_harness import free_port, patched_environ, serving, wait_for
 
 CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary=vfboundary'
 
@@ -45,6 +47,16 @@ def _instances_with_sop_uid(service: IngestService, pseudonymised_uid: str) -> i
         return int(
             session.scalar(select(func.count(Instance.id)).where(Instance.sop_instance_uid == pseudonymised_uid)) or 0
         )
+
+
+def _audit_event(service: IngestService, request_id: str) -> AuditEvent:
+    """The audit row of a request: written after its response went out, so it is waited for."""
+
+    def find() -> AuditEvent | None:
+        with service.ctx.session_factory() as session:  # type: ignore[attr-defined]
+            return session.scalar(select(AuditEvent).where(AuditEvent.request_id == request_id))
+
+    return wait_for(find, timeout=30, what=f"the audit row of request {request_id}")
 
 
 # --- values past their column's range, NUL and control characters: 4xx, the database never sees them ------
@@ -145,10 +157,7 @@ def test_audit_rows_of_refused_instances_hold_no_original_uids(ingest_service: I
     with ingest_service.client("pacs") as client:
         response = stow(client, [refused])
     assert response.status_code == 409
-    request_id = response.headers["x-request-id"]
-    with ingest_service.ctx.session_factory() as session:  # type: ignore[attr-defined]
-        event = session.scalar(select(AuditEvent).where(AuditEvent.request_id == request_id))
-    assert event is not None
+    event = _audit_event(ingest_service, response.headers["x-request-id"])
     assert original_uid not in event.object_uids
     assert ingest_service.ctx.deidentifier.pseudonymise_uid(original_uid) in event.object_uids  # type: ignore[attr-defined]
 
@@ -184,15 +193,14 @@ def _raw_request(url: str, head: bytes, body: bytes = b"", read_timeout: float =
 def test_oversized_body_without_a_token_is_401_not_413(ingest_service: IngestService):
     head = (
         b"POST /dicomweb/studies HTTP/1.1\r\nHost: ingest\r\n"
+        + f"X-Request-ID: oversized-anonymous-{uuid4().hex}\r\n".encode()
         + f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {64 * 1024**2 + 1}\r\n\r\n".encode()
     )
     answer = _raw_request(ingest_service.url, head)
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
-    with ingest_service.ctx.session_factory() as session:  # type: ignore[attr-defined]
-        event = session.scalars(
-            select(AuditEvent).where(AuditEvent.path == "/dicomweb/studies").order_by(AuditEvent.id.desc())
-        ).first()
-    assert event is not None and event.status_code == 401 and event.outcome == "denied"
+    request_id = re.search(rb"x-request-id: (\S+)", answer, re.IGNORECASE).group(1).decode()  # type: ignore[union-attr]
+    event = _audit_event(ingest_service, request_id)
+    assert event.status_code == 401 and event.outcome == "denied" and event.principal is None
 
 
 # --- a slow body cannot hold the server ----------------------------------------------------------------------
