@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.aggregation.conftest import aggregation_env  # noqa: F401  (fixture)
+from tests.inference.conftest import base_settings  # noqa: F401  (fixture)
 from tests.ingest.conftest import IngestService, ingest_env, ingest_service  # noqa: F401  (fixtures)
 from tests.preprocessing.service_fixtures import preprocessing_env, preprocessing_service  # noqa: F401
 from tests.registry.conftest import registry_service  # noqa: F401  (fixture)
@@ -32,10 +33,26 @@ def aggregation_service(aggregation_env: dict[str, str]) -> Iterator[FuzzTarget]
         yield FuzzTarget("aggregation", url, tokens_for_every_role(app.state.ctx.session_factory, "fuzz-agg"))
 
 
+@pytest.fixture(scope="session")
+def inference_service(base_settings: dict, ingest_service: IngestService) -> Iterator[FuzzTarget]:  # noqa: F811
+    """The inference API with a small served U-Net, reading series from the fuzz stage's ingest."""
+    from tests.inference.conftest import running_service
+    from tests.inference.served_models import MovableAliases
+
+    settings = {
+        **base_settings,
+        "sync_max_voxels": 200_000,
+        "ingest_url": ingest_service.url,
+        "ingest_token": ingest_service.tokens["researcher"],
+    }
+    with running_service(settings, MovableAliases({"champion": "1"})) as svc:
+        yield FuzzTarget("inference", svc.url, dict(svc.tokens))
+
+
 def target_for(request: pytest.FixtureRequest, name: str) -> FuzzTarget:
     """The running service ``name`` (started on first use)."""
-    if name == "aggregation":
-        return request.getfixturevalue("aggregation_service")
+    if name in ("aggregation", "inference"):
+        return request.getfixturevalue(f"{name}_service")
     fixture = {
         "ingest": "ingest_service",
         "preprocessing": "preprocessing_service",

@@ -21,7 +21,7 @@ from tests.fuzz.conftest import target_for
 
 pytestmark = pytest.mark.fuzz
 
-SERVICES = ["ingest", "preprocessing", "aggregation", "model_registry"]
+SERVICES = ["ingest", "preprocessing", "aggregation", "model_registry", "inference"]
 ROLES = ["admin", "operator", "researcher", "pacs", ""]  # "": no token at all
 EXAMPLES_PER_OPERATION = 6
 SECONDS_PER_RUN = 12.0  # one service, one role, both generation modes
@@ -46,7 +46,7 @@ def fuzz_service(url: str, token: str | None, seconds: float) -> FuzzReport:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     report = FuzzReport()
     deadline = time.monotonic() + seconds
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     session = requests.Session()
 
     for mode in (GenerationMode.NEGATIVE, GenerationMode.POSITIVE):

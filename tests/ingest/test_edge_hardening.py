@@ -141,7 +141,7 @@ def test_good_part_and_file_without_file_meta_are_both_reported(ingest_service: 
 
 def test_unknown_transfer_syntax_is_refused_with_a_reason(ingest_service: IngestService):
     ds = pydicom.dcmread(io.BytesIO(minimal_image()), force=True)
-    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID("1.2.3.4.5.6")
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=False)
     with ingest_service.client("pacs") as client:
