@@ -173,7 +173,8 @@ async def create_segmentation(request: Request, ctx: ContextDep, caller: Segment
         try:
             body = SegmentationIn.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from exc
+            # without the input: invalid JSON bytes are not JSON-serialisable, and would make this a 500
+            raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from exc
         submit = functools.partial(_submit_reference, ctx, caller, body)
     else:
         raise HTTPException(415, "send application/json (a series reference) or multipart/form-data (a NIfTI file)")
