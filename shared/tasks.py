@@ -205,7 +205,11 @@ def dead_letter_router(service: str, celery_app: Celery, session_factory: sessio
             )
             return rows
 
-    @router.post("/{id}/retry", response_model=DeadLetterOut)
+    @router.post(
+        "/{id}/retry",
+        response_model=DeadLetterOut,
+        responses={404: {"description": "no such dead letter"}, 409: {"description": "already requeued"}},
+    )
     def retry_dead_letter(id: DatabaseId, principal: Principal = operator) -> DeadLetter:
         with session_scope(session_factory) as session:
             letter = session.get(DeadLetter, id)

@@ -55,6 +55,7 @@ class ReidentificationOut(BaseModel):
     "/admin/reidentification",
     response_model=list[ReidentificationOut],
     summary="Re-identify a pseudonym (admin only, audited)",
+    responses={404: {"description": "the value is not in the re-identification map"}},
 )
 def reidentify(
     value: Annotated[SafeText, Query(min_length=1)], session: SessionDep, caller: AdminCaller

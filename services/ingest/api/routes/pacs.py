@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.ingest.api.deps import ContextDep, OperatorCaller, SessionDep
 from services.ingest.context import PULL_FROM_PACS_TASK
@@ -17,9 +17,15 @@ router = APIRouter(prefix="/pacs", tags=["PACS"])
 
 
 class RetrieveRequest(BaseModel):
+    # "exactly one of" for the OpenAPI document (the validator below is what enforces it)
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["study_instance_uid"]}, {"required": ["query"]}]}
+    )
+
     study_instance_uid: DicomUID | None = Field(default=None, description="Pull this study.")
     query: dict[SafeText, SafeText] | None = Field(
         default=None,
+        min_length=1,
         description="Or pull every study matching these QIDO keys, e.g. {'PatientID': 'PGBM-002'}.",
     )
 
