@@ -18,7 +18,8 @@ case "$cmd" in
     exec uvicorn "services.${VOXELFLOW_SERVICE}.main:app" \
       --host 0.0.0.0 --port "${VOXELFLOW_HTTP_PORT:-8000}" \
       --proxy-headers --forwarded-allow-ips "${VOXELFLOW_FORWARDED_ALLOW_IPS:-*}" \
-      --no-server-header "$@"
+      --no-server-header --timeout-keep-alive 5 \
+      --h11-max-incomplete-event-size 65536 "$@"
     ;;
   worker)
     queue="${VOXELFLOW_CELERY_QUEUE:-$VOXELFLOW_SERVICE}"

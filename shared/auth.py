@@ -81,6 +81,9 @@ class TokenAuthenticator:
         self._session_factory = session_factory
 
     def authenticate(self, request: Request) -> Principal:
+        already: Principal | None = getattr(request.state, "principal", None)
+        if already is not None:  # shared.http.AuthenticateFirstMiddleware looked the token up for this request
+            return already
         header = request.headers.get("authorization")
         secret = _secret_from_header(header) if header else None
         if secret is None:

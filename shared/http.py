@@ -12,9 +12,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +26,7 @@ from shared.db.base import session_scope
 from shared.db.models import AuditEvent
 from shared.observability import metrics
 from shared.observability.logging import request_id_var
+from shared.settings import VoxelflowSettings
 
 log = logging.getLogger("voxelflow.http")
 
@@ -33,8 +35,17 @@ UNAUDITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 ReadinessCheck = Callable[[], None]
 
 
+# Interactive API docs stay public for now; every other path needs a token before its body is read.
+PUBLIC_PATHS = UNAUDITED_PATHS | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+DEFAULT_BODY_TIMEOUT_SECONDS = 60.0
+
+
 class RequestTooLargeError(Exception):
     pass
+
+
+class RequestBodyTimeoutError(Exception):
+    """The client did not send its whole body in time (a slow or stalled client holding a worker)."""
 
 
 def add_audit_uids(request: Request, *uids: str | None) -> None:
@@ -59,11 +70,13 @@ class ObservedRequestMiddleware:
         service: str,
         session_factory: sessionmaker[Session],
         max_request_bytes: int,
+        body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS,
     ):
         self.app = app
         self.service = service
         self.session_factory = session_factory
         self.max_request_bytes = max_request_bytes
+        self.body_timeout_seconds = body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,18 +89,43 @@ class ObservedRequestMiddleware:
         started = time.perf_counter()
         status_holder = {"status": 500, "sent": False}
         received = 0
+        body_deadline: float | None = None
         metrics.http_requests_in_progress.labels(self.service).inc()
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_deadline
+            declared = headers.get("content-length")
+            if received == 0 and declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
+                # Decided when the body is first read, so after authentication (AuthenticateFirstMiddleware).
+                await answer_and_stop(413, f"request body exceeds the {self.max_request_bytes}-byte limit")
+                raise RequestTooLargeError
+            if body_deadline is None:
+                body_deadline = time.monotonic() + self.body_timeout_seconds
+            try:
+                with anyio.fail_after(max(0.0, body_deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                await answer_and_stop(408, f"the request body was not received within {self.body_timeout_seconds:g} s")
+                raise RequestBodyTimeoutError from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_request_bytes:
+                    await answer_and_stop(413, f"request body exceeds the {self.max_request_bytes}-byte limit")
                     raise RequestTooLargeError
             return message
 
+        async def answer_and_stop(status_code: int, detail: str) -> None:
+            """Answer at once, whatever the route makes of the exception raised next (FastAPI turns an error
+            while reading a JSON body into a 400); what the app sends after this is dropped."""
+            if status_holder["sent"]:
+                return
+            response = JSONResponse({"detail": detail}, status_code=status_code, headers={"Connection": "close"})
+            await response(scope, receive, observed_send)
+            status_holder["final"] = True
+
         async def observed_send(message: Message) -> None:
+            if status_holder.get("final"):
+                return
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["sent"] = True
@@ -96,17 +134,10 @@ class ObservedRequestMiddleware:
             await send(message)
 
         try:
-            declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
-                raise RequestTooLargeError
             await self.app(scope, limited_receive, observed_send)
-        except RequestTooLargeError:
-            if status_holder["sent"]:
-                raise
-            response = JSONResponse(
-                {"detail": f"request body exceeds the {self.max_request_bytes}-byte limit"}, status_code=413
-            )
-            await response(scope, receive, observed_send)
+        except (RequestBodyTimeoutError, RequestTooLargeError):
+            if not status_holder.get("final"):
+                raise  # the response had already begun: nothing better than aborting it
         finally:
             elapsed = time.perf_counter() - started
             metrics.http_requests_in_progress.labels(self.service).dec()
@@ -155,6 +186,34 @@ class ObservedRequestMiddleware:
             log.exception("could not write audit event", extra={"audit_request_id": request_id})
 
 
+class AuthenticateFirstMiddleware:
+    """Authenticate every non-public request before anything reads its body.
+
+    FastAPI parses and validates a body (422), and ObservedRequestMiddleware checks its size (413), before a
+    route's auth dependency runs: an anonymous caller could learn about the API's validation and have its
+    request audited without a principal. Here a missing or unknown token is 401 before the body is touched;
+    the route's :func:`shared.auth.role_checker` then decides the role (403) from the principal found here.
+    """
+
+    def __init__(self, app: ASGIApp, public_paths: frozenset[str] = PUBLIC_PATHS):
+        self.app = app
+        self.public_paths = public_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.public_paths:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        authenticator: TokenAuthenticator = scope["app"].state.authenticator
+        try:
+            await anyio.to_thread.run_sync(authenticator.authenticate, request)
+        except HTTPException as exc:
+            response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def health_router(readiness_checks: dict[str, ReadinessCheck]) -> APIRouter:
     """``/healthz``: the process is alive. ``/readyz``: every dependency answers and the service is loaded."""
     router = APIRouter(tags=["health"])
@@ -184,6 +243,39 @@ def health_router(readiness_checks: dict[str, ReadinessCheck]) -> APIRouter:
     return router
 
 
+# What the edge itself may answer on any authenticated operation, whatever the route declares.
+EDGE_RESPONSES: dict[str, dict[str, str]] = {
+    "401": {"description": "missing, malformed, unknown or revoked token"},
+    "403": {"description": "the token's role may not do this"},
+    "408": {"description": "the request body was not received in time"},
+    "413": {"description": "the request body exceeds the size limit"},
+}
+
+
+def document_edge_responses(app: FastAPI) -> None:
+    """Add the edge's answers (:data:`EDGE_RESPONSES`; 404 where a path names a resource) to every
+    operation of the app's OpenAPI document, so that generated clients and schemathesis expect them."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for path, operations in schema.get("paths", {}).items():
+            if path in PUBLIC_PATHS:
+                continue
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                for code, response in EDGE_RESPONSES.items():
+                    responses.setdefault(code, dict(response))
+                if "{" in path:
+                    responses.setdefault("404", {"description": "no such resource"})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_service_app(
     *,
     service: str,
@@ -192,6 +284,7 @@ def create_service_app(
     version: str,
     session_factory: sessionmaker[Session],
     max_request_bytes: int,
+    body_timeout_seconds: float | None = None,
     routers: Sequence[APIRouter],
     readiness_checks: dict[str, ReadinessCheck],
     startup: Sequence[Callable[[], None]] = (),
@@ -221,13 +314,28 @@ def create_service_app(
     app.include_router(health_router(readiness_checks))
     for router in routers:
         app.include_router(router)
+    document_edge_responses(app)
+    app.add_middleware(AuthenticateFirstMiddleware)  # inside the observer: a 401 is still logged and audited
+    if body_timeout_seconds is None:
+        body_timeout_seconds = VoxelflowSettings().api_body_timeout_seconds
     app.add_middleware(
         ObservedRequestMiddleware,
         service=service,
         session_factory=session_factory,
         max_request_bytes=max_request_bytes,
+        body_timeout_seconds=body_timeout_seconds,
     )
     return app
 
 
-__all__ = ["RequestTooLargeError", "add_audit_uids", "create_service_app", "health_router"]
+__all__ = [
+    "EDGE_RESPONSES",
+    "PUBLIC_PATHS",
+    "AuthenticateFirstMiddleware",
+    "RequestBodyTimeoutError",
+    "RequestTooLargeError",
+    "add_audit_uids",
+    "create_service_app",
+    "document_edge_responses",
+    "health_router",
+]

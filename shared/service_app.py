@@ -59,6 +59,7 @@ def build_service_app(
         version=version,
         session_factory=ctx.session_factory,
         max_request_bytes=settings.api_max_request_bytes,
+        body_timeout_seconds=settings.api_body_timeout_seconds,
         routers=all_routers,
         readiness_checks=checks,
         startup=[ctx.migrate, *startup],

@@ -51,3 +51,9 @@ class VoxelflowSettings(BaseSettings):
         "shared.contracts.tasks (e.g. a training round longer than 5.5 h; keep the broker's visibility timeout "
         "above the hard limit).",
     )
+    api_body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a client may take to send a request body, from the first read; a slower or "
+        "stalled client gets 408 and its connection is closed, so it cannot hold a worker.",
+    )

@@ -29,6 +29,7 @@ from shared.auth import Principal, Role, role_checker
 from shared.db.base import make_engine, make_session_factory, session_scope, utcnow
 from shared.db.models import DeadLetter
 from shared.observability import metrics
+from shared.validation import DatabaseId
 
 log = logging.getLogger("voxelflow.tasks")
 
@@ -204,8 +205,12 @@ def dead_letter_router(service: str, celery_app: Celery, session_factory: sessio
             )
             return rows
 
-    @router.post("/{id}/retry", response_model=DeadLetterOut)
-    def retry_dead_letter(id: int, principal: Principal = operator) -> DeadLetter:
+    @router.post(
+        "/{id}/retry",
+        response_model=DeadLetterOut,
+        responses={404: {"description": "no such dead letter"}, 409: {"description": "already requeued"}},
+    )
+    def retry_dead_letter(id: DatabaseId, principal: Principal = operator) -> DeadLetter:
         with session_scope(session_factory) as session:
             letter = session.get(DeadLetter, id)
             if letter is None or letter.service != service:

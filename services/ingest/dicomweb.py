@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+
+from shared.http import RequestBodyTimeoutError, RequestTooLargeError
 
 SPOOL_IN_MEMORY_BYTES = 8 * 1024**2
 
@@ -111,10 +113,17 @@ async def read_parts(body: AsyncIterator[bytes], boundary: bytes) -> list[Part]:
         async for chunk in body:
             parser.write(chunk)
         parser.finalize()
+        if parser.state != MultipartState.END:
+            # python-multipart's finalize() does not check this itself: a body cut short, or whose last
+            # delimiter is not this boundary, would otherwise lose its last part without a word.
+            raise MultipartError(
+                f"the body ends without the closing delimiter --{boundary.decode('latin-1')}--: "
+                "it was truncated or its last boundary is wrong, so no part of it was stored"
+            )
     except Exception as exc:
         for part in parts:
             part.file.close()
-        if type(exc).__name__ == "RequestTooLargeError":
+        if isinstance(exc, (RequestTooLargeError, RequestBodyTimeoutError, MultipartError)):
             raise
         raise MultipartError(f"malformed multipart body: {exc}") from exc
     return parts

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from services.ingest.dicomweb import element
 from services.ingest.models import Instance, Patient, Series, Study
+from shared.validation import INT32_MAX
 
 LEVELS = ("study", "series", "instance")
 MAX_LIMIT = 1000
@@ -67,19 +68,32 @@ MATCHING_KEYS["series"] = MATCHING_KEYS["study"] | {
 MATCHING_KEYS["instance"] = MATCHING_KEYS["series"] | {"SOPInstanceUID", "SOPClassUID", "InstanceNumber"}
 
 
+# The database sees every matching value: no NUL or other control characters, no unbounded text.
+_UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f]")
+MAX_VALUE_LENGTH = 1024
+
+
+def _non_negative(key: str, value: str) -> int:
+    """ASCII digits within PostgreSQL's INTEGER (``str.isdigit`` also admits '²', which ``int`` refuses)."""
+    if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > INT32_MAX:
+        raise QueryError(f"{key} must be an integer from 0 to {INT32_MAX}")
+    return int(value)
+
+
 def parse_query(level: str, params: list[tuple[str, str]]) -> QidoQuery:
     filters: dict[str, list[str]] = {}
     includefields: set[str] = set()
     limit, offset = 100, 0
     for key, value in params:
+        if _UNSAFE_TEXT.search(key) or _UNSAFE_TEXT.search(value) or len(value) > MAX_VALUE_LENGTH:
+            raise QueryError(
+                f"query parameter {key[:64]!r}: values must be at most {MAX_VALUE_LENGTH} characters "
+                "without control characters"
+            )
         if key == "limit":
-            if not value.isdigit():
-                raise QueryError("limit must be a non-negative integer")
-            limit = min(int(value), MAX_LIMIT)
+            limit = min(_non_negative(key, value), MAX_LIMIT)
         elif key == "offset":
-            if not value.isdigit():
-                raise QueryError("offset must be a non-negative integer")
-            offset = int(value)
+            offset = _non_negative(key, value)
         elif key == "includefield":
             for item in value.split(","):
                 includefields.add("all" if item.strip() == "all" else _keyword(item.strip()))

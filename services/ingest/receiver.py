@@ -151,10 +151,20 @@ class InstanceReceiver:
                 sop_class_uid,
                 original_sop_uid,
             )
-        result = self.deidentifier.deidentify(dataset)
-        clean = result.dataset
-        header = header_json(clean)
-        digest = content_hash(header, clean)
+        try:  # malformed values that validation let through surface here: the sender's fault, not a 500
+            result = self.deidentifier.deidentify(dataset)
+            clean = result.dataset
+            header = header_json(clean)
+            digest = content_hash(header, clean)
+        except InstanceRejectedError:
+            raise
+        except Exception as exc:
+            raise InstanceRejectedError(
+                RejectReason.UNPARSEABLE,
+                f"unreadable content: {type(exc).__name__}: {str(exc)[:300]}",
+                sop_class_uid,
+                original_sop_uid,
+            ) from exc
         study_uid, series_uid, sop_uid = (
             str(clean.StudyInstanceUID),
             str(clean.SeriesInstanceUID),
@@ -164,7 +174,15 @@ class InstanceReceiver:
         outcome = ReceivedInstance(False, sop_class_uid, original_sop_uid, sop_uid, study_uid, series_uid)
 
         with tempfile.SpooledTemporaryFile(max_size=16 * 1024**2) as encoded:
-            clean.save_as(encoded, enforce_file_format=True)
+            try:
+                clean.save_as(encoded, enforce_file_format=True)
+            except Exception as exc:
+                raise InstanceRejectedError(
+                    RejectReason.UNPARSEABLE,
+                    f"cannot be written as a DICOM file: {type(exc).__name__}: {str(exc)[:300]}",
+                    sop_class_uid,
+                    original_sop_uid,
+                ) from exc
             encoded_size = encoded.tell()
             encoded.seek(0)
             with session_scope(self.session_factory) as session:

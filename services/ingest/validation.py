@@ -10,9 +10,9 @@ import enum
 from typing import IO
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 
 class RejectReason(enum.StrEnum):
@@ -74,9 +74,11 @@ def is_supported_sop_class(uid: str) -> bool:
 
 
 def read_instance(stream: IO[bytes]) -> Dataset:
-    """Parse a DICOM Part-10 stream (preamble optional, as some PACS send bare datasets with file meta)."""
+    """Parse a DICOM Part-10 stream. The preamble is optional (some PACS send bare datasets with file meta),
+    and so is the File Meta group: old modalities (an old Siemens MR) write a bare implicit-VR dataset,
+    whose transfer syntax is then inferred from how pydicom could read it."""
     try:
-        return pydicom.dcmread(stream, force=False)
+        return _with_transfer_syntax(pydicom.dcmread(stream, force=False))
     except InvalidDicomError:
         stream.seek(0)
         try:
@@ -88,19 +90,86 @@ def read_instance(stream: IO[bytes]) -> Dataset:
                 RejectReason.UNPARSEABLE,
                 "not a DICOM Part-10 file (no preamble/DICM prefix and no SOP Instance UID)",
             ) from None
-        return dataset
+        return _with_transfer_syntax(dataset)
+    except InstanceRejectedError:
+        raise
     except Exception as exc:  # truncated files, bad lengths: pydicom raises many types
         raise InstanceRejectedError(RejectReason.UNPARSEABLE, f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
 
 
+def _with_transfer_syntax(dataset: Dataset) -> Dataset:
+    """Give a dataset read without (a complete) File Meta group the transfer syntax it was read in.
+
+    Everything after reading (validation, de-identification, writing the stored copy) needs
+    ``file_meta.TransferSyntaxUID``; pydicom knows how it decoded the dataset (``original_encoding``:
+    implicit or explicit VR, little or big endian), and that is the transfer syntax of a bare dataset."""
+    meta = dataset.file_meta if getattr(dataset, "file_meta", None) is not None else FileMetaDataset()
+    if not str(meta.get("TransferSyntaxUID", "") or ""):
+        implicit, little = getattr(dataset, "original_encoding", (None, None))
+        try:  # touch an element so that a deferred read reveals its encoding
+            dataset.get("SOPInstanceUID")
+            implicit, little = dataset.original_encoding
+        except Exception:  # unreadable content is reported by validate_instance
+            pass
+        if implicit is None:
+            implicit, little = True, True  # PS3.5 A.1: the default transfer syntax
+        if not little:
+            meta.TransferSyntaxUID = ExplicitVRBigEndian
+        else:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    for meta_keyword, keyword in (
+        ("MediaStorageSOPClassUID", "SOPClassUID"),
+        ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
+    ):
+        try:
+            if meta_keyword not in meta and keyword in dataset:
+                setattr(meta, meta_keyword, str(dataset.get(keyword)))
+        except Exception:  # a garbled UID is reported by validate_instance
+            pass
+    dataset.file_meta = meta
+    return dataset
+
+
 def validate_instance(dataset: Dataset) -> None:
-    """Raise :class:`InstanceRejectedError` with the first problem found."""
-    sop_class = str(dataset.get("SOPClassUID", "") or "")
-    sop_instance = str(dataset.get("SOPInstanceUID", "") or "")
+    """Raise :class:`InstanceRejectedError` with the first problem found.
+
+    pydicom decodes elements lazily, so a corrupt element (an unknown VR, a length past the end) only
+    raises when it is first read, with whatever exception type its decoder chose: any such error is the
+    sender's malformed file, refused as unparseable, never a server error."""
+    try:
+        _validate_instance(dataset)
+    except InstanceRejectedError:
+        raise
+    except Exception as exc:
+        raise InstanceRejectedError(
+            RejectReason.UNPARSEABLE,
+            f"unreadable element: {type(exc).__name__}: {str(exc)[:300]}",
+            _safe_str(dataset, "SOPClassUID"),
+            _safe_str(dataset, "SOPInstanceUID"),
+        ) from exc
+
+
+def _safe_str(dataset: Dataset, keyword: str) -> str:
+    try:
+        return str(dataset.get(keyword, "") or "")
+    except Exception:
+        return ""
+
+
+def _validate_instance(dataset: Dataset) -> None:
+    sop_class = _safe_str(dataset, "SOPClassUID")
+    sop_instance = _safe_str(dataset, "SOPInstanceUID")
     try:
         missing = [kw for kw in REQUIRED_UIDS if not str(dataset.get(kw, "") or "").strip()]
     except Exception as exc:
         raise InstanceRejectedError(RejectReason.UNPARSEABLE, f"unreadable header: {exc}") from exc
+    if any(tag.group == 0x0002 for tag in dataset.keys()):  # noqa: SIM118 (tags, without decoding elements)
+        raise InstanceRejectedError(
+            RejectReason.UNPARSEABLE,
+            "File Meta (0002,xxxx) elements inside the data set: the File Meta group length is wrong",
+            sop_class,
+            sop_instance,
+        )
     if missing:
         raise InstanceRejectedError(
             RejectReason.MISSING_ATTRIBUTE,
@@ -133,7 +202,15 @@ def validate_instance(dataset: Dataset) -> None:
             sop_class,
             sop_instance,
         )
-    if "PixelData" in dataset and not dataset.file_meta.get("TransferSyntaxUID", UID("")).is_compressed:
+    transfer_syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "") or ""))
+    if transfer_syntax and not transfer_syntax.is_transfer_syntax:
+        raise InstanceRejectedError(
+            RejectReason.UNPARSEABLE,
+            f"transfer syntax {str(transfer_syntax)!r} is not a known transfer syntax",
+            sop_class,
+            sop_instance,
+        )
+    if "PixelData" in dataset and not (transfer_syntax and transfer_syntax.is_compressed):
         _check_native_pixel_data_size(dataset, sop_class, sop_instance)
 
 

@@ -44,8 +44,9 @@ import pydicom
 from highdicom.spatial import get_series_volume_positions
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 __all__ = [
     "NonVolumetricSeriesError",
@@ -98,7 +99,7 @@ class NonVolumetricSeriesError(ValueError):
     route or report the series (``secondary_capture``, ``localizer``,
     ``single_slice``, ``mixed_orientation``, ``mixed_geometry``,
     ``mixed_series``, ``missing_slices``, ``duplicate_positions``,
-    ``non_perpendicular_stack``, ``no_pixel_data``, ``unsupported``);
+    ``non_perpendicular_stack``, ``no_pixel_data``, ``undecodable_pixel_data``, ``unsupported``);
     ``message`` is for humans.
     """
 
@@ -207,9 +208,28 @@ def _image_types(ds: Dataset) -> set[str]:
     return values
 
 
+def _undecodable_reason(ds: Dataset) -> str | None:
+    """Why this instance's pixel data cannot be decoded here (its transfer syntax has no installed
+    decoder), or None. Such instances are stored as sent; their series is flagged, not a task error."""
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "") or "")) if meta is not None else UID("")
+    if not transfer_syntax or not transfer_syntax.is_transfer_syntax or not transfer_syntax.is_compressed:
+        return None
+    try:
+        available = get_decoder(transfer_syntax).is_available
+    except NotImplementedError:
+        available = False
+    if available:
+        return None
+    return f"no installed decoder for transfer syntax {transfer_syntax} ({transfer_syntax.name})"
+
+
 def _check_series_level(datasets: Sequence[Dataset]) -> None:
     """Flags that depend only on headers, checked before any decoding."""
     for ds in datasets:
+        undecodable = _undecodable_reason(ds)
+        if undecodable:
+            raise NonVolumetricSeriesError("undecodable_pixel_data", undecodable)
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class in _SECONDARY_CAPTURE_SOP_CLASSES:
             raise NonVolumetricSeriesError(

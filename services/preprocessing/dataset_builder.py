@@ -24,6 +24,7 @@ from services.preprocessing.sites import assign_sites, parse_site_manifest
 from services.preprocessing.splits import SplitCase, make_splits, split_violations
 from shared.db.base import session_scope, utcnow
 from shared.storage import ObjectStore
+from shared.validation import SAFE_TEXT_PATTERN, SafeText
 
 log = logging.getLogger("voxelflow.preprocessing.builder")
 
@@ -51,11 +52,15 @@ class SplitOptions(BaseModel):
 
 
 class BuildRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
-    collection: str | None = Field(default=None, description="Cases of this collection (MSD import name, catalogue).")
-    case_ids: list[str] | None = Field(default=None, description="Only these case ids (within the collection).")
+    name: str = Field(min_length=1, max_length=200, pattern=SAFE_TEXT_PATTERN)
+    collection: SafeText | None = Field(
+        default=None, description="Cases of this collection (MSD import name, catalogue)."
+    )
+    case_ids: list[SafeText] | None = Field(default=None, description="Only these case ids (within the collection).")
     include_unlabelled: bool = False
-    spec: str | None = Field(default=None, description="Preprocessing spec name or YAML path; default from settings.")
+    spec: SafeText | None = Field(
+        default=None, description="Preprocessing spec name or YAML path; default from settings."
+    )
     sites: SiteOptions = Field(default_factory=SiteOptions)
     splits: SplitOptions = Field(default_factory=SplitOptions)
     qc: bool = Field(default=True, description="Run quality control and exclude failing cases from the splits.")

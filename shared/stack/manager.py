@@ -156,8 +156,23 @@ def _binary_or_missing(name: str, *candidates: str) -> tuple[str, str | None]:
 
 
 def uvicorn_argv(app: str, port: int) -> list[str]:
-    """A service API on loopback, as the chart runs it behind its Service."""
-    return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    """A service API on loopback, as the chart runs it behind its Service (docker/entrypoint.sh): idle
+    keep-alive connections closed after 5 s, request heads bounded to 64 KiB; the body-read timeout is
+    shared.http's (VOXELFLOW_API_BODY_TIMEOUT_SECONDS), as uvicorn has none."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--timeout-keep-alive",
+        "5",
+        "--h11-max-incomplete-event-size",
+        "65536",
+    ]
 
 
 def celery_worker_argv(module: str, queue: str, *options: str) -> list[str]:

@@ -43,6 +43,7 @@ CHART_MANAGED = {
     "log_json",
     "metrics_port",
     "api_max_request_bytes",
+    "api_body_timeout_seconds",
     # per service
     "site",
     "dimse_ae_title",

@@ -58,7 +58,12 @@ def test_every_env_var_is_read_by_the_service(rendered, scenario):
         if cls is None:
             continue  # service not on this branch yet
         fields = {f"VOXELFLOW_{name.upper()}" for name in cls.model_fields}
-        config_map = {"VOXELFLOW_LOG_LEVEL", "VOXELFLOW_LOG_JSON", "VOXELFLOW_API_MAX_REQUEST_BYTES"}
+        config_map = {
+            "VOXELFLOW_LOG_LEVEL",
+            "VOXELFLOW_LOG_JSON",
+            "VOXELFLOW_API_MAX_REQUEST_BYTES",
+            "VOXELFLOW_API_BODY_TIMEOUT_SECONDS",
+        }
         unknown = sorted(set(env) - fields - PLATFORM_ENV - config_map)
         assert not unknown, f"{wl['metadata']['name']}[{c['name']}] sets variables {cls.__name__} ignores: {unknown}"
         checked += 1

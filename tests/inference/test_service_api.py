@@ -158,3 +158,11 @@ def test_not_ready_answers_503(base_settings: dict[str, Any], hippocampus_nifti:
         assert upload(svc, hippocampus_nifti).json()["model_version"] == "4"
     assert ready.status_code == 503 and "model" in json.loads(ready.text)["failures"]
     assert refused.status_code == 503 and "Retry-After" in refused.headers
+
+
+def test_invalid_json_bytes_are_422_not_500(service: InferenceService) -> None:
+    """Found by the fuzz stage: the 422 detail echoed the undecodable input bytes and failed to serialise."""
+    with service.client("researcher") as client:
+        response = client.post("/v1/segmentations", content=b"\x00\xff", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["type"] == "json_invalid"

@@ -314,3 +314,38 @@ def test_non_dicom_file_is_unsupported(hcrop_files: list[Path], tmp_path: Path) 
     junk = tmp_path / "notes.txt"
     junk.write_text("not a DICOM file")
     assert _reason([*hcrop_files[:3], junk]) == "unsupported"
+
+
+def test_pixel_data_that_no_installed_decoder_reads_flags_the_series(tmp_path: Path):
+    """Issue 13: compressed pixel data that no installed decoder handles (here MPEG-2) is stored as sent
+    and its series flagged with a reason, never a failed reconstruction task."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG2MPML
+
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for index in range(2):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = MPEG2MPML
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+            ds.SOPClassUID,
+            ds.SOPInstanceUID,
+        )
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+        ds.Rows = ds.Columns = 4
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, index], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [1, 1], 1
+        ds.PixelData = encapsulate([bytes(16)])
+        ds["PixelData"].VR = "OB"
+        path = tmp_path / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    with pytest.raises(NonVolumetricSeriesError) as refused:
+        reconstruct_series(paths)
+    assert refused.value.reason_code == "undecodable_pixel_data"
+    assert "MPEG2" in refused.value.message or "MPEG" in refused.value.message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -21,6 +21,7 @@ from services.aggregation.privacy import PrivacyConfig
 from services.aggregation.strategies import ServerOptimizerConfig, Strategy
 from shared.db.base import utcnow
 from shared.http import add_audit_uids
+from shared.validation import PageOffset, ResourceId, SafeText
 
 router = APIRouter(prefix="/federated-runs", tags=["federated training"])
 
@@ -250,9 +251,9 @@ async def create_run(
 def list_runs(
     session: SessionDep,
     principal: RunCaller,
-    status: str | None = Query(default=None, description="Only runs with this status."),
+    status: Annotated[SafeText | None, Query(description="Only runs with this status.")] = None,
     limit: int = Query(default=50, ge=1, le=500),
-    offset: int = Query(default=0, ge=0),
+    offset: PageOffset = 0,
 ) -> list[RunSummary]:
     query = select(FederatedRun).order_by(FederatedRun.created_at.desc(), FederatedRun.id)
     if status:
@@ -261,7 +262,7 @@ def list_runs(
 
 
 @router.get("/{run_id}", response_model=RunDetail)
-def get_run(run_id: str, session: SessionDep, principal: RunCaller) -> RunDetail:
+def get_run(run_id: ResourceId, session: SessionDep, principal: RunCaller) -> RunDetail:
     """The run with every round's aggregate metrics, each site's state and every discarded update."""
     run = session.get(FederatedRun, run_id)
     if run is None:
@@ -270,7 +271,7 @@ def get_run(run_id: str, session: SessionDep, principal: RunCaller) -> RunDetail
 
 
 @router.post("/{run_id}/cancel", response_model=RunDetail)
-def cancel_run(run_id: str, ctx: ContextDep, session: SessionDep, principal: RunCaller) -> RunDetail:
+def cancel_run(run_id: ResourceId, ctx: ContextDep, session: SessionDep, principal: RunCaller) -> RunDetail:
     """Stop a run: no further round is dispatched or aggregated; the current round's site tasks are revoked."""
     run = session.scalar(select(FederatedRun).where(FederatedRun.id == run_id).with_for_update())
     if run is None:

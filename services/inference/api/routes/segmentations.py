@@ -8,6 +8,7 @@ request instead of segmenting twice. Busy: 429 + Retry-After; not ready / no GPU
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import anyio
@@ -38,6 +39,7 @@ from services.inference.sources import (
 from shared.auth import Principal
 from shared.contracts.tasks import INFERENCE_QUEUE, SEGMENT_TASK
 from shared.http import add_audit_uids
+from shared.validation import SAFE_TEXT_PATTERN, ResourceId
 
 router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"])
 
@@ -48,7 +50,7 @@ class SegmentationOptions(BaseModel):
     """What every request may say, whatever its source (form fields of an upload, or JSON)."""
 
     request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN)
-    model_alias: str | None = Field(default=None, max_length=64)
+    model_alias: str | None = Field(default=None, max_length=64, pattern=SAFE_TEXT_PATTERN)
     largest_component: bool | None = None
 
 
@@ -56,7 +58,7 @@ class SegmentationIn(SegmentationOptions):
     """JSON body: exactly one of ``series_instance_uid`` (catalogue) or ``dicomweb_series_url``."""
 
     series_instance_uid: str | None = Field(default=None, pattern=r"^[0-9.]{1,64}$")
-    dicomweb_series_url: str | None = Field(default=None, max_length=2048)
+    dicomweb_series_url: str | None = Field(default=None, max_length=2048, pattern=SAFE_TEXT_PATTERN)
     send_to_pacs: bool = False
 
     @model_validator(mode="after")
@@ -115,13 +117,41 @@ def _error(status: int, detail: str, retry_after: int | None = None) -> HTTPExce
     return HTTPException(status, detail, headers=headers)
 
 
+# The route reads its body by hand (JSON or a multipart upload), so the OpenAPI document is told here.
+SEGMENTATION_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": SegmentationIn.model_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "NIfTI image (.nii or .nii.gz)"},
+                    "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN},
+                    "model_alias": {"type": "string", "maxLength": 64},
+                    "largest_component": {"type": "string", "enum": ["true", "false"]},
+                    "patient_id": {"type": "string", "maxLength": 64},
+                },
+            }
+        },
+    },
+}
+
+
 @router.post(
     "",
     summary="Segment a series (catalogue UID or DICOMweb URL, JSON) or an uploaded NIfTI (multipart 'file')",
     response_model=SegmentationOut,
+    openapi_extra={"requestBody": SEGMENTATION_REQUEST_BODY},
     responses={
-        202: {"description": "queued as a job"},
+        202: {"description": "queued as a job", "model": SegmentationOut},
+        401: {"description": "missing or unknown token"},
+        403: {"description": "role may not segment"},
+        415: {"description": "neither application/json nor multipart/form-data"},
+        422: {"description": "invalid request"},
         429: {"description": "busy"},
+        502: {"description": "the catalogue or PACS could not be reached"},
         503: {"description": "not ready"},
     },
 )
@@ -136,12 +166,16 @@ async def create_segmentation(request: Request, ctx: ContextDep, caller: Segment
             raise HTTPException(422, "multipart upload needs a 'file' part holding a NIfTI image")
         data = await upload.read()
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        unsafe = sorted(k for k, v in fields.items() if len(v) > 256 or re.search(SAFE_TEXT_PATTERN, v) is None)
+        if unsafe:
+            raise HTTPException(422, f"form fields {unsafe} must be at most 256 characters, no control characters")
         submit = functools.partial(_submit_upload, ctx, caller, data, fields)
     elif content_type == "application/json":
         try:
             body = SegmentationIn.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from exc
+            # without the input: invalid JSON bytes are not JSON-serialisable, and would make this a 500
+            raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from exc
         submit = functools.partial(_submit_reference, ctx, caller, body)
     else:
         raise HTTPException(415, "send application/json (a series reference) or multipart/form-data (a NIfTI file)")
@@ -271,7 +305,7 @@ def _get_row(session: Any, id: str) -> SegmentationRequest:
 
 
 @router.get("/{id}", response_model=SegmentationOut, summary="Status and result of a segmentation request")
-def get_segmentation(id: str, session: SessionDep, caller: SegmentationCaller) -> SegmentationOut:
+def get_segmentation(id: ResourceId, session: SessionDep, caller: SegmentationCaller) -> SegmentationOut:
     return to_out(_get_row(session, id))
 
 
@@ -284,7 +318,7 @@ DOWNLOADS = {
 
 @router.get("/{id}/{output}", summary="Download an output: mask (NIfTI), seg (DICOM SEG) or findings (JSON)")
 def download(
-    id: str, output: str, ctx: ContextDep, session: SessionDep, caller: SegmentationCaller
+    id: ResourceId, output: ResourceId, ctx: ContextDep, session: SessionDep, caller: SegmentationCaller
 ) -> StreamingResponse:
     if output not in DOWNLOADS:
         raise HTTPException(404, f"unknown output {output!r}; one of {', '.join(DOWNLOADS)}")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 from sqlalchemy import or_, select
 
 from services.ingest.api.deps import AdminCaller, ContextDep, QueryCaller, SessionDep
 from services.ingest.models import ReidentificationEntry, Series
+from shared.validation import DicomUID, SafeText
 
 router = APIRouter(tags=["catalogue"])
 
@@ -26,7 +27,7 @@ class SeriesStatus(BaseModel):
 
 
 @router.get("/series/{series_uid}", response_model=SeriesStatus, summary="Reconstruction state of a series")
-def series_status(series_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> SeriesStatus:
+def series_status(series_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> SeriesStatus:
     candidates = [series_uid, ctx.deidentifier.pseudonymise_uid(series_uid)]
     series = session.scalar(select(Series).where(Series.series_instance_uid.in_(candidates)))
     if series is None:
@@ -54,8 +55,11 @@ class ReidentificationOut(BaseModel):
     "/admin/reidentification",
     response_model=list[ReidentificationOut],
     summary="Re-identify a pseudonym (admin only, audited)",
+    responses={404: {"description": "the value is not in the re-identification map"}},
 )
-def reidentify(value: str, session: SessionDep, caller: AdminCaller) -> list[ReidentificationEntry]:
+def reidentify(
+    value: Annotated[SafeText, Query(min_length=1)], session: SessionDep, caller: AdminCaller
+) -> list[ReidentificationEntry]:
     """Look up a pseudonymised UID or patient pseudonym (or the reverse: an original value)."""
     rows = list(
         session.scalars(

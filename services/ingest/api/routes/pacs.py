@@ -6,19 +6,26 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.ingest.api.deps import ContextDep, OperatorCaller, SessionDep
 from services.ingest.models import PullJob
 from shared.contracts.tasks import INGEST_QUEUE, PULL_FROM_PACS_TASK
+from shared.validation import DicomUID, ResourceId, SafeText
 
 router = APIRouter(prefix="/pacs", tags=["PACS"])
 
 
 class RetrieveRequest(BaseModel):
-    study_instance_uid: str | None = Field(default=None, description="Pull this study.")
-    query: dict[str, str] | None = Field(
+    # "exactly one of" for the OpenAPI document (the validator below is what enforces it)
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["study_instance_uid"]}, {"required": ["query"]}]}
+    )
+
+    study_instance_uid: DicomUID | None = Field(default=None, description="Pull this study.")
+    query: dict[SafeText, SafeText] | None = Field(
         default=None,
+        min_length=1,
         description="Or pull every study matching these QIDO keys, e.g. {'PatientID': 'PGBM-002'}.",
     )
 
@@ -46,7 +53,9 @@ def list_pacs(ctx: ContextDep, caller: OperatorCaller) -> dict[str, str]:
 
 
 @router.post("/{name}/retrieve", status_code=202, response_model=PullJobOut, summary="Pull from a PACS")
-def retrieve(name: str, body: RetrieveRequest, ctx: ContextDep, session: SessionDep, caller: OperatorCaller) -> PullJob:
+def retrieve(
+    name: ResourceId, body: RetrieveRequest, ctx: ContextDep, session: SessionDep, caller: OperatorCaller
+) -> PullJob:
     if name not in ctx.settings.pacs:
         raise HTTPException(404, f"no PACS named {name!r}; configured: {sorted(ctx.settings.pacs)}")
     query = {"StudyInstanceUID": body.study_instance_uid} if body.study_instance_uid else dict(body.query or {})
@@ -58,7 +67,7 @@ def retrieve(name: str, body: RetrieveRequest, ctx: ContextDep, session: Session
 
 
 @router.get("/jobs/{id}", response_model=PullJobOut, summary="Progress of a pull")
-def pull_job(id: str, session: SessionDep, caller: OperatorCaller) -> PullJob:
+def pull_job(id: ResourceId, session: SessionDep, caller: OperatorCaller) -> PullJob:
     job = session.get(PullJob, id)
     if job is None:
         raise HTTPException(404, f"no pull job {id}")

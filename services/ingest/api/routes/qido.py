@@ -18,8 +18,19 @@ from services.ingest.query import (
     series_json,
     study_json,
 )
+from shared.validation import DicomUID
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb QIDO-RS"])
+
+SEARCH: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the matches, as DICOM JSON",
+        "content": {"application/dicom+json": {"schema": {"type": "array", "items": {"type": "object"}}}},
+    },
+    204: {"description": "no matches"},
+    400: {"description": "unknown matching key or malformed value"},
+    404: {"description": "no such study or series"},
+}
 
 
 def _search(request: Request, ctx: ContextDep, session: SessionDep, level: str, scope: dict[str, str]) -> Response:
@@ -49,34 +60,41 @@ def _search(request: Request, ctx: ContextDep, session: SessionDep, level: str, 
     return JSONResponse(results, media_type="application/dicom+json")
 
 
-def _require_study(session: SessionDep, ctx: ContextDep, study_uid: str) -> None:
+def _require_study(session: SessionDep, ctx: ContextDep, study_uid: DicomUID) -> None:
     candidates = [study_uid, ctx.deidentifier.pseudonymise_uid(study_uid)]
     if session.scalar(select(Study.id).where(Study.study_instance_uid.in_(candidates))) is None:
         raise HTTPException(404, f"no study {study_uid}")
 
 
-@router.get("/studies", summary="Search for studies")
+@router.get("/studies", summary="Search for studies", responses=SEARCH, response_class=JSONResponse)
 def search_studies(request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> Response:
     return _search(request, ctx, session, "study", {})
 
 
-@router.get("/series", summary="Search for series")
+@router.get("/series", summary="Search for series", responses=SEARCH, response_class=JSONResponse)
 def search_all_series(request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> Response:
     return _search(request, ctx, session, "series", {})
 
 
-@router.get("/studies/{study_uid}/series", summary="Search for series of a study")
+@router.get(
+    "/studies/{study_uid}/series", summary="Search for series of a study", responses=SEARCH, response_class=JSONResponse
+)
 def search_series(
-    study_uid: str, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> Response:
     _require_study(session, ctx, study_uid)
     return _search(request, ctx, session, "series", {"StudyInstanceUID": study_uid})
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}/instances", summary="Search for instances of a series")
+@router.get(
+    "/studies/{study_uid}/series/{series_uid}/instances",
+    summary="Search for instances of a series",
+    responses=SEARCH,
+    response_class=JSONResponse,
+)
 def search_instances(
-    study_uid: str,
-    series_uid: str,
+    study_uid: DicomUID,
+    series_uid: DicomUID,
     request: Request,
     ctx: ContextDep,
     session: SessionDep,
@@ -89,9 +107,14 @@ def search_instances(
     return _search(request, ctx, session, "instance", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
 
 
-@router.get("/studies/{study_uid}/instances", summary="Search for instances of a study")
+@router.get(
+    "/studies/{study_uid}/instances",
+    summary="Search for instances of a study",
+    responses=SEARCH,
+    response_class=JSONResponse,
+)
 def search_study_instances(
-    study_uid: str, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> Response:
     _require_study(session, ctx, study_uid)
     return _search(request, ctx, session, "instance", {"StudyInstanceUID": study_uid})

@@ -3,6 +3,7 @@ bad ones reported one by one in FailedSOPSequence, and one bad file never fails 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -22,7 +23,9 @@ from services.ingest.dicomweb import (
 )
 from services.ingest.validation import FAILURE_STATUS, InstanceRejectedError, RejectReason
 from shared.http import add_audit_uids
+from shared.validation import DicomUID
 
+log = logging.getLogger("voxelflow.ingest.stow")
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb STOW-RS"])
 
 DICOM_JSON = "application/dicom+json"
@@ -46,7 +49,7 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
     referenced: list[dict[str, object]] = []
     failed: list[dict[str, Any]] = []
 
-    def store_part(part: Part) -> None:
+    def store_part(index: int, part: Part) -> None:
         try:
             if part.content_type.split(";")[0].strip().lower() != "application/dicom":
                 raise InstanceRejectedError(
@@ -63,7 +66,21 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
                     f"{exc.reason.value}: {exc.message}",
                 )
             )
-            add_audit_uids(request, exc.sop_instance_uid)
+            # The audit log holds no original identifiers: a refused instance is named by its pseudonym.
+            if exc.sop_instance_uid:
+                add_audit_uids(request, ctx.deidentifier.pseudonymise_uid(exc.sop_instance_uid))
+        except Exception as exc:
+            # An unforeseen failure of one part must not turn the whole request into a 500: the parts
+            # stored before it would go unreported and the PACS would send them again, or give up.
+            log.exception("STOW part %d failed unexpectedly", index)
+            failed.append(
+                failed_sop_item(
+                    "",
+                    "",
+                    FAILURE_STATUS[RejectReason.STORAGE_ERROR],
+                    f"{RejectReason.STORAGE_ERROR.value}: part {index} could not be processed ({type(exc).__name__})",
+                )
+            )
         else:
             url = (
                 f"{base}/dicomweb/studies/{received.study_instance_uid}/series/{received.series_instance_uid}"
@@ -74,8 +91,8 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
         finally:
             part.file.close()
 
-    for part in parts:
-        await anyio.to_thread.run_sync(store_part, part)
+    for index, part in enumerate(parts, start=1):
+        await anyio.to_thread.run_sync(store_part, index, part)
 
     retrieve = f"{base}/dicomweb/studies/{study_uid}" if study_uid else None
     body = stow_response(retrieve, referenced, failed)
@@ -91,11 +108,50 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
 
-@router.post("/studies", summary="Store instances (STOW-RS)")
+# What the OpenAPI document says about STOW-RS: the route reads its multipart body by hand.
+STOW_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "description": "PS3.18 10.5: one application/dicom Part-10 instance per part; the closing delimiter is required.",
+    "content": {
+        'multipart/related; type="application/dicom"': {
+            "schema": {"type": "string", "format": "binary"},
+        }
+    },
+}
+_STOW_RESPONSE = {DICOM_JSON: {"schema": {"type": "object", "description": "PS3.18 store-instances response"}}}
+STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "every instance stored", "content": _STOW_RESPONSE},
+    202: {"description": "some instances stored, the others listed in FailedSOPSequence", "content": _STOW_RESPONSE},
+    400: {"description": "malformed multipart body (nothing stored)"},
+    401: {"description": "missing or unknown token"},
+    403: {"description": "role may not store"},
+    408: {"description": "the body was not received in time"},
+    409: {"description": "no instance stored; each listed with its reason", "content": _STOW_RESPONSE},
+    413: {"description": "body larger than the limit"},
+    415: {"description": 'not multipart/related; type="application/dicom"'},
+    503: {"description": "object storage unavailable", "content": _STOW_RESPONSE},
+}
+
+
+@router.post(
+    "/studies",
+    summary="Store instances (STOW-RS)",
+    openapi_extra={"requestBody": STOW_REQUEST_BODY},
+    responses=STOW_RESPONSES,
+    response_class=JSONResponse,
+)
 async def store_instances(request: Request, ctx: ContextDep, caller: StoreCaller) -> JSONResponse:
     return await _store(request, ctx, None)
 
 
-@router.post("/studies/{study_uid}", summary="Store instances of one study (STOW-RS)")
-async def store_study_instances(study_uid: str, request: Request, ctx: ContextDep, caller: StoreCaller) -> JSONResponse:
+@router.post(
+    "/studies/{study_uid}",
+    summary="Store instances of one study (STOW-RS)",
+    openapi_extra={"requestBody": STOW_REQUEST_BODY},
+    responses=STOW_RESPONSES,
+    response_class=JSONResponse,
+)
+async def store_study_instances(
+    study_uid: DicomUID, request: Request, ctx: ContextDep, caller: StoreCaller
+) -> JSONResponse:
     return await _store(request, ctx, study_uid)

@@ -4,6 +4,8 @@ Instances stream from object storage part by part; the metadata comes from the c
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
@@ -12,14 +14,31 @@ from services.ingest.api.deps import ContextDep, QueryCaller, SessionDep
 from services.ingest.dicomweb import multipart_stream
 from services.ingest.models import Instance, Series, Study
 from services.ingest.query import instance_json
+from shared.validation import DicomUID
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb WADO-RS"])
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "nothing stored under that UID"}}
+INSTANCES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the instances, one application/dicom part each",
+        "content": {'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **_NOT_FOUND,
+}
+METADATA: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "DICOM JSON metadata of the instances",
+        "content": {"application/dicom+json": {"schema": {"type": "array", "items": {"type": "object"}}}},
+    },
+    **_NOT_FOUND,
+}
 
 
 def _instances(
     session: SessionDep,
     ctx: ContextDep,
-    study_uid: str,
+    study_uid: DicomUID,
     series_uid: str | None = None,
     sop_uid: str | None = None,
 ) -> list[Instance]:
@@ -57,39 +76,69 @@ def _metadata(ctx: ContextDep, instances: list[Instance]) -> JSONResponse:
     )
 
 
-@router.get("/studies/{study_uid}", summary="Retrieve a study")
-def retrieve_study(study_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> StreamingResponse:
+@router.get("/studies/{study_uid}", summary="Retrieve a study", responses=INSTANCES, response_class=StreamingResponse)
+def retrieve_study(study_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> StreamingResponse:
     return _retrieve(ctx, _instances(session, ctx, study_uid))
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}", summary="Retrieve a series")
+@router.get(
+    "/studies/{study_uid}/series/{series_uid}",
+    summary="Retrieve a series",
+    responses=INSTANCES,
+    response_class=StreamingResponse,
+)
 def retrieve_series(
-    study_uid: str, series_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID, series_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> StreamingResponse:
     return _retrieve(ctx, _instances(session, ctx, study_uid, series_uid))
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", summary="Retrieve an instance")
+@router.get(
+    "/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}",
+    summary="Retrieve an instance",
+    responses=INSTANCES,
+    response_class=StreamingResponse,
+)
 def retrieve_instance(
-    study_uid: str, series_uid: str, sop_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID,
+    series_uid: DicomUID,
+    sop_uid: DicomUID,
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: QueryCaller,
 ) -> StreamingResponse:
     return _retrieve(ctx, _instances(session, ctx, study_uid, series_uid, sop_uid))
 
 
-@router.get("/studies/{study_uid}/metadata", summary="Study metadata")
-def study_metadata(study_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> JSONResponse:
+@router.get("/studies/{study_uid}/metadata", summary="Study metadata", responses=METADATA, response_class=JSONResponse)
+def study_metadata(study_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> JSONResponse:
     return _metadata(ctx, _instances(session, ctx, study_uid))
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}/metadata", summary="Series metadata")
+@router.get(
+    "/studies/{study_uid}/series/{series_uid}/metadata",
+    summary="Series metadata",
+    responses=METADATA,
+    response_class=JSONResponse,
+)
 def series_metadata(
-    study_uid: str, series_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID, series_uid: DicomUID, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> JSONResponse:
     return _metadata(ctx, _instances(session, ctx, study_uid, series_uid))
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata", summary="Instance metadata")
+@router.get(
+    "/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata",
+    summary="Instance metadata",
+    responses=METADATA,
+    response_class=JSONResponse,
+)
 def instance_metadata(
-    study_uid: str, series_uid: str, sop_uid: str, ctx: ContextDep, session: SessionDep, caller: QueryCaller
+    study_uid: DicomUID,
+    series_uid: DicomUID,
+    sop_uid: DicomUID,
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: QueryCaller,
 ) -> JSONResponse:
     return _metadata(ctx, _instances(session, ctx, study_uid, series_uid, sop_uid))

@@ -21,17 +21,20 @@ from services.model_registry.versions import (
 )
 from shared.auth import Role
 from shared.http import add_audit_uids
+from shared.validation import INT32_MAX, SAFE_TEXT_PATTERN
 
 log = logging.getLogger("voxelflow.model_registry")
 router = APIRouter(prefix="/models", tags=["models"])
 
 ModelName = Annotated[str, Path(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-Version = Annotated[int, Path(ge=1, description="Version number")]
+Version = Annotated[int, Path(ge=1, le=INT32_MAX, description="Version number")]
 
 
 class PromoteRequest(BaseModel):
     force: bool = Field(default=False, description="Admin only: promote even if the gate refuses (audited).")
-    reason: str | None = Field(default=None, max_length=1000, description="Why (required with force).")
+    reason: str | None = Field(
+        default=None, max_length=1000, pattern=SAFE_TEXT_PATTERN, description="Why (required with force)."
+    )
 
 
 def _not_found(exc: NotFoundError) -> HTTPException:
@@ -67,8 +70,8 @@ def get_comparison(
     ctx: ContextDep,
     _: ReadCaller,
     request: Request,
-    a: Annotated[int, Query(ge=1)],
-    b: Annotated[int, Query(ge=1)],
+    a: Annotated[int, Query(ge=1, le=INT32_MAX)],
+    b: Annotated[int, Query(ge=1, le=INT32_MAX)],
 ) -> dict[str, Any]:
     add_audit_uids(request, f"models:/{name}/{a}", f"models:/{name}/{b}")
     if a == b:

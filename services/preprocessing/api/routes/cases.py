@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 from sqlalchemy import func, select
@@ -20,6 +20,7 @@ from services.preprocessing.case_upload import CaseConflictError, CaseFiles, cas
 from services.preprocessing.catalogue_cases import attach_label
 from services.preprocessing.models import Case
 from shared.http import add_audit_uids
+from shared.validation import DatabaseId, PageOffset, SafeText
 
 router = APIRouter(tags=["cases"])
 
@@ -57,13 +58,11 @@ class CasePage(BaseModel):
 def list_cases(
     session: SessionDep,
     caller: ReadCaller,
-    collection: str | None = None,
+    collection: SafeText | None = None,
     labelled: bool | None = None,
-    limit: int = 100,
-    offset: int = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: PageOffset = 0,
 ) -> CasePage:
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise HTTPException(422, "limit must be 1..1000 and offset >= 0")
     query = select(Case)
     if collection is not None:
         query = query.where(Case.collection == collection)
@@ -75,7 +74,7 @@ def list_cases(
 
 
 @router.get("/cases/{id}", response_model=CaseOut, summary="One candidate case")
-def get_case(id: int, session: SessionDep, caller: ReadCaller) -> CaseOut:
+def get_case(id: DatabaseId, session: SessionDep, caller: ReadCaller) -> CaseOut:
     case = session.get(Case, id)
     if case is None:
         raise HTTPException(404, f"no case {id}")
@@ -87,7 +86,9 @@ def get_case(id: int, session: SessionDep, caller: ReadCaller) -> CaseOut:
     response_model=CaseOut,
     summary="Attach a label map (NIfTI, .nii or .nii.gz body) on the case's image grid",
 )
-async def put_label(id: int, request: Request, ctx: ContextDep, session: SessionDep, caller: BuildCaller) -> CaseOut:
+async def put_label(
+    id: DatabaseId, request: Request, ctx: ContextDep, session: SessionDep, caller: BuildCaller
+) -> CaseOut:
     case = session.get(Case, id)
     if case is None:
         raise HTTPException(404, f"no case {id}")

@@ -17,6 +17,7 @@ from services.preprocessing.models import Case, DatasetBuild, DatasetVersion, Pr
 from services.preprocessing.sites import SiteAssignmentError, parse_site_manifest
 from shared.contracts.tasks import BUILD_DATASET_TASK, PRECOMPUTE_TASK
 from shared.http import add_audit_uids
+from shared.validation import ResourceId, SafeText
 
 router = APIRouter(tags=["datasets"])
 
@@ -50,7 +51,7 @@ class VersionOut(BaseModel):
 
 
 class PrecomputeRequest(BaseModel):
-    case_ids: list[str] = Field(default_factory=list, description="Empty = every case of the version.")
+    case_ids: list[SafeText] = Field(default_factory=list, description="Empty = every case of the version.")
 
 
 class PrecomputeOut(BaseModel):
@@ -67,7 +68,7 @@ class PrecomputeOut(BaseModel):
     finished_at: dt.datetime | None
 
 
-def _version(session: Any, version_id: str) -> DatasetVersion:
+def _version(session: Any, version_id: ResourceId) -> DatasetVersion:
     version = session.get(DatasetVersion, version_id)
     if version is None:
         raise HTTPException(404, f"no dataset version {version_id}")
@@ -110,7 +111,7 @@ def create_dataset(
 
 
 @router.get("/datasets/builds/{id}", response_model=BuildOut, summary="State of a dataset build")
-def get_build(id: str, session: SessionDep, caller: ReadCaller) -> DatasetBuild:
+def get_build(id: ResourceId, session: SessionDep, caller: ReadCaller) -> DatasetBuild:
     build = session.get(DatasetBuild, id)
     if build is None:
         raise HTTPException(404, f"no dataset build {id}")
@@ -118,7 +119,7 @@ def get_build(id: str, session: SessionDep, caller: ReadCaller) -> DatasetBuild:
 
 
 @router.get("/datasets", response_model=list[VersionOut], summary="Dataset versions, newest first")
-def list_versions(session: SessionDep, caller: ReadCaller, name: str | None = None) -> list[DatasetVersion]:
+def list_versions(session: SessionDep, caller: ReadCaller, name: SafeText | None = None) -> list[DatasetVersion]:
     query = select(DatasetVersion).order_by(DatasetVersion.created_at.desc())
     if name is not None:
         query = query.where(DatasetVersion.name == name)
@@ -126,13 +127,15 @@ def list_versions(session: SessionDep, caller: ReadCaller, name: str | None = No
 
 
 @router.get("/datasets/{version_id}", response_model=VersionOut, summary="One dataset version")
-def get_version(version_id: str, request: Request, session: SessionDep, caller: ReadCaller) -> DatasetVersion:
+def get_version(version_id: ResourceId, request: Request, session: SessionDep, caller: ReadCaller) -> DatasetVersion:
     add_audit_uids(request, version_id)
     return _version(session, version_id)
 
 
 @router.get("/datasets/{version_id}/manifest", summary="The full manifest (shared.datasets.DatasetManifest JSON)")
-def get_manifest(version_id: str, request: Request, ctx: ContextDep, session: SessionDep, caller: ReadCaller) -> Any:
+def get_manifest(
+    version_id: ResourceId, request: Request, ctx: ContextDep, session: SessionDep, caller: ReadCaller
+) -> Any:
     from fastapi.responses import Response
 
     add_audit_uids(request, version_id)
@@ -142,7 +145,7 @@ def get_manifest(version_id: str, request: Request, ctx: ContextDep, session: Se
 
 @router.get("/datasets/{version_id}/splits", summary="Every split: {name: {train|val|test: [case_id]}}")
 def get_splits(
-    version_id: str, request: Request, ctx: ContextDep, session: SessionDep, caller: ReadCaller
+    version_id: ResourceId, request: Request, ctx: ContextDep, session: SessionDep, caller: ReadCaller
 ) -> dict[str, dict[str, list[str]]]:
     from shared.datasets import load_manifest
 
@@ -155,7 +158,7 @@ def get_splits(
 
 
 @router.get("/datasets/{version_id}/qc", summary="QC report and the cases QC excluded, with reasons")
-def get_qc(version_id: str, request: Request, ctx: ContextDep, session: SessionDep, caller: ReadCaller) -> Any:
+def get_qc(version_id: ResourceId, request: Request, ctx: ContextDep, session: SessionDep, caller: ReadCaller) -> Any:
     from shared.datasets import load_manifest
 
     add_audit_uids(request, version_id)
@@ -171,7 +174,7 @@ def get_qc(version_id: str, request: Request, ctx: ContextDep, session: SessionD
     summary="Preprocess the version's cases into the shared cache (cached cases cost nothing)",
 )
 def precompute(
-    version_id: str,
+    version_id: ResourceId,
     body: PrecomputeRequest,
     request: Request,
     ctx: ContextDep,
@@ -194,7 +197,7 @@ def precompute(
 
 
 @router.get("/precompute/{id}", response_model=PrecomputeOut, summary="State of a precompute job")
-def get_precompute(id: str, session: SessionDep, caller: ReadCaller) -> PrecomputeJob:
+def get_precompute(id: ResourceId, session: SessionDep, caller: ReadCaller) -> PrecomputeJob:
     job = session.get(PrecomputeJob, id)
     if job is None:
         raise HTTPException(404, f"no precompute job {id}")
