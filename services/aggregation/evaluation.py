@@ -37,7 +37,9 @@ def _inputs(store: ObjectStore, run: Any) -> tuple[Any, Any]:
     return manifest, TrainingConfig.model_validate(run.training_config)
 
 
-def _records(store: ObjectStore, run: Any, state: dict[str, np.ndarray], part: str, site: str | None, threads: int):
+def _records(
+    store: ObjectStore, run: Any, state: dict[str, np.ndarray], part: str, site: str | None, threads: int
+) -> list[dict[str, Any]]:
     from shared.datasets import CacheError
     from shared.evaluation.held_out import evaluate_state
 

@@ -44,7 +44,15 @@ class NullTracker:
     def log_round(self, mlflow_run_id: str | None, round_index: int, metrics: dict[str, float]) -> None:
         return None
 
-    def finish(self, mlflow_run_id, federated_run_id, history, artifacts, version_tags, per_case=None):
+    def finish(
+        self,
+        mlflow_run_id: str | None,
+        federated_run_id: str,
+        history: list[dict[str, Any]],
+        artifacts: dict[str, bytes],
+        version_tags: dict[str, str],
+        per_case: list[dict[str, Any]] | None = None,
+    ) -> tuple[str | None, str | None]:
         return None, None
 
     def fail(self, mlflow_run_id: str | None, reason: str) -> None:
@@ -101,7 +109,15 @@ class MlflowTracker:
             return
         self.registry.log_metrics(mlflow_run_id, [(k, float(v), round_index) for k, v in sorted(metrics.items())])
 
-    def finish(self, mlflow_run_id, federated_run_id, history, artifacts, version_tags, per_case=None):
+    def finish(
+        self,
+        mlflow_run_id: str | None,
+        federated_run_id: str,
+        history: list[dict[str, Any]],
+        artifacts: dict[str, bytes],
+        version_tags: dict[str, str],
+        per_case: list[dict[str, Any]] | None = None,
+    ) -> tuple[str | None, str | None]:
         """Log the model files and curves, then register through ``register_evaluated_version`` (test
         metrics, ``evaluation/per_case.json``, ``test_dice`` tag, alias ``candidate``): the same path as the
         centralised baseline, so the promotion gate can compare the two."""

@@ -109,7 +109,7 @@ class MlflowRegistry(ModelRegistry):
         runs = self.client.search_runs([found.experiment_id], filter_string=f"tags.`{tag}` = '{value}'")
         return [str(r.info.run_id) for r in runs]
 
-    def _run(self, run_id: str):
+    def _run(self, run_id: str) -> Any:
         try:
             return self.client.get_run(run_id)
         except MlflowException as exc:
