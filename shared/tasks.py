@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery, Task, signals
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from fastapi import APIRouter, Depends, HTTPException
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
@@ -114,14 +117,65 @@ def create_celery_app(service: str, broker_url: str, database_url: str) -> Celer
 _task_started: dict[str, float] = {}
 
 
+# ------------------------------------------------------------------ time limits in the solo pool
+# Celery enforces soft and hard time limits only in its prefork pool (the pool's supervisor signals the
+# child). voxelflow's workers run ``-P solo`` (a task owns the process: torch threads, /metrics), where
+# Celery ignores both limits, so a hung task would hold the worker for ever. In the solo pool the task runs
+# in the worker's main thread, so an interval timer (SIGALRM) raises SoftTimeLimitExceeded at the soft limit,
+# where the task can stop cleanly, and TimeLimitExceeded at the hard limit; the task then fails (or is
+# retried by its own handler) like a prefork task whose limit ran out.
+
+
+def _limits_of(task: Task) -> tuple[float | None, float | None]:
+    """(soft, hard) seconds for this execution: the call's own ``timelimit``, else the task's (annotated)."""
+    hard, soft = getattr(task.request, "timelimit", None) or (None, None)
+    return soft or task.soft_time_limit, hard or task.time_limit
+
+
+def _runs_in_solo_pool() -> bool:
+    """The task runs in the worker's own main thread (solo pool), not in a prefork child (Celery's limits
+    apply there) nor in a thread (a signal cannot reach it)."""
+    from billiard.process import current_process
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    return main_thread and current_process().name == "MainProcess" and hasattr(signal, "setitimer")
+
+
+def _arm_time_limits(task: Task) -> None:
+    soft, hard = _limits_of(task)
+    if not (soft or hard) or not _runs_in_solo_pool():
+        return
+    deadlines = sorted({float(x) for x in (soft, hard) if x})
+    started = time.monotonic()
+
+    def expired(signum: int, frame: Any) -> None:
+        elapsed = time.monotonic() - started
+        if hard and elapsed >= float(hard) - 0.01:
+            raise TimeLimitExceeded(f"{task.name} ran past its hard time limit of {hard:g} s")
+        if hard:  # the soft limit: warn the task, and arm the hard one
+            signal.setitimer(signal.ITIMER_REAL, max(float(hard) - elapsed, 0.01))
+        raise SoftTimeLimitExceeded(f"{task.name} ran past its soft time limit of {soft:g} s")
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, deadlines[0])
+
+
+def _disarm_time_limits() -> None:
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 @signals.task_prerun.connect
-def _on_prerun(task_id: str | None = None, **_: Any) -> None:
+def _on_prerun(task_id: str | None = None, task: Task | None = None, **_: Any) -> None:
     if task_id:
         _task_started[task_id] = time.perf_counter()
+    if task is not None and not task.request.is_eager:
+        _arm_time_limits(task)
 
 
 @signals.task_postrun.connect
 def _on_postrun(task_id: str | None = None, task: Task | None = None, state: str | None = None, **_: Any) -> None:
+    _disarm_time_limits()
     if task is None or task_id is None:
         return
     service = task.app.conf.get("voxelflow_service", "unknown")
