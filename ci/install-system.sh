@@ -62,7 +62,10 @@ export DEBIAN_FRONTEND=noninteractive
 # stop Orthanc's, which would otherwise bind 4242/8042 on all interfaces.
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     "${SUDO[@]}" systemctl disable --now orthanc >/dev/null 2>&1 || true
-elif command -v service >/dev/null; then
-    "${SUDO[@]}" service orthanc stop >/dev/null 2>&1 || true
+elif [ -s /run/orthanc.pid ]; then
+    # Only the system service's own process (its pidfile): `service orthanc stop` would also kill every other
+    # Orthanc on the machine (its init script stops by executable), such as a running voxelflow stack's.
+    "${SUDO[@]}" kill "$(cat /run/orthanc.pid)" >/dev/null 2>&1 || true
+    "${SUDO[@]}" rm -f /run/orthanc.pid
 fi
 echo "voxelflow: Debian packages installed"
