@@ -522,6 +522,10 @@ class Stack:
                 "listen_addresses=127.0.0.1",
                 "-c",
                 "synchronous_commit=off",
+                # every service API and worker holds its own SQLAlchemy pool (up to 15 connections): a
+                # whole stack, or the test suite's many in-process services, outgrows PostgreSQL's 100
+                "-c",
+                "max_connections=400",
             ]
             if self.config.ephemeral:
                 argv += ["-c", "fsync=off", "-c", "full_page_writes=off"]

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from services.ingest.models import Instance
+from shared.contracts.tasks import SERIES_READY_TASK
 from shared.db.models import DeadLetter
 from tests.ingest.conftest import IngestService, stow
 from tests.service_harness import free_port, wait_for
@@ -39,13 +40,19 @@ def series_status(service: IngestService, series_uid: str) -> dict:
 
 
 def series_ready_messages(redis_url: str) -> list[dict]:
-    """The 'series ready' messages waiting on the preprocessing queue (nobody consumes it here)."""
+    """The 'series ready' messages waiting on the preprocessing queue (nobody consumes it here).
+
+    Other tasks may wait on the same queue when the whole suite shares one Redis (a precompute job's ID of the
+    preprocessing tests): only ``preprocessing.series_ready`` carries a SeriesIngested message.
+    """
+    import base64
+
     client = redis.Redis.from_url(redis_url)
     messages = []
     for raw in client.lrange("preprocessing", 0, -1):
         envelope = json.loads(raw)
-        import base64
-
+        if envelope["headers"]["task"] != SERIES_READY_TASK:
+            continue
         body = json.loads(base64.b64decode(envelope["body"]))
         messages.append({"task": envelope["headers"]["task"], "message": body[0][0]})
     return messages
