@@ -8,12 +8,14 @@
 # Something missing: as root it runs apt-get; otherwise through `sudo -n` (never a password prompt:
 # `make` may run without a terminal); without either it prints one line with the exact command to run
 # as root and exits 1. Installing keeps the packages' own system services from starting, because
-# voxelflow starts private servers itself (shared.stack) and Orthanc's default service would hold 4242/8042.
+# voxelflow starts private servers itself (shared.stack, the tests) and Orthanc's and Prometheus' default services
+# would hold 4242/8042 and 9090.
 set -euo pipefail
 
-# Orthanc + DICOMweb plugin (the PACS), dcmtk (echoscu/storescu), PostgreSQL, Redis; python3-venv makes
+# Orthanc + DICOMweb plugin (the PACS), dcmtk (echoscu/storescu), PostgreSQL, Redis; prometheus (+ promtool)
+# for the tests that run the chart's scrape jobs, dashboards and alert rules on a real Prometheus; python3-venv makes
 # the virtual environment (`make install-python`). Add new system dependencies here and nowhere else.
-PACKAGES=(orthanc orthanc-dicomweb dcmtk postgresql redis-server python3-venv)
+PACKAGES=(orthanc orthanc-dicomweb dcmtk postgresql redis-server python3-venv prometheus)
 if [ "$#" -gt 0 ]; then
     PACKAGES=("$@")
 fi
@@ -59,10 +61,12 @@ export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive ${install_cmd} -q
 
 # Belt and braces: if a service started anyway (systemd hosts ignore policy-rc.d in some setups),
-# stop Orthanc's, which would otherwise bind 4242/8042 on all interfaces.
-if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    "${SUDO[@]}" systemctl disable --now orthanc >/dev/null 2>&1 || true
-elif command -v service >/dev/null; then
-    "${SUDO[@]}" service orthanc stop >/dev/null 2>&1 || true
-fi
+# stop Orthanc's, which would otherwise bind 4242/8042 on all interfaces, and Prometheus' (9090).
+for service in orthanc prometheus; do
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        "${SUDO[@]}" systemctl disable --now "$service" >/dev/null 2>&1 || true
+    elif command -v service >/dev/null; then
+        "${SUDO[@]}" service "$service" stop >/dev/null 2>&1 || true
+    fi
+done
 echo "voxelflow: Debian packages installed"
