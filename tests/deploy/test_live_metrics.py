@@ -224,11 +224,29 @@ def test_dashboard_and_alert_metrics_are_exported_by_running_services(ingest_ser
 # --- the same processes through a real Prometheus ------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def demo_like_run(worked, ingest_service, prometheus) -> dict[str, str]:  # noqa: F811
+    """The refused tasks of ``worked`` plus STOW traffic into the ingest API: one instance stored, one
+    rejected (no SOP Instance UID); ready once Prometheus has scraped the ingest counters."""
+    from tests.ingest.conftest import stow
+    from tests.ingest.test_dicomweb_api import minimal_image
+
+    with ingest_service.client("pacs") as client:
+        response = stow(client, [minimal_image(), minimal_image(SOPInstanceUID=None)])
+    assert response.status_code in {200, 202, 409}, response.text
+    deadline = time.monotonic() + 30
+    query = 'voxelflow_ingest_instances_rejected_total{job="ingest-api", source="stow"}'
+    while not prometheus.query(query):
+        assert time.monotonic() < deadline, f"Prometheus has no {query} 30 s after a rejected STOW"
+        time.sleep(0.5)
+    return worked
+
+
 def _alert_rules(prometheus: PrometheusServer) -> list[dict]:
     return [r for g in prometheus.api("rules", type="alert")["groups"] for r in g["rules"]]  # type: ignore[index]
 
 
-def test_prometheus_scrapes_each_process_with_the_service_monitor_labels(prometheus, worked):
+def test_prometheus_scrapes_each_process_with_the_service_monitor_labels(prometheus, demo_like_run):
     """job from jobLabel (the component), namespace/service/endpoint as prometheus-operator sets them."""
     by_job = {t["labels"]["job"]: t for t in prometheus.targets()}
     assert set(by_job) == {"ingest-api", *(c for c, _ in LOCAL_COMPONENTS.values())}
@@ -246,7 +264,7 @@ def test_prometheus_scrapes_each_process_with_the_service_monitor_labels(prometh
     ]
 
 
-def test_prometheus_evaluates_every_alert_rule_of_the_chart(prometheus, worked, rendered):
+def test_prometheus_evaluates_every_alert_rule_of_the_chart(prometheus, demo_like_run, rendered):
     """Every alert of the rendered PrometheusRule is loaded and evaluated by Prometheus without an error."""
     (chart_rule,) = [d for d in rendered["gpu"] if d["kind"] == "PrometheusRule"]
     expected = {r["alert"] for g in chart_rule["spec"]["groups"] for r in g["rules"]}
@@ -260,7 +278,7 @@ def test_prometheus_evaluates_every_alert_rule_of_the_chart(prometheus, worked, 
     assert not bad, bad
 
 
-def test_a_refused_round_makes_the_refused_rounds_alert_pending(prometheus, worked, redis_url):
+def test_a_refused_round_makes_the_refused_rounds_alert_pending(prometheus, demo_like_run, redis_url):
     """The alert fires on the real counter: a second refused round (increase() needs a change between two
     scrapes; the first one created the series) puts VoxelflowTrainingRoundsRefused in pending."""
     from celery import Celery
@@ -297,7 +315,7 @@ def _queries() -> list[tuple[str, str]]:
     return out
 
 
-def test_every_dashboard_and_scaling_query_is_accepted_and_returns_data(prometheus, worked):
+def test_every_dashboard_and_scaling_query_is_accepted_and_returns_data(prometheus, demo_like_run):
     """Prometheus parses and runs every query; each whose series this run produced returns data.
 
     A query returns nothing in a healthy cluster only when a series it selects does not exist yet (no round
@@ -320,5 +338,9 @@ def test_every_dashboard_and_scaling_query_is_accepted_and_returns_data(promethe
         "voxelflow_celery_task_duration_seconds_bucket",
         "voxelflow_celery_queue_length",
         'outcome="refused"',
+        "voxelflow_ingest_instances_received_total",
+        "voxelflow_ingest_instances_rejected_total",
+        "voxelflow_ingest_bytes_received_total",
+        "voxelflow_ingest_last_received_timestamp_seconds",
     ):
         assert driven in answered_text, f"no query over {driven} returned data: {answered}"
