@@ -99,4 +99,4 @@ done
 echo
 echo "voxelflow images (build seconds in $TIMES):"
 cat "$TIMES"
-podman images --filter reference='localhost/voxelflow*' --format '{{.Repository}}:{{.Tag}} {{.Size}}'
+podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^localhost/voxelflow' | sort
