@@ -6,7 +6,12 @@ tests run it) and the ML services' Celery workers started exactly as their pods 
 ``VOXELFLOW_CELERY_QUEUE``, ``VOXELFLOW_CELERY_POOL``, ``VOXELFLOW_METRICS_PORT``, ``VOXELFLOW_SITE``).
 A round task the training worker must refuse proves that task metrics reach the scraped ``/metrics``
 with the chart's pool (solo). Triton and DCGM metrics come from those components themselves and are
-checked by name only (tests/deploy/test_dashboards.py)."""
+checked by name only (tests/deploy/test_dashboards.py).
+
+The same processes are then scraped by a real Prometheus (tests/deploy/prometheus.py) with the jobs and
+relabelling the chart's ServiceMonitors produce and the chart's alert rules loaded: targets and their labels,
+rule evaluation, an alert going pending on a real counter, and every dashboard / autoscaling query run
+against the scraped data."""
 
 from __future__ import annotations
 
