@@ -69,6 +69,18 @@ stack-env: ## print the VOXELFLOW_* variables of the running stack
 demo: install ## the end-to-end story on the bundled data (see README)
 	$(VENV)/bin/voxelflow demo $(DEMO_ARGS)
 
+# Real images with podman (not part of `make test` or CI: a cold build takes minutes and GBs). The base image
+# comes from Debian packages (mmdebstrap + podman import); IMAGES="ingest mlflow" builds only those.
+.PHONY: images images-smoke
+IMAGES ?=
+images: ## build every service image and mlflow with podman from the project's Dockerfiles (ci/build-images.sh)
+	ci/build-images.sh $(IMAGES)
+
+# SMOKE="ingest:api preprocessing:worker" (the default) picks service:process pairs to run from the images.
+SMOKE ?=
+images-smoke: install-python ## run built images like their pods (non-root, read-only root fs, --network host) against a private stack
+	VOXELFLOW_PYTHON=$(PY) ci/smoke-images.sh $(SMOKE)
+
 .PHONY: helm-lint k8s
 helm-lint: ## Helm chart: lint + render + strict schema validation + invariants (tests/deploy)
 	ci/install-helm.sh

@@ -8,12 +8,14 @@
 # Something missing: as root it runs apt-get; otherwise through `sudo -n` (never a password prompt:
 # `make` may run without a terminal); without either it prints one line with the exact command to run
 # as root and exits 1. Installing keeps the packages' own system services from starting, because
-# voxelflow starts private servers itself (shared.stack) and Orthanc's default service would hold 4242/8042.
+# voxelflow starts private servers itself (shared.stack, the tests) and Orthanc's and Prometheus' default services
+# would hold 4242/8042 and 9090.
 set -euo pipefail
 
-# Orthanc + DICOMweb plugin (the PACS), dcmtk (echoscu/storescu), PostgreSQL, Redis; python3-venv makes
+# Orthanc + DICOMweb plugin (the PACS), dcmtk (echoscu/storescu), PostgreSQL, Redis; prometheus (+ promtool)
+# for the tests that run the chart's scrape jobs, dashboards and alert rules on a real Prometheus; python3-venv makes
 # the virtual environment (`make install-python`). Add new system dependencies here and nowhere else.
-PACKAGES=(orthanc orthanc-dicomweb dcmtk postgresql redis-server python3-venv)
+PACKAGES=(orthanc orthanc-dicomweb dcmtk postgresql redis-server python3-venv prometheus)
 if [ "$#" -gt 0 ]; then
     PACKAGES=("$@")
 fi
@@ -59,13 +61,16 @@ export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive ${install_cmd} -q
 
 # Belt and braces: if a service started anyway (systemd hosts ignore policy-rc.d in some setups),
-# stop Orthanc's, which would otherwise bind 4242/8042 on all interfaces.
-if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    "${SUDO[@]}" systemctl disable --now orthanc >/dev/null 2>&1 || true
-elif [ -s /run/orthanc.pid ]; then
-    # Only the system service's own process (its pidfile): `service orthanc stop` would also kill every other
-    # Orthanc on the machine (its init script stops by executable), such as a running voxelflow stack's.
-    "${SUDO[@]}" kill "$(cat /run/orthanc.pid)" >/dev/null 2>&1 || true
-    "${SUDO[@]}" rm -f /run/orthanc.pid
-fi
+# stop Orthanc's, which would otherwise bind 4242/8042 on all interfaces, and Prometheus' (9090). Without
+# systemd only the system service's own process (its pidfile): `service X stop` would also kill every other
+# Orthanc or Prometheus on the machine (their init scripts stop by executable), such as a voxelflow stack's.
+for service in orthanc:/run/orthanc.pid prometheus:/run/prometheus/prometheus.pid; do
+    name=${service%%:*} pidfile=${service#*:}
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        "${SUDO[@]}" systemctl disable --now "$name" >/dev/null 2>&1 || true
+    elif [ -s "$pidfile" ]; then
+        "${SUDO[@]}" kill "$(cat "$pidfile")" >/dev/null 2>&1 || true
+        "${SUDO[@]}" rm -f "$pidfile"
+    fi
+done
 echo "voxelflow: Debian packages installed"
