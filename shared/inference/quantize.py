@@ -68,6 +68,7 @@ def quantize_int8(onnx_path: str | Path, output_path: str | Path, windows: Itera
             return None if batch is None else {INPUT_NAME: batch}
 
     output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vf-quantize-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
