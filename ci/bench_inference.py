@@ -59,8 +59,10 @@ from shared.stack import PortOffsets, Stack, StackConfig  # noqa: E402
 from shared.stack.process import port_in_use  # noqa: E402
 from shared.storage import open_object_store  # noqa: E402
 
-#: fp32 exports must reproduce PyTorch this closely (the export parity gate's tolerance)
+#: fp32 paths must reproduce PyTorch this closely, relative to the largest |logit| (a deep 5-level UNet with
+#: random weights has logits in the tens, and fused kernels round differently), and keep the labels
 LOGIT_TOLERANCE = 1e-3
+MIN_LABEL_DICE = 0.99
 
 
 def log(message: str) -> None:
@@ -130,6 +132,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def proc_status_mib(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process (Linux); unlike ``ru_maxrss``, not inherited through fork+exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def worker_rss(onnx_path: Path, volume_path: Path, roi: tuple[int, ...], sw_batch_size: int, threads: int) -> dict:
     """Peak RSS of a fresh process that does what the inference worker does with one volume."""
     command = [sys.executable, __file__, "--rss-child", str(onnx_path), str(volume_path)]
@@ -146,13 +156,26 @@ def rss_child(onnx_path: Path, volume_path: Path, roi: tuple[int, ...], sw_batch
     backend = OnnxRuntimeBackend(intra_op_threads=threads)
     backend.load("rss", 1, onnx_path)
     predictor = SlidingWindowPredictor(backend, roi, sw_batch_size, 0.25)
-    before = peak_rss_mib()
+    warm = torch.zeros(sw_batch_size, 1, *roi)
+    predictor._predict_windows(warm)  # the session's arena holds one batch's activations from here on
+    del warm
+    before = proc_status_mib("VmRSS")
     volume = np.load(volume_path)
     with torch.inference_mode():
-        labels = argmax_labels(predictor(volume)[0]).to(torch.uint8)
-    voxels = int(np.prod(volume.shape[1:]))
-    peak = peak_rss_mib()
-    print(json.dumps({"rss_before_mib": before, "peak_rss_mib": peak, "voxels": voxels, "labels": labels.shape[1:]}))
+        logits = predictor(volume)
+        classes = int(logits.shape[1])
+        labels = argmax_labels(logits[0]).to(torch.uint8)
+        del logits
+    voxels = int(labels.numel())
+    peak = proc_status_mib("VmHWM")
+    print(json.dumps({"rss_before_mib": before, "peak_rss_mib": peak, "voxels": voxels, "classes": classes}))
+
+
+def rss_budget_bytes_per_voxel(classes: int) -> float:
+    """What one voxel may cost the worker at its peak: the float32 input, K float32 logits, MONAI's float32
+    count map, the argmax (int64, then float32 for the inverse transforms, then uint8), with half again for
+    transients (window batches, allocator slack). A whole-volume float64 copy alone would add 8 bytes."""
+    return 1.5 * (4 + 4 * classes + 4 + 8 + 4 + 1)
 
 
 def run_case(
@@ -228,6 +251,7 @@ def run_case(
 
     latencies: dict[str, list[float]] = {name: [] for name in paths}
     max_diff = dict.fromkeys(paths, 0.0)
+    logit_scale = 1.0
     agreement: dict[str, list[float]] = {name: [] for name in paths}
     order = list(paths)
     for rep in range(repeat):
@@ -242,6 +266,7 @@ def run_case(
                 reference = outputs["pytorch-monai"][0]
                 classes = int(reference.shape[0])
                 ref_labels = reference.argmax(0).numpy()
+                logit_scale = max(logit_scale, float(reference.abs().max()))
                 for name, logits in outputs.items():
                     max_diff[name] = max(max_diff[name], float((logits[0] - reference).abs().max()))
                     agreement[name].append(label_dice(ref_labels, logits[0].argmax(0).numpy(), classes))
@@ -249,8 +274,13 @@ def run_case(
             del outputs
 
     for name in ("onnxruntime-embedded", "triton-grpc"):
-        if name in max_diff and max_diff[name] > LOGIT_TOLERANCE:
-            raise SystemExit(f"{case}: {name} does not reproduce PyTorch (max |logit diff| {max_diff[name]:.3g})")
+        if name in max_diff and (
+            max_diff[name] > LOGIT_TOLERANCE * logit_scale or min(agreement[name]) < MIN_LABEL_DICE
+        ):
+            raise SystemExit(
+                f"{case}: {name} does not reproduce PyTorch (max |logit diff| {max_diff[name]:.3g} for logits up "
+                f"to {logit_scale:.3g}, label Dice {min(agreement[name]):.4f})"
+            )
     rows = []
     for name in paths:
         row = summarise(name, latencies[name])
@@ -264,7 +294,12 @@ def run_case(
     if triton is not None:
         triton.unload()
         triton.close()
-    meta = {"roi": roi, "classes": classes, "volume_shapes": sorted({v.shape[1:] for v in volumes})}
+    meta = {
+        "roi": roi,
+        "classes": classes,
+        "volume_shapes": sorted({v.shape[1:] for v in volumes}),
+        "max_abs_logit": logit_scale,
+    }
     return rows, {"onnx_path": onnx_path, **meta}
 
 
@@ -342,7 +377,10 @@ def main(argv: list[str]) -> int:
             # the ratio of medians: what a shared, noisy machine changes least
             row["p50_speedup_vs_pytorch"] = float(base["p50_ms"]) / float(row["p50_ms"])
             row["speedup_vs_onnx_fp32"] = float(row["volumes_per_s"]) / float(fp32["volumes_per_s"])
-        print(f"\n{case}: volumes {metas[case]['volume_shapes'][:3]}, window {metas[case]['roi']}")
+        print(
+            f"\n{case}: volumes {metas[case]['volume_shapes'][:3]}, window {metas[case]['roi']}, "
+            f"logits up to {metas[case]['max_abs_logit']:.3g}"
+        )
         print(
             f"{'path':<22} {'volumes':>7} {'p50 ms':>9} {'p99 ms':>9} {'vol/s':>8} {'x PyTorch':>10} "
             f"{'x PT p50':>8} {'x ONNX':>7} {'MB':>6} {'max|dlogit|':>11} {'Dice vs PT':>10}"
@@ -357,11 +395,13 @@ def main(argv: list[str]) -> int:
             )
     if rss is not None:
         grown = (rss["peak_rss_mib"] - rss["rss_before_mib"]) * 2**20 / rss["voxels"]
+        budget = rss_budget_bytes_per_voxel(int(rss["classes"]))
         print(
             f"\ninference worker on the ct-512 volume: peak RSS {rss['peak_rss_mib']:.0f} MiB "
-            f"({rss['rss_before_mib']:.0f} MiB with the model loaded, +{grown:.1f} bytes per voxel)"
+            f"({rss['rss_before_mib']:.0f} MiB with the model loaded, +{grown:.1f} bytes per voxel; "
+            f"budget {budget:.1f}: " + ("within" if grown <= budget else "OVER") + ")"
         )
-        rss["bytes_per_voxel"] = grown
+        rss.update(bytes_per_voxel=grown, budget_bytes_per_voxel=budget)
     meta_out = {
         "device": torch.cuda.get_device_name(0) if gpu else platform.processor() or platform.machine(),
         "threads": args.threads,
@@ -374,6 +414,9 @@ def main(argv: list[str]) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta_out, "results": results}, indent=2, default=str))
     log(f"written to {args.json}")
+    if rss is not None and rss["bytes_per_voxel"] > rss["budget_bytes_per_voxel"]:
+        log("the inference worker's peak memory is over its budget (a whole-volume copy crept in?)")
+        return 1
     return 0
 
 
