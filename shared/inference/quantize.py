@@ -59,7 +59,7 @@ def quantize_int8(onnx_path: str | Path, output_path: str | Path, windows: Itera
     if not batches:
         raise ValueError("INT8 calibration needs at least one window")
 
-    class Windows(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
+    class Windows(CalibrationDataReader):
         def __init__(self) -> None:
             self._batches: Iterator[np.ndarray] = iter(batches)
 
