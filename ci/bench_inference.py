@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
-"""Whole-volume inference latency: Triton and embedded ONNX Runtime next to MONAI in PyTorch.
+"""Whole-volume inference latency: the service's paths (ONNX Runtime, INT8, Triton) next to MONAI in PyTorch.
 
-``make bench-inference`` (or ``python ci/bench_inference.py --volumes 8 --repeat 2``):
+``make bench-inference`` (or ``python ci/bench_inference.py --volumes 8 --repeat 2``), two cases:
 
-1. builds a MONAI UNet (random weights: speed does not depend on training) and exports it to ONNX with
-   ``services.inference.export`` (parity-checked on the benchmark volumes before anything is timed);
-2. starts a private stack (SeaweedFS S3 + tritonserver from .venv-triton) on a free port range in a temp
-   state dir, writes the Triton model repository to S3 and loads it through the model-control API;
-3. runs the same real MSD hippocampus volumes (z-scored) through three paths, on the same machine in the
-   same run: ``SlidingWindowPredictor`` over ``TritonBackend`` (gRPC), ``SlidingWindowPredictor`` over
-   ``OnnxRuntimeBackend`` (in process) — the inference service's code path — and plain
-   ``monai.inferers.sliding_window_inference`` on the PyTorch network;
-4. prints p50/p99 latency per volume and volumes/s with the ratio to PyTorch, and writes
-   ``out/bench-inference.json``. PyTorch and ONNX Runtime use CUDA when a GPU is present (Triton then gets
-   KIND_GPU instances); the thread count is the same for every path (``--threads``).
+- ``hippocampus``: real MSD hippocampus volumes (z-scored, ~36x50x38) with a small UNet (16-32-64) and a
+  32³ window (``--roi``, ``--channels``);
+- ``ct-512``: one 512x512xN CT (``--ct-slices``, default 100) built from the bundled TotalSegmentator CT
+  series (20 real 512x512 slices, mirrored along z until N), HU clipped to [-1000, 1000] and scaled to
+  [-1, 1], with a production-sized CT UNet (16-32-64-128-256, 96³ windows); ``--ct-slices 0`` skips it.
+
+For each case the script builds the UNet (random weights: speed does not depend on training), exports it
+to ONNX (``services.inference.export``), quantises it to INT8 (static QDQ, calibrated on windows of the
+case's volumes, ``shared.inference.quantize``), serves the fp32 ONNX from a private tritonserver (SeaweedFS
+S3 + tritonserver from .venv-triton, model-control API) and times, per volume and interleaved (each
+volume through every path before the next, so load from other work on a shared machine hits every path
+alike): plain ``monai.inferers.sliding_window_inference`` on the PyTorch network, and the inference
+service's ``SlidingWindowPredictor`` over ``OnnxRuntimeBackend`` (fp32 and INT8) and over ``TritonBackend``
+(gRPC). Every path gets the same model, volumes, window, overlap, Gaussian blending, ``--sw-batch-size``
+and ``--threads``. Each path's logits are compared with PyTorch's (max |diff|, label agreement Dice);
+an fp32 path that does not reproduce PyTorch fails the run.
+
+It prints p50/p99 per volume, volumes/s and the ratio to PyTorch, model sizes, and the peak RSS of an
+inference worker (a fresh process: ONNX Runtime backend + predictor + argmax) on the ct-512 volume, and
+writes ``out/bench-inference.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import argparse
 import json
 import platform
 import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,22 +50,30 @@ from monai.inferers import sliding_window_inference  # noqa: E402
 from monai.networks.nets import UNet  # noqa: E402
 
 from services.inference.backends import TritonBackend  # noqa: E402
-from services.inference.export import export_onnx, parity_check  # noqa: E402
+from services.inference.export import export_onnx, label_dice  # noqa: E402
 from services.inference.triton_repository import config_from_onnx, write_model_version  # noqa: E402
 from shared.data import shared_data_dir  # noqa: E402
 from shared.inference import InferenceBackend, OnnxRuntimeBackend, SlidingWindowPredictor  # noqa: E402
+from shared.inference.quantize import calibration_windows, quantize_int8  # noqa: E402
 from shared.stack import PortOffsets, Stack, StackConfig  # noqa: E402
 from shared.stack.process import port_in_use  # noqa: E402
 from shared.storage import open_object_store  # noqa: E402
 
-MODEL = "bench-hippocampus"
+#: fp32 paths must reproduce PyTorch this closely, relative to the largest |logit| (a deep 5-level UNet with
+#: random weights has logits in the tens, and fused kernels round differently), and keep the labels
+LOGIT_TOLERANCE = 1e-3
+MIN_LABEL_DICE = 0.99
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_volumes(count: int) -> list[np.ndarray]:
+def zscore(image: np.ndarray) -> np.ndarray:
+    return ((image - image.mean()) / (image.std() + 1e-6)).astype(np.float32)
+
+
+def load_hippocampus(count: int) -> list[np.ndarray]:
     data = shared_data_dir()
     if data is None:
         raise SystemExit("shared data not found: set VOXELFLOW_SHARED_DATA or provide ../shared/data")
@@ -63,23 +82,30 @@ def load_volumes(count: int) -> list[np.ndarray]:
     for path in paths:
         nifti = nib.load(path)
         assert isinstance(nifti, nib.Nifti1Image)
-        image = nifti.get_fdata(dtype=np.float32)
-        volumes.append(((image - image.mean()) / (image.std() + 1e-6))[None])
+        volumes.append(zscore(nifti.get_fdata(dtype=np.float32))[None])
     return volumes
 
 
-def time_path(
-    predict: Callable[[np.ndarray], torch.Tensor], volumes: list[np.ndarray], repeat: int, warmup: int
-) -> list[float]:
-    for volume in volumes[:warmup]:
-        predict(volume)
-    latencies = []
-    for _ in range(repeat):
-        for volume in volumes:
-            start = time.perf_counter()
-            predict(volume)
-            latencies.append(time.perf_counter() - start)
-    return latencies
+def load_ct_volume(slices: int) -> np.ndarray:
+    """``(1, 512, 512, slices)`` float32: the bundled CT series mirrored along z, HU in [-1000, 1000] → [-1, 1]."""
+    import pydicom
+
+    data = shared_data_dir()
+    if data is None:
+        raise SystemExit("shared data not found: set VOXELFLOW_SHARED_DATA or provide ../shared/data")
+    datasets = [pydicom.dcmread(p) for p in sorted((data / "totalsegmentator_ct_example" / "dicom").glob("CT.*"))]
+    datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    series = np.stack(
+        [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets], -1
+    )
+    volume = np.empty((1, *series.shape[:2], slices), np.float32)
+    forth_and_back = np.concatenate([series, series[..., ::-1]], axis=-1)  # mirrored: no seam at the joins
+    for start in range(0, slices, forth_and_back.shape[-1]):
+        chunk = forth_and_back[..., : slices - start]
+        volume[0, ..., start : start + chunk.shape[-1]] = chunk
+    np.clip(volume, -1000, 1000, out=volume)
+    volume /= 1000.0
+    return volume
 
 
 def summarise(name: str, latencies: list[float]) -> dict[str, float | str | int]:
@@ -102,112 +128,295 @@ def free_base_port() -> int:
     raise SystemExit("no free port range found")
 
 
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def proc_status_mib(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process (Linux); unlike ``ru_maxrss``, not inherited through fork+exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def worker_rss(onnx_path: Path, volume_path: Path, roi: tuple[int, ...], sw_batch_size: int, threads: int) -> dict:
+    """Peak RSS of a fresh process that does what the inference worker does with one volume."""
+    command = [sys.executable, __file__, "--rss-child", str(onnx_path), str(volume_path)]
+    command += ["--roi", ",".join(map(str, roi)), "--sw-batch-size", str(sw_batch_size), "--threads", str(threads)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def rss_child(onnx_path: Path, volume_path: Path, roi: tuple[int, ...], sw_batch_size: int, threads: int) -> None:
+    """The inference worker's memory on one volume: backend loaded, volume in, logits out, labels."""
+    from shared.inference import argmax_labels
+
+    torch.set_num_threads(threads)
+    backend = OnnxRuntimeBackend(intra_op_threads=threads)
+    backend.load("rss", 1, onnx_path)
+    predictor = SlidingWindowPredictor(backend, roi, sw_batch_size, 0.25)
+    warm = torch.zeros(sw_batch_size, 1, *roi)
+    predictor._predict_windows(warm)  # the session's arena holds one batch's activations from here on
+    del warm
+    before = proc_status_mib("VmRSS")
+    volume = np.load(volume_path)
+    with torch.inference_mode():
+        logits = predictor(volume)
+        classes = int(logits.shape[1])
+        labels = argmax_labels(logits[0]).to(torch.uint8)
+        del logits
+    voxels = int(labels.numel())
+    peak = proc_status_mib("VmHWM")
+    print(json.dumps({"rss_before_mib": before, "peak_rss_mib": peak, "voxels": voxels, "classes": classes}))
+
+
+def rss_budget_bytes_per_voxel(classes: int) -> float:
+    """What one voxel may cost the worker at its peak: the float32 input, K float32 logits, MONAI's float32
+    count map, the argmax (int64, then float32 for the inverse transforms, then uint8), with half again for
+    transients (window batches, allocator slack). A whole-volume float64 copy alone would add 8 bytes."""
+    return 1.5 * (4 + 4 * classes + 4 + 8 + 4 + 1)
+
+
+def run_case(
+    case: str,
+    network: torch.nn.Module,
+    volumes: list[np.ndarray],
+    roi: tuple[int, int, int],
+    args: argparse.Namespace,
+    repeat: int,
+    warmup_batches: int,
+    work: Path,
+    stack: Stack | None,
+) -> tuple[list[dict], dict]:
+    """Time every path on ``volumes`` (interleaved per volume); returns the rows and the case's meta."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classes = 0  # set from the first output
+    onnx_path = export_onnx(network, 1, roi, work / f"{case}.onnx")
+    sizes = {"pytorch-monai": onnx_path.stat().st_size, "onnxruntime-embedded": onnx_path.stat().st_size}
+    network = network.to(device)
+
+    def pytorch(volume: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            out = sliding_window_inference(
+                torch.from_numpy(volume)[None].to(device),
+                roi,
+                args.sw_batch_size,
+                network,
+                overlap=args.overlap,
+                mode="gaussian",
+            )
+        assert isinstance(out, torch.Tensor)
+        return out.cpu()
+
+    def through(backend: InferenceBackend) -> SlidingWindowPredictor:
+        return SlidingWindowPredictor(backend, roi, args.sw_batch_size, args.overlap)
+
+    paths: dict[str, Callable[[np.ndarray], torch.Tensor]] = {"pytorch-monai": pytorch}
+    embedded = OnnxRuntimeBackend(intra_op_threads=args.threads)
+    embedded.load(case, 1, onnx_path)
+    paths["onnxruntime-embedded"] = through(embedded)
+    if not args.no_int8:
+        int8_path = quantize_int8(onnx_path, work / f"{case}-int8.onnx", calibration_windows(volumes, roi))
+        int8 = OnnxRuntimeBackend(intra_op_threads=args.threads)
+        int8.load(case, 1, int8_path)
+        paths["onnxruntime-int8"] = through(int8)
+        sizes["onnxruntime-int8"] = int8_path.stat().st_size
+    triton = None
+    if stack is not None:
+        store = open_object_store(stack.storage_url(stack.config.app_bucket))
+        config = config_from_onnx(
+            onnx_path,
+            case,
+            instance_kind="KIND_GPU" if device.type == "cuda" else "KIND_CPU",
+            max_batch_size=max(8, args.sw_batch_size),
+            preferred_batch_sizes=(args.sw_batch_size,),
+            parameters={"intra_op_threads": str(args.threads)},
+        )
+        write_model_version(store, config, 1, onnx_path)
+        triton = TritonBackend(stack.triton_url, repository_dir=stack.triton_model_repository, store=store)
+        triton.load(case, 1)
+        paths["triton-grpc"] = through(triton)
+        sizes["triton-grpc"] = onnx_path.stat().st_size
+
+    # warm every path up on a few window batches (session set-up, thread pools, gRPC channel), not on volumes
+    warm = torch.from_numpy(np.stack([w[0] for w in calibration_windows(volumes[:1], roi, args.sw_batch_size)]))
+    for predict in paths.values():
+        for _ in range(warmup_batches):
+            if isinstance(predict, SlidingWindowPredictor):
+                predict._predict_windows(warm)
+            else:
+                with torch.no_grad():
+                    network(warm.to(device))
+
+    latencies: dict[str, list[float]] = {name: [] for name in paths}
+    max_diff = dict.fromkeys(paths, 0.0)
+    logit_scale = 1.0
+    agreement: dict[str, list[float]] = {name: [] for name in paths}
+    order = list(paths)
+    for rep in range(repeat):
+        for index, volume in enumerate(volumes):
+            shift = (rep * len(volumes) + index) % len(order)  # rotate who goes first
+            outputs = {}
+            for name in order[shift:] + order[:shift]:
+                start = time.perf_counter()
+                outputs[name] = paths[name](volume)
+                latencies[name].append(time.perf_counter() - start)
+            if rep == 0:
+                reference = outputs["pytorch-monai"][0]
+                classes = int(reference.shape[0])
+                ref_labels = reference.argmax(0).numpy()
+                logit_scale = max(logit_scale, float(reference.abs().max()))
+                for name, logits in outputs.items():
+                    max_diff[name] = max(max_diff[name], float((logits[0] - reference).abs().max()))
+                    agreement[name].append(label_dice(ref_labels, logits[0].argmax(0).numpy(), classes))
+            log(f"  {case} volume {index + 1}/{len(volumes)} pass {rep + 1}/{repeat}")
+            del outputs
+
+    for name in ("onnxruntime-embedded", "triton-grpc"):
+        if name in max_diff and (
+            max_diff[name] > LOGIT_TOLERANCE * logit_scale or min(agreement[name]) < MIN_LABEL_DICE
+        ):
+            raise SystemExit(
+                f"{case}: {name} does not reproduce PyTorch (max |logit diff| {max_diff[name]:.3g} for logits up "
+                f"to {logit_scale:.3g}, label Dice {min(agreement[name]):.4f})"
+            )
+    rows = []
+    for name in paths:
+        row = summarise(name, latencies[name])
+        row.update(
+            case=case,
+            model_bytes=sizes[name],
+            max_abs_logit_diff=max_diff[name],
+            min_label_dice_vs_pytorch=min(agreement[name]),
+        )
+        rows.append(row)
+    if triton is not None:
+        triton.unload()
+        triton.close()
+    meta = {
+        "roi": roi,
+        "classes": classes,
+        "volume_shapes": sorted({v.shape[1:] for v in volumes}),
+        "max_abs_logit": logit_scale,
+    }
+    return rows, {"onnx_path": onnx_path, **meta}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volumes", type=int, default=8, help="hippocampus volumes (default 8)")
-    parser.add_argument("--repeat", type=int, default=2, help="timed passes over the volumes (default 2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed volumes per path first (default 2)")
-    parser.add_argument("--roi", default="32,32,32", help="sliding-window size (default 32,32,32)")
-    parser.add_argument("--sw-batch-size", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=2, help="timed passes over the hippocampus volumes (default 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed window batches per path first (default 2)")
+    parser.add_argument("--roi", default="32,32,32", help="hippocampus sliding-window size (default 32,32,32)")
+    parser.add_argument("--sw-batch-size", type=int, default=8, help="windows per backend call, every path (8)")
     parser.add_argument("--overlap", type=float, default=0.25)
-    parser.add_argument("--channels", default="16,32,64", help="UNet channels (default 16,32,64)")
+    parser.add_argument("--channels", default="16,32,64", help="hippocampus UNet channels (default 16,32,64)")
+    parser.add_argument("--ct-slices", type=int, default=100, help="ct-512 volume depth (default 100; 0: skip)")
+    parser.add_argument("--ct-roi", default="96,96,96", help="ct-512 window (default 96,96,96)")
+    parser.add_argument("--ct-channels", default="16,32,64,128,256", help="ct-512 UNet channels")
+    parser.add_argument("--ct-repeat", type=int, default=1, help="timed passes over the ct-512 volume (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every path (default 2)")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton path")
+    parser.add_argument("--no-int8", action="store_true", help="skip the INT8 path")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "out" / "bench-inference.json")
+    parser.add_argument("--rss-child", nargs=2, type=Path, metavar=("ONNX", "VOLUME_NPY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rss_child:
+        rss_child(*args.rss_child, tuple(int(s) for s in args.roi.split(",")), args.sw_batch_size, args.threads)
+        return 0
 
     roi = tuple(int(s) for s in args.roi.split(","))
-    channels = tuple(int(c) for c in args.channels.split(","))
+    ct_roi = tuple(int(s) for s in args.ct_roi.split(","))
     gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    network = UNet(3, 1, 3, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=2).eval()
-    volumes = load_volumes(args.volumes)
-    log(
-        f"{len(volumes)} volumes, shapes {sorted({v.shape[1:] for v in volumes})[:3]}..., window {roi}, device {device}"
-    )
 
-    results = []
+    def unet(channels: str, out_channels: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        widths = tuple(int(c) for c in channels.split(","))
+        return UNet(3, 1, out_channels, channels=widths, strides=(2,) * (len(widths) - 1), num_res_units=2).eval()
+
+    results: list[dict] = []
+    metas: dict[str, dict] = {}
+    rss: dict | None = None
     with tempfile.TemporaryDirectory(prefix="vf-bench-inference-") as tmp:
         work = Path(tmp)
-        onnx_path = export_onnx(network, 1, roi, work / "model.onnx")
-        report = parity_check(network, onnx_path, volumes[:2])
-        log(f"parity: {report.summary()}")
-        if not report.passed:
-            raise SystemExit("the exported model does not reproduce PyTorch; not benchmarking it")
-
-        gpu_net = network.to(device)
-
-        def pytorch(volume: np.ndarray) -> torch.Tensor:
-            with torch.no_grad():
-                out = sliding_window_inference(
-                    torch.from_numpy(volume)[None].to(device),
-                    roi,
-                    args.sw_batch_size,
-                    gpu_net,
-                    overlap=args.overlap,
-                    mode="gaussian",
-                )
-            assert isinstance(out, torch.Tensor)
-            return out.cpu()
-
-        def through(backend: InferenceBackend) -> SlidingWindowPredictor:
-            return SlidingWindowPredictor(backend, roi, args.sw_batch_size, args.overlap)
-
-        embedded = OnnxRuntimeBackend(intra_op_threads=args.threads)
-        embedded.load(MODEL, 1, onnx_path)
-        log("timing PyTorch (MONAI sliding_window_inference)")
-        results.append(summarise("pytorch-monai", time_path(pytorch, volumes, args.repeat, args.warmup)))
-        log("timing embedded ONNX Runtime")
-        results.append(
-            summarise("onnxruntime-embedded", time_path(through(embedded), volumes, args.repeat, args.warmup))
-        )
-
+        stack = None
         if not args.no_triton:
             stack = Stack(StackConfig(state_dir=work / "stack", base_port=free_base_port(), ephemeral=True), log=log)
-            try:
+        try:
+            if stack is not None:
                 stack.up(only=["s3", "triton"])
-                store = open_object_store(stack.storage_url(stack.config.app_bucket))
-                config = config_from_onnx(
-                    onnx_path,
-                    MODEL,
-                    instance_kind="KIND_GPU" if gpu else "KIND_CPU",
-                    max_batch_size=max(8, args.sw_batch_size),
-                    preferred_batch_sizes=(args.sw_batch_size,),
-                    parameters={"intra_op_threads": str(args.threads)},
+            hippocampus = load_hippocampus(args.volumes)
+            log(f"hippocampus: {len(hippocampus)} volumes, window {roi}, sw_batch_size {args.sw_batch_size}")
+            rows, meta = run_case(
+                "hippocampus", unet(args.channels, 3), hippocampus, roi, args, args.repeat, args.warmup, work, stack
+            )
+            results += rows
+            metas["hippocampus"] = meta
+            if args.ct_slices:
+                ct = load_ct_volume(args.ct_slices)
+                log(f"ct-512: volume {ct.shape[1:]}, window {ct_roi}")
+                rows, meta = run_case(
+                    "ct-512", unet(args.ct_channels, 2), [ct], ct_roi, args, args.ct_repeat, 1, work, stack
                 )
-                write_model_version(store, config, 1, onnx_path)
-                triton = TritonBackend(stack.triton_url, repository_dir=stack.triton_model_repository, store=store)
-                triton.load(MODEL, 1)
-                log("timing Triton (gRPC, Python backend running ONNX Runtime)")
-                results.append(summarise("triton-grpc", time_path(through(triton), volumes, args.repeat, args.warmup)))
-                triton.unload()
-                triton.close()
-            finally:
+                results += rows
+                metas["ct-512"] = meta
+                np.save(work / "ct.npy", ct)
+                rss = worker_rss(meta["onnx_path"], work / "ct.npy", ct_roi, args.sw_batch_size, args.threads)
+        finally:
+            if stack is not None:
                 stack.down(purge=True)
 
-    base = next(r for r in results if r["path"] == "pytorch-monai")
-    for row in results:
-        row["speedup_vs_pytorch"] = float(row["volumes_per_s"]) / float(base["volumes_per_s"])
-    print(f"\n{'path':<22} {'volumes':>7} {'p50 ms':>9} {'p99 ms':>9} {'vol/s':>8} {'x PyTorch':>10}")
-    for row in results:
+    for case in metas:
+        rows = [r for r in results if r["case"] == case]
+        base = next(r for r in rows if r["path"] == "pytorch-monai")
+        fp32 = next(r for r in rows if r["path"] == "onnxruntime-embedded")
+        for row in rows:
+            row["speedup_vs_pytorch"] = float(row["volumes_per_s"]) / float(base["volumes_per_s"])
+            # the ratio of medians: what a shared, noisy machine changes least
+            row["p50_speedup_vs_pytorch"] = float(base["p50_ms"]) / float(row["p50_ms"])
+            row["speedup_vs_onnx_fp32"] = float(row["volumes_per_s"]) / float(fp32["volumes_per_s"])
         print(
-            f"{row['path']:<22} {row['volumes']:>7} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} "
-            f"{row['volumes_per_s']:>8.2f} {row['speedup_vs_pytorch']:>10.2f}"
+            f"\n{case}: volumes {metas[case]['volume_shapes'][:3]}, window {metas[case]['roi']}, "
+            f"logits up to {metas[case]['max_abs_logit']:.3g}"
         )
-    meta = {
+        print(
+            f"{'path':<22} {'volumes':>7} {'p50 ms':>9} {'p99 ms':>9} {'vol/s':>8} {'x PyTorch':>10} "
+            f"{'x PT p50':>8} {'x ONNX':>7} {'MB':>6} {'max|dlogit|':>11} {'Dice vs PT':>10}"
+        )
+        for row in rows:
+            print(
+                f"{row['path']:<22} {row['volumes']:>7} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} "
+                f"{row['volumes_per_s']:>8.2f} {row['speedup_vs_pytorch']:>10.2f} "
+                f"{row['p50_speedup_vs_pytorch']:>8.2f} {row['speedup_vs_onnx_fp32']:>7.2f} "
+                f"{row['model_bytes'] / 1e6:>6.2f} {row['max_abs_logit_diff']:>11.2g} "
+                f"{row['min_label_dice_vs_pytorch']:>10.4f}"
+            )
+    if rss is not None:
+        grown = (rss["peak_rss_mib"] - rss["rss_before_mib"]) * 2**20 / rss["voxels"]
+        budget = rss_budget_bytes_per_voxel(int(rss["classes"]))
+        print(
+            f"\ninference worker on the ct-512 volume: peak RSS {rss['peak_rss_mib']:.0f} MiB "
+            f"({rss['rss_before_mib']:.0f} MiB with the model loaded, +{grown:.1f} bytes per voxel; "
+            f"budget {budget:.1f}: " + ("within" if grown <= budget else "OVER") + ")"
+        )
+        rss.update(bytes_per_voxel=grown, budget_bytes_per_voxel=budget)
+    meta_out = {
         "device": torch.cuda.get_device_name(0) if gpu else platform.processor() or platform.machine(),
         "threads": args.threads,
-        "roi": roi,
-        "channels": channels,
         "sw_batch_size": args.sw_batch_size,
         "overlap": args.overlap,
-        "parity_max_abs_logit_diff": report.max_abs_logit_diff,
+        "cases": {k: {kk: vv for kk, vv in v.items() if kk != "onnx_path"} for k, v in metas.items()},
+        "worker_rss": rss,
+        "bench_peak_rss_mib": peak_rss_mib(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    args.json.write_text(json.dumps({"meta": meta_out, "results": results}, indent=2, default=str))
     log(f"written to {args.json}")
+    if rss is not None and rss["bytes_per_voxel"] > rss["budget_bytes_per_voxel"]:
+        log("the inference worker's peak memory is over its budget (a whole-volume copy crept in?)")
+        return 1
     return 0
 
 

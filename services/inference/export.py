@@ -80,6 +80,26 @@ class TensorRTOutcome:
     precision: str = "fp16"
 
 
+@dataclass(frozen=True)
+class Int8Outcome:
+    """Result of asking for an INT8 version: not asked, or quantised and gated against its fp32 parent.
+
+    The gate: on every parity case the INT8 label map overlaps the fp32 one with Dice at least
+    ``1 - max_dice_loss`` (the parity cases are the held-out test split of the model's dataset version).
+    Only a passing INT8 model is attached (``model/onnx-int8``) and written as the Triton version; a
+    failing one is reported here and the fp32 model is served, as an engine TensorRT cannot build is.
+    """
+
+    requested: bool
+    passed: bool
+    reason: str
+    per_case_dice: list[float] = field(default_factory=list)
+    max_dice_loss: float = 0.01
+    onnx_path: Path | None = None
+    fp32_bytes: int = 0
+    int8_bytes: int = 0
+
+
 @dataclass
 class ExportResult:
     model_name: str
@@ -92,6 +112,7 @@ class ExportResult:
     attached: list[str] = field(default_factory=list)
     #: Triton versions removed from the repository by the retention rule (export_registered_model)
     pruned_versions: list[int] = field(default_factory=list)
+    int8: Int8Outcome = field(default_factory=lambda: Int8Outcome(False, False, "not requested"))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -204,6 +225,50 @@ def parity_check(
     backend.unload()
     passed = max_diff <= tolerance and min(dices) >= min_dice
     return ParityReport(max_diff, dices, passed, tolerance, min_dice)
+
+
+def int8_gate(
+    fp32_onnx: str | Path,
+    cases: Sequence[np.ndarray | torch.Tensor],
+    output_path: str | Path,
+    calibration_cases: Sequence[np.ndarray | torch.Tensor] | None = None,
+    max_dice_loss: float = 0.01,
+    sw_batch_size: int = 8,
+    overlap: float = 0.25,
+) -> Int8Outcome:
+    """Quantise ``fp32_onnx`` to INT8 (static QDQ, calibrated on ``calibration_cases``) and gate it.
+
+    Both models run through the serving predictor on every case; the INT8 one passes when its label map
+    keeps Dice >= ``1 - max_dice_loss`` against the fp32 parent's on each case.
+    """
+    from shared.inference.quantize import calibration_windows, quantize_int8
+
+    if not cases:
+        raise ExportError("the INT8 gate needs at least one case")
+    parent = OnnxRuntimeBackend()
+    parent.load("parent", 1, fp32_onnx)
+    x, y, z = (int(s) for s in parent.input_shape[2:])
+    roi_size = (x, y, z)
+    calibration = [np.asarray(torch.as_tensor(c, dtype=torch.float32)) for c in (calibration_cases or cases)]
+    int8_path = quantize_int8(fp32_onnx, output_path, calibration_windows(calibration, roi_size))
+    child = OnnxRuntimeBackend()
+    child.load("int8", 1, int8_path)
+    dices = []
+    for case in cases:
+        volume = torch.as_tensor(case, dtype=torch.float32)
+        reference = SlidingWindowPredictor(parent, roi_size, sw_batch_size, overlap)(volume)
+        quantised = SlidingWindowPredictor(child, roi_size, sw_batch_size, overlap)(volume)
+        classes = int(reference.shape[1])
+        dices.append(label_dice(reference.argmax(1)[0].numpy(), quantised.argmax(1)[0].numpy(), classes))
+    parent.unload()
+    child.unload()
+    passed = min(dices) >= 1 - max_dice_loss
+    reason = (
+        f"INT8 label Dice vs fp32 parent: worst case {min(dices):.4f} over {len(dices)} cases "
+        f"(minimum {1 - max_dice_loss:.4f}): " + ("passed" if passed else "FAILED, serving fp32")
+    )
+    sizes = Path(fp32_onnx).stat().st_size, Path(int8_path).stat().st_size
+    return Int8Outcome(True, passed, reason, dices, max_dice_loss, Path(int8_path), *sizes)
 
 
 # ---------------------------------------------------------------------------------------------- TensorRT
@@ -320,12 +385,20 @@ def export_model_version(
     int8_calibration: Sequence[np.ndarray] | None = None,
     max_batch_size: int = 8,
     workdir: str | Path | None = None,
+    quantize: str | None = None,
+    calibration_cases: Sequence[np.ndarray | torch.Tensor] | None = None,
+    max_dice_loss: float = 0.01,
 ) -> ExportResult:
     """Export, gate, then publish: attach exports to the version and write its Triton model version.
 
     ``attach(local_path, artifact_dir)`` puts a file into the registry version's artifacts (``model/onnx``,
     ``model/torchscript``). On a failed gate nothing is attached or written and ParityGateError says why.
+    ``quantize="int8"`` (CPU serving; TensorRT INT8 on GPUs is ``int8_calibration``): the fp32 ONNX is
+    quantised, calibrated on ``calibration_cases`` (training cases; default ``cases``), and gated by
+    :func:`int8_gate`; a passing INT8 model is attached and is what the Triton version serves.
     """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
     network = network.eval()
     in_channels = network_in_channels(network)
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vf-export-"))
@@ -337,6 +410,14 @@ def export_model_version(
     log.info("%s v%s: %s", model_name, version, report.summary())
     if not report.passed:
         raise ParityGateError(report)
+
+    int8 = (
+        int8_gate(onnx_path, cases, work / "onnx-int8" / artifacts.ONNX_FILE, calibration_cases, max_dice_loss)
+        if quantize == "int8"
+        else Int8Outcome(False, False, "not requested")
+    )
+    if int8.requested:
+        log.info("%s v%s: %s", model_name, version, int8.reason)
 
     use_gpu = torch.cuda.is_available() if gpu is None else gpu
     tensorrt = (
@@ -357,6 +438,11 @@ def export_model_version(
     if tensorrt.built and tensorrt.engine_path is not None:
         attach(tensorrt.engine_path, artifacts.TENSORRT_DIR)
         attached.append(f"{artifacts.TENSORRT_DIR}/{tensorrt.engine_path.name}")
+    served_onnx = onnx_path
+    if int8.passed and int8.onnx_path is not None:
+        attach(int8.onnx_path, artifacts.ONNX_INT8_DIR)
+        attached.append(f"{artifacts.ONNX_INT8_DIR}/{int8.onnx_path.name}")
+        served_onnx = int8.onnx_path
 
     flavour, kind = flavour_for(gpu=use_gpu, has_engine=tensorrt.built)
     config = config_from_onnx(
@@ -367,8 +453,10 @@ def export_model_version(
         max_batch_size=max_batch_size,
         preferred_batch_sizes=tuple(b for b in (max_batch_size // 2, max_batch_size) if b >= 1),
     )
-    keys = write_model_version(store, config, version, onnx_path=onnx_path, engine_path=tensorrt.engine_path)
-    return ExportResult(model_name, int(version), report, onnx_path, torchscript_path, tensorrt, keys, attached)
+    keys = write_model_version(store, config, version, onnx_path=served_onnx, engine_path=tensorrt.engine_path)
+    return ExportResult(
+        model_name, int(version), report, onnx_path, torchscript_path, tensorrt, keys, attached, int8=int8
+    )
 
 
 def export_registered_model(
@@ -397,7 +485,7 @@ def export_registered_model(
     repository keeps the newest ``retain_versions`` versions and every version a registry alias points at
     (a rollback target stays loaded); older ones are pruned. None keeps everything.
     """
-    from services.inference.parity_cases import ParityCasesError, load_parity_cases
+    from services.inference.parity_cases import ParityCasesError, is_dataset_version, load_parity_cases
     from shared.evaluation.runner import roi_size_of
     from shared.registry import as_registry
 
@@ -410,6 +498,9 @@ def export_registered_model(
             raise ParityCasesError(f"{loaded.uri} has no dataset_version tag: give the parity cases (--cases)")
         cases = dataset_version
     if isinstance(cases, str):
+        if kwargs.get("quantize") and "calibration_cases" not in kwargs and is_dataset_version(cases):
+            # calibrate on training cases, gate on the held-out ones: the gate is not scored on what tuned it
+            kwargs["calibration_cases"] = load_parity_cases(cases, loaded.spec, store, case_limit, parts=("train",))
         cases = load_parity_cases(cases, loaded.spec, store, case_limit)
     kwargs.setdefault("roi_size", roi_size_of(loaded.training_config_yaml))
 

@@ -43,6 +43,15 @@ def result_summary(result: ExportResult) -> dict[str, Any]:
         "attached": list(result.attached),
         "triton_keys": list(result.triton_keys),
         "tensorrt": {"built": result.tensorrt.built, "reason": result.tensorrt.reason},
+        "int8": {
+            "requested": result.int8.requested,
+            "passed": result.int8.passed,
+            "reason": result.int8.reason,
+            "per_case_dice": result.int8.per_case_dice,
+            "max_dice_loss": result.int8.max_dice_loss,
+            "fp32_bytes": result.int8.fp32_bytes,
+            "int8_bytes": result.int8.int8_bytes,
+        },
         "pruned_versions": list(result.pruned_versions),
     }
 

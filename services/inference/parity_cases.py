@@ -48,8 +48,11 @@ def cases_from_msd(folder: str | Path, spec: Any, limit: int) -> list[np.ndarray
     return cases
 
 
-def cases_from_dataset_version(store: ObjectStore, version_id: str, spec: Any, limit: int) -> list[np.ndarray]:
-    """Held-out test cases (then validation, then training) of a dataset version, from the case cache."""
+def cases_from_dataset_version(
+    store: ObjectStore, version_id: str, spec: Any, limit: int, parts: tuple[str, ...] = ("test", "val", "train")
+) -> list[np.ndarray]:
+    """Cases of a dataset version from the case cache: held-out test ones first (then validation, then
+    training) by default; ``parts=("train",)`` for INT8 calibration, which must not see the gate's cases."""
     from shared.datasets import CacheError, ManifestError, cache_key, load_cached, load_manifest
 
     try:
@@ -62,7 +65,7 @@ def cases_from_dataset_version(store: ObjectStore, version_id: str, spec: Any, l
             f"with {spec.hash[:12]}…: its cached cases are not what the model sees; give an MSD folder instead"
         )
     records = []
-    for part in ("test", "val", "train"):
+    for part in parts:
         records += [r for r in manifest.select("holdout", part) if r not in records]
         if len(records) >= limit:
             break
@@ -78,12 +81,18 @@ def cases_from_dataset_version(store: ObjectStore, version_id: str, spec: Any, l
     return cases
 
 
-def load_parity_cases(source: str, spec: Any, store: ObjectStore | None, limit: int = 3) -> list[np.ndarray]:
-    """Cases from an MSD folder path or a dataset version id (``ds-…``, needs ``store``)."""
+def load_parity_cases(
+    source: str,
+    spec: Any,
+    store: ObjectStore | None,
+    limit: int = 3,
+    parts: tuple[str, ...] = ("test", "val", "train"),
+) -> list[np.ndarray]:
+    """Cases from an MSD folder path or a dataset version id (``ds-…``, needs ``store``; ``parts``: splits)."""
     if limit < 1:
         raise ParityCasesError("the parity gate needs at least one case")
     if is_dataset_version(source):
         if store is None:
             raise ParityCasesError("a dataset version needs object storage (VOXELFLOW_STORAGE_URL)")
-        return cases_from_dataset_version(store, source, spec, limit)
+        return cases_from_dataset_version(store, source, spec, limit, parts)
     return cases_from_msd(source, spec, limit)

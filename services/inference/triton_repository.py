@@ -52,10 +52,15 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = os.path.join(args["model_repository"], args["model_version"])
+        # the embedded backend's options (shared.inference.backends.onnxruntime_session_options)
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
         threads = int(params.get("intra_op_threads", "0"))
         if threads:
             options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), options, providers=providers)
         self.input_name = params.get("input_name", "input")
@@ -65,10 +70,11 @@ class TritonPythonModel:
         # Dynamic batching hands over several requests at once: one ONNX Runtime call for all of them.
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         sizes = [a.shape[0] for a in arrays]
-        logits = self.session.run([self.output_name], {self.input_name: np.concatenate(arrays, axis=0)})[0]
+        batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)  # no copy for one request
+        logits = self.session.run([self.output_name], {self.input_name: batch})[0]
         responses, start = [], 0
         for size in sizes:
-            out = pb_utils.Tensor(self.output_name, np.ascontiguousarray(logits[start : start + size]))
+            out = pb_utils.Tensor(self.output_name, logits if len(sizes) == 1 else logits[start : start + size].copy())
             responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             start += size
         return responses

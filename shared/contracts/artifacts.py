@@ -24,6 +24,8 @@ ONNX_DIR = f"{MODEL_DIR}/onnx"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_DIR = f"{MODEL_DIR}/torchscript"
 TORCHSCRIPT_FILE = "model.pt"
+#: the INT8 (static QDQ) ONNX model, attached only when it passed its Dice gate against the fp32 one
+ONNX_INT8_DIR = f"{MODEL_DIR}/onnx-int8"
 TENSORRT_DIR = f"{MODEL_DIR}/tensorrt"
 TENSORRT_FILE = "model.plan"
 ONNX = f"{ONNX_DIR}/{ONNX_FILE}"

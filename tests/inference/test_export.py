@@ -244,3 +244,51 @@ def test_models_export_cli_on_a_registered_version(
     with torch.no_grad():
         expected = load_model(uri, client=client).network(torch.from_numpy(window)).numpy()
     np.testing.assert_allclose(backend.infer(window), expected, atol=1e-4)
+
+
+def test_int8_export_is_served_only_when_it_keeps_the_parents_dice(
+    s3_url: str, tmp_path: Path, cases: list[np.ndarray]
+) -> None:
+    """quantize="int8": a static-QDQ model gated against its fp32 parent; the Triton version serves it
+    only when the gate passes, otherwise the fp32 model is served and nothing INT8 is attached."""
+    import onnx
+
+    store = open_object_store(s3_url)
+    network = tiny_unet(seed=7)
+
+    def export(name: str, max_dice_loss: float, attached: list[str]) -> Any:
+        return export_model_version(
+            network,
+            model_name=name,
+            version=1,
+            cases=cases[:1],
+            store=store,
+            attach=lambda path, artifact_dir: attached.append(f"{artifact_dir}/{path.name}"),
+            roi_size=ROI,
+            workdir=tmp_path / name,
+            quantize="int8",
+            calibration_cases=cases[1:],
+            max_dice_loss=max_dice_loss,
+        )
+
+    loose: list[str] = []
+    result = export("hippo-int8", 1.0, loose)
+    assert result.int8.requested and result.int8.passed, result.int8.reason
+    (dice,) = result.int8.per_case_dice
+    assert 0.5 < dice < 1.0  # quantisation changes some labels (so the strict gate below can fail)
+    assert "model/onnx-int8/model.onnx" in loose and "model/onnx/model.onnx" in loose
+    served = onnx.load_from_string(store.get_bytes("triton/hippo-int8/1/model.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in served.graph.node}
+
+    strict: list[str] = []
+    refused = export("hippo-int8-strict", (1.0 - dice) / 2, strict)
+    assert refused.int8.requested and not refused.int8.passed and "FAILED, serving fp32" in refused.int8.reason
+    assert refused.int8.per_case_dice == [dice]  # deterministic: same model, same calibration, same case
+    assert not any("onnx-int8" in a for a in strict)
+    served = onnx.load_from_string(store.get_bytes("triton/hippo-int8-strict/1/model.onnx"))
+    assert "QuantizeLinear" not in {node.op_type for node in served.graph.node}
+
+    with pytest.raises(ValueError, match="quantize must be"):
+        export_model_version(
+            network, model_name="x", version=1, cases=cases[:1], store=store, attach=lambda p, d: None, quantize="fp8"
+        )

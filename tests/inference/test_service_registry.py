@@ -278,11 +278,19 @@ def test_export_over_the_api_runs_as_a_worker_job(
         with svc.client("operator") as operator:
             bad = operator.post("/v1/model-exports", json={"model_uri": "hippocampus/3"})
             assert bad.status_code == 422
+            bad = operator.post("/v1/model-exports", json={"model_uri": "models:/x/1", "quantize": "fp8"})
+            assert bad.status_code == 422
             with svc.client("researcher") as researcher:
                 assert researcher.post("/v1/model-exports", json={"model_uri": "models:/x/1"}).status_code == 403
             asked = operator.post(
                 "/v1/model-exports",
-                json={"model_uri": f"models:/{registered.name}/{version}", "cases": msd, "case_limit": 1},
+                json={
+                    "model_uri": f"models:/{registered.name}/{version}",
+                    "cases": msd,
+                    "case_limit": 1,
+                    "quantize": "int8",
+                    "max_dice_loss": 1.0,  # a random tiny model: the gate's threshold is tested in test_export
+                },
             )
             assert asked.status_code == 202, asked.text
             assert asked.headers["Location"] == f"/v1/model-exports/{asked.json()['id']}"
@@ -300,5 +308,8 @@ def test_export_over_the_api_runs_as_a_worker_job(
             assert operator.get("/v1/model-exports/00000000-0000-0000-0000-000000000000").status_code == 404
     assert done["status"] == "succeeded", done
     assert done["result"]["parity"]["passed"] and done["result"]["version"] == version
+    int8 = done["result"]["int8"]
+    assert int8["requested"] and int8["passed"] and len(int8["per_case_dice"]) == 1 and int8["int8_bytes"] > 0
+    assert "model/onnx-int8/model.onnx" in done["result"]["attached"]
     assert version in model_versions(open_object_store(base_settings["storage_url"]), registered.name)
     assert refused["status"] == "failed" and "999" in refused["error"]

@@ -252,3 +252,34 @@ def test_a_shared_polling_triton_serves_every_replica_through_a_version_swap(
         for backend in (a_v1, b_v1, a_v2, b_v2):
             backend.unload()  # poll mode: forgets the version, unloads nothing on the shared server
             backend.close()
+
+
+def test_triton_serves_a_gated_int8_export_like_the_embedded_int8_model(
+    triton: TritonBackend, store: ObjectStore, tmp_path: Path
+) -> None:
+    """The INT8 version an export writes loads in the real tritonserver and answers as ONNX Runtime
+    in process does with the same INT8 file (the QDQ graph runs in Triton's ONNX Runtime too)."""
+    from services.inference.export import export_model_version
+
+    cases = hippocampus_cases(require_shared_data())
+    result = export_model_version(
+        tiny_unet(seed=14),
+        model_name="hippo-int8",
+        version=1,
+        cases=cases[:1],
+        store=store,
+        attach=lambda path, artifact_dir: None,
+        roi_size=ROI,
+        workdir=tmp_path,
+        quantize="int8",
+        calibration_cases=cases[1:],
+        max_dice_loss=1.0,
+        max_batch_size=4,
+    )
+    assert result.int8.passed and result.int8.onnx_path is not None
+    triton.load("hippo-int8", 1)
+    embedded = OnnxRuntimeBackend(intra_op_threads=1)
+    embedded.load("hippo-int8", 1, result.int8.onnx_path)
+    via_triton = SlidingWindowPredictor(triton, ROI, sw_batch_size=4)(cases[0])
+    via_embedded = SlidingWindowPredictor(embedded, ROI, sw_batch_size=4)(cases[0])
+    assert float((via_triton - via_embedded).abs().max()) < 1e-4

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi import Path as PathParam
@@ -41,6 +41,12 @@ class ModelExportIn(BaseModel):
     roi_size: tuple[int, int, int] | None = Field(default=None, description="Exported window (default: validation).")
     triton_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
     retain_versions: int = Field(default=3, ge=1, le=100, description="Triton versions kept besides aliased ones.")
+    quantize: Literal["int8"] | None = Field(
+        default=None,
+        description="int8: also quantise (ONNX Runtime static QDQ, calibrated on training cases) and serve "
+        "the INT8 model if its label Dice against the fp32 model stays within max_dice_loss on every case.",
+    )
+    max_dice_loss: float = Field(default=0.01, ge=0, le=1, description="The INT8 gate's allowed Dice loss.")
 
 
 class ModelExportOut(BaseModel):
@@ -71,6 +77,9 @@ def export_options(body: ModelExportIn) -> dict[str, Any]:
         options["roi_size"] = list(body.roi_size)
     if body.triton_name:
         options["model_name"] = body.triton_name
+    if body.quantize:
+        options["quantize"] = body.quantize
+        options["max_dice_loss"] = body.max_dice_loss
     return options
 
 
