@@ -10,12 +10,17 @@ local stack's port for it (``make up STACK_ARGS=--with-services``). The token: `
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from shared.datasets.msd import case_id_of, read_msd_index
 
 #: the services with an HTTP API, by the name the local stack gives their API process
 SERVICES = ("ingest", "preprocessing", "aggregation", "model-registry", "inference")
@@ -141,12 +146,6 @@ def import_msd_folder(
     nothing. A case the service refuses (unreadable, label off the grid) is reported, the others go in.
     Returns ``{"collection", "counts": {added, updated, unchanged}, "errors": {case: reason}}``.
     """
-    import json
-    from concurrent.futures import ThreadPoolExecutor
-    from pathlib import Path
-
-    from shared.datasets.msd import case_id_of, read_msd_index
-
     index = read_msd_index(Path(folder))
     name = collection or index.name
     labels = json.dumps({str(k): v for k, v in index.labels.items()})

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
+from shared.contracts import artifacts as artifact_names
+
 log = logging.getLogger("voxelflow.aggregation.tracking")
 
 
@@ -125,10 +127,11 @@ class MlflowTracker:
             return None, None
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            (root / "model").mkdir()
+            model_dir = root / artifact_names.MODEL_DIR
+            model_dir.mkdir()
             for name, data in artifacts.items():
-                (root / "model" / name).write_bytes(data)
-            self.registry.log_artifacts(mlflow_run_id, root / "model", "model")
+                (model_dir / name).write_bytes(data)
+            self.registry.log_artifacts(mlflow_run_id, model_dir, artifact_names.MODEL_DIR)
             (root / "curves.png").write_bytes(curves_png(history))
             (root / "history.json").write_text(json.dumps(history, indent=1))
             self.registry.log_artifacts(mlflow_run_id, root / "curves.png")

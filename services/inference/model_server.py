@@ -24,7 +24,7 @@ from monai.transforms import Compose
 
 from services.inference.backends import ModelControl, TritonBackend
 from services.inference.triton_repository import TritonModelConfig, model_prefix
-from shared.contracts import artifacts
+from shared.contracts import artifacts as artifact_names
 from shared.inference import InferenceBackend, OnnxRuntimeBackend, SlidingWindowPredictor
 
 if TYPE_CHECKING:
@@ -119,11 +119,11 @@ def read_version_artifacts(registry: Any, model_name: str, version: str) -> Vers
     run_id = run_id_of(model_version)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            spec = json.loads(registry.download_artifacts(run_id, artifacts.PREPROCESSING, tmp).read_text())
-            labels = json.loads(registry.download_artifacts(run_id, artifacts.LABELS, tmp).read_text())
+            spec = json.loads(registry.download_artifacts(run_id, artifact_names.PREPROCESSING, tmp).read_text())
+            labels = json.loads(registry.download_artifacts(run_id, artifact_names.LABELS, tmp).read_text())
         except (RegistryError, OSError, ValueError) as exc:  # the version lacks the contract's files
             raise RegistryError(f"models:/{model_name}/{version}: cannot read its model/ files: {exc}") from exc
-    has_onnx = ONNX_ARTIFACT in registry.list_artifacts(run_id, artifacts.ONNX_DIR)
+    has_onnx = ONNX_ARTIFACT in registry.list_artifacts(run_id, artifact_names.ONNX_DIR)
     return VersionArtifacts(
         name=model_name,
         version=str(model_version.version),
@@ -134,7 +134,7 @@ def read_version_artifacts(registry: Any, model_name: str, version: str) -> Vers
     )
 
 
-ONNX_ARTIFACT = artifacts.ONNX
+ONNX_ARTIFACT = artifact_names.ONNX
 
 
 class _TritonVersions:
