@@ -169,7 +169,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     from shared.datasets.msd import MsdFormatError, read_msd_index
     from shared.evaluation import format_table, summarise, write_report
-    from shared.evaluation.runner import evaluate_cases, roi_size_of
+    from shared.evaluation.runner import evaluate_cases, inference_options, roi_size_of
     from shared.registry import RegistryError, load_model
 
     torch.set_num_threads(args.threads)
@@ -183,6 +183,7 @@ def evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.data} has no labelled cases")
     roi_size = tuple(args.roi_size) if args.roi_size else roi_size_of(model.training_config_yaml)
     print(f"evaluating {model.uri} on {len(pairs)} cases of {index.name} (window {roi_size})", file=sys.stderr)
+    served = inference_options(model.training_config_yaml)  # mirrored and filtered as it is served
     records = evaluate_cases(
         model.network,
         model.spec,
@@ -190,6 +191,8 @@ def evaluate(args: argparse.Namespace) -> None:
         pairs,
         roi_size,
         progress=lambda done, total, case: print(f"  {done}/{total} {case}", file=sys.stderr),
+        mirror_axes=served.get("mirror_axes") or (),
+        largest_component=served.get("largest_component_labels") or False,
     )
     summary = summarise(records, n_boot=args.bootstrap, seed=args.seed)
     print(format_table(summary))

@@ -38,12 +38,19 @@ def _inputs(store: ObjectStore, run: Any) -> tuple[Any, Any]:
 
 
 def _records(
-    store: ObjectStore, run: Any, state: dict[str, np.ndarray], part: str, site: str | None, threads: int
+    store: ObjectStore,
+    run: Any,
+    state: dict[str, np.ndarray],
+    part: str,
+    site: str | None,
+    threads: int,
+    config: Any | None = None,
 ) -> list[dict[str, Any]]:
     from shared.datasets import CacheError
     from shared.evaluation.held_out import evaluate_state
 
-    manifest, config = _inputs(store, run)
+    manifest, run_config = _inputs(store, run)
+    config = config or run_config
     try:
         return evaluate_state(store, manifest, config, state, part=part, site=site, threads=threads)
     except (ValueError, CacheError) as exc:  # weights that do not fit the config; a case not preprocessed
@@ -85,9 +92,29 @@ def evaluate_on_sites(store: ObjectStore, run: Any, state: dict[str, np.ndarray]
     return summarise_sites({site: _records(store, run, state, "val", site, threads) for site in run.sites})
 
 
-def evaluate_on_test(store: ObjectStore, run: Any, state: dict[str, np.ndarray], threads: int = 1) -> list[dict]:
-    """Per-case records of the final weights on ``holdout.test`` of all sites (what the promotion gate compares).
+def resolve_final_config(store: ObjectStore, run: Any, state: dict[str, np.ndarray], threads: int = 1) -> dict:
+    """The run's training config with its post-processing chosen on ``holdout.val`` for the final weights
+    (``shared.evaluation.held_out.resolve_postprocessing``): what the model is registered, tested and served with."""
+    from shared.datasets import CacheError
+    from shared.evaluation.held_out import resolve_postprocessing
+
+    manifest, config = _inputs(store, run)
+    try:
+        resolved, _ = resolve_postprocessing(store, manifest, config, state, threads=threads)
+    except (ValueError, CacheError) as exc:
+        raise PermanentTaskError(f"choosing the post-processing on holdout.val: {exc}") from exc
+    return dict(resolved.model_dump(mode="json"))
+
+
+def evaluate_on_test(
+    store: ObjectStore, run: Any, state: dict[str, np.ndarray], threads: int = 1, config: dict | None = None
+) -> list[dict]:
+    """Per-case records of the final weights on ``holdout.test`` of all sites (what the promotion gate compares),
+    under ``config`` (the resolved final config; default the run's).
 
     All sites, not only the run's: the test set is the dataset version's, so every run and the centralised
     baseline on that version are scored on the same cases."""
-    return list(_records(store, run, state, "test", None, threads))
+    from shared.training import TrainingConfig
+
+    resolved = TrainingConfig.model_validate(config) if config is not None else None
+    return list(_records(store, run, state, "test", None, threads, resolved))

@@ -561,23 +561,29 @@ class RunOrchestrator:
 
         return evaluate_on_sites(self.store, run, state, self.ctx.settings.evaluation_torch_threads)
 
-    def _test_records(self, run: FederatedRun) -> list[dict[str, Any]] | None:
-        """The final model's per-case records on holdout.test, computed once and kept next to the weights
-        (a resumed ``_finish`` reuses them); None when the run does not evaluate or the test split is empty."""
+    def _final_evaluation(self, run: FederatedRun) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """The final model's training config with its post-processing chosen on holdout.val, and its per-case
+        records on holdout.test under that config; computed once and kept next to the weights (a resumed
+        ``_finish`` reuses them). Without evaluation: the run's config and None."""
         if not run.evaluate:
-            return None
+            return run.training_config, None
         key = fs.test_evaluation_key(run.id)
         if self.store.exists(key):
-            records = json.loads(self.store.get_bytes(key))["records"]
+            stored = json.loads(self.store.get_bytes(key))
+            config, records = stored.get("training_config", run.training_config), stored["records"]
         else:
-            from services.aggregation.evaluation import evaluate_on_test
+            from services.aggregation.evaluation import evaluate_on_test, resolve_final_config
 
             final = fs.load_weights(self.store, fs.global_key(run.id, run.rounds))
-            records = evaluate_on_test(self.store, run, final, self.ctx.settings.evaluation_torch_threads)
+            threads = self.ctx.settings.evaluation_torch_threads
+            config = resolve_final_config(self.store, run, final, threads)
+            records = evaluate_on_test(self.store, run, final, threads, config)
             self.store.put_bytes(
-                key, json.dumps({"records": records}, allow_nan=True).encode(), content_type="application/json"
+                key,
+                json.dumps({"records": records, "training_config": config}, allow_nan=True).encode(),
+                content_type="application/json",
             )
-        return records or None
+        return config, records or None
 
     @staticmethod
     def _round_metrics(run: FederatedRun, rnd: FederatedRound, sites: list[RoundSite]) -> dict[str, float]:
@@ -616,9 +622,10 @@ class RunOrchestrator:
             )
             history.append({"round": rnd.round, "metrics": self._round_metrics(run, rnd, sites)})
         manifest = self._manifest(run)
+        final_config, per_case = self._final_evaluation(run)
         model_files = {
             artifacts.WEIGHTS_FILE: final,
-            artifacts.TRAINING_CONFIG_FILE: yaml.safe_dump(run.training_config, sort_keys=False).encode(),
+            artifacts.TRAINING_CONFIG_FILE: yaml.safe_dump(final_config, sort_keys=False).encode(),
             artifacts.PREPROCESSING_FILE: json.dumps(manifest.get("preprocessing", {}), indent=1).encode(),
             artifacts.LABELS_FILE: json.dumps(manifest.get("labels", {}), indent=1).encode(),
         }
@@ -628,7 +635,6 @@ class RunOrchestrator:
             "git_sha": self.ctx.git_sha,
             "strategy": run.strategy,
         }
-        per_case = self._test_records(run)
         run.model_name, run.model_version = self.tracker.finish(
             run.mlflow_run_id, run.id, history, model_files, tags, per_case=per_case
         )

@@ -48,6 +48,8 @@ class ServedModel:
     in_channels: int = 1
     overlap: float = 0.25
     on_close: Callable[[], None] = field(default=lambda: None)
+    #: labels filtered to their largest component unless a request says otherwise (chosen on validation)
+    largest_component_labels: tuple[int, ...] = ()
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -96,6 +98,9 @@ class VersionArtifacts:
     spec: Mapping[str, Any]
     labels: Mapping[int, str]
     has_onnx: bool
+    #: the ``inference`` section of the version's training config: how it was scored, so how it is served
+    mirror_axes: tuple[int, ...] = ()
+    largest_component_labels: tuple[int, ...] = ()
 
     @property
     def uri(self) -> str:
@@ -112,6 +117,7 @@ def read_version_artifacts(registry: Any, model_name: str, version: str) -> Vers
     import json
     import tempfile
 
+    from shared.evaluation.runner import inference_options
     from shared.registry import RegistryError, as_registry, run_id_of
 
     registry = as_registry(registry)
@@ -121,8 +127,10 @@ def read_version_artifacts(registry: Any, model_name: str, version: str) -> Vers
         try:
             spec = json.loads(registry.download_artifacts(run_id, artifact_names.PREPROCESSING, tmp).read_text())
             labels = json.loads(registry.download_artifacts(run_id, artifact_names.LABELS, tmp).read_text())
+            config = registry.download_artifacts(run_id, artifact_names.TRAINING_CONFIG, tmp).read_text()
         except (RegistryError, OSError, ValueError) as exc:  # the version lacks the contract's files
             raise RegistryError(f"models:/{model_name}/{version}: cannot read its model/ files: {exc}") from exc
+    inference = inference_options(config)  # how the version was scored is how it is served
     has_onnx = ONNX_ARTIFACT in registry.list_artifacts(run_id, artifact_names.ONNX_DIR)
     return VersionArtifacts(
         name=model_name,
@@ -131,6 +139,8 @@ def read_version_artifacts(registry: Any, model_name: str, version: str) -> Vers
         spec=spec,
         labels={int(k): str(v) for k, v in labels.items()},
         has_onnx=has_onnx,
+        mirror_axes=tuple(int(a) for a in inference.get("mirror_axes") or ()),
+        largest_component_labels=tuple(int(v) for v in inference.get("largest_component_labels") or ()),
     )
 
 
@@ -292,7 +302,9 @@ def served_model(
     from shared.preprocessing import PreprocessingSpec, build_transforms
 
     spec = PreprocessingSpec.from_dict(dict(artifacts.spec))
-    predictor = SlidingWindowPredictor(backend, roi_size, sw_batch_size=sw_batch_size, overlap=overlap)
+    predictor = SlidingWindowPredictor(
+        backend, roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mirror_axes=artifacts.mirror_axes
+    )
     return ServedModel(
         name=artifacts.name,
         version=artifacts.version,
@@ -305,4 +317,5 @@ def served_model(
         in_channels=in_channels,
         overlap=overlap,
         on_close=on_close,
+        largest_component_labels=artifacts.largest_component_labels,
     )

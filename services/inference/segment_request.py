@@ -143,7 +143,7 @@ def run_request(ctx: InferenceContext, request_id: str, mode: str) -> Segmentati
                 ctx.settings.gpu_memory_reserve_fraction,
                 ctx.settings.retry_after_seconds,
             )
-            result = segment_volume(model, volume, largest_component=bool(row.options.get("largest_component", False)))
+            result = segment_volume(model, volume, largest_component=row.options.get("largest_component"))
             algorithm = AlgorithmInfo(model.name, model.version, model.registry_uri, request_id)
             labels = dict(model.labels)
         metrics.inference_duration_seconds.labels(route, version).observe(result.model_seconds)

@@ -26,7 +26,9 @@ class Segmentation:
     model_seconds: float
 
 
-def segment_volume(model: ServedModel, volume: SourceVolume, *, largest_component: bool = False) -> Segmentation:
+def segment_volume(model: ServedModel, volume: SourceVolume, *, largest_component: bool | None = None) -> Segmentation:
+    """``largest_component``: True filters every label, False none, None the labels the model chose on
+    its validation cases (stored with the version)."""
     result = segment_array(
         model.predict,
         model.transforms,
@@ -34,7 +36,7 @@ def segment_volume(model: ServedModel, volume: SourceVolume, *, largest_componen
         volume.array,
         volume.affine,
         name=volume.series_uid or "upload",
-        largest_component=largest_component,
+        largest_component=model.largest_component_labels if largest_component is None else largest_component,
     )
     return Segmentation(
         mask=result.mask,

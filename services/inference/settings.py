@@ -83,8 +83,10 @@ class InferenceSettings(VoxelflowSettings):
     gpu_memory_reserve_fraction: float = Field(
         default=0.1, ge=0.0, lt=1.0, description="Share of free GPU memory the memory guard keeps in reserve."
     )
-    keep_largest_component: bool = Field(
-        default=False, description="Default of the per-request option: keep each label's largest component only."
+    keep_largest_component: bool | None = Field(
+        default=None,
+        description="Default of the per-request option: keep each label's largest component only (true), never "
+        "(false), or as the model chose on its validation cases and was scored with (unset).",
     )
     ingest_url: str = Field(
         default="http://127.0.0.1:8000", description="Base URL of the ingest service (catalogue + DICOMweb)."

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from shared.evaluation.metrics import case_metrics, mean_dice_per_case, summarise
-from shared.inference import InferenceBackend, SlidingWindowPredictor, TorchModuleBackend, predict_labels
+from shared.inference import (
+    InferenceBackend,
+    SlidingWindowPredictor,
+    TorchModuleBackend,
+    keep_largest_components,
+    predict_labels,
+)
 
 _CACHE_LOCK = threading.Lock()
 _CASE_CACHE: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -41,6 +47,29 @@ def label_names(labels: Mapping[Any, str] | None, num_classes: int) -> dict[int,
     return named if any(k != 0 for k in named) else {k: f"label-{k}" for k in range(num_classes)}
 
 
+def _predictions(
+    network: torch.nn.Module | InferenceBackend,
+    cases: Iterable[Mapping[str, Any]],
+    roi_size: Sequence[int],
+    sw_batch_size: int,
+    overlap: float,
+    mirror_axes: Sequence[int],
+) -> Iterable[tuple[Mapping[str, Any], np.ndarray]]:
+    backend = TorchModuleBackend(network) if isinstance(network, torch.nn.Module) else network
+    predictor = SlidingWindowPredictor(
+        backend, roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mirror_axes=mirror_axes
+    )
+    for case in cases:
+        if case.get("label") is None:
+            raise ValueError(f"case {case.get('case_id')!r} has no label: it cannot be evaluated")
+        yield case, predict_labels(predictor, case["image"]).numpy()[0].astype(np.uint8)
+
+
+def _case_records(case: Mapping[str, Any], prediction: np.ndarray, labels: Mapping[int, str]) -> list[dict[str, Any]]:
+    spacing = spacing_of(case["affine"]) if case.get("affine") is not None else None
+    return [{"case_id": str(case["case_id"]), **r} for r in case_metrics(prediction, case["label"], labels, spacing)]
+
+
 def evaluate_network(
     network: torch.nn.Module | InferenceBackend,
     cases: Iterable[Mapping[str, Any]],
@@ -48,24 +77,60 @@ def evaluate_network(
     roi_size: Sequence[int],
     sw_batch_size: int = 1,
     overlap: float = 0.25,
+    *,
+    mirror_axes: Sequence[int] = (),
+    largest_component_labels: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """:func:`case_metrics` records (with ``case_id``) of ``network`` on cached cases (``image``, ``label``).
 
     The windows go through the inference service's own predictor (``shared.inference``: the same sliding
-    window, overlap, Gaussian blending and argmax as served), over the network in this process — or over
-    any backend given instead, e.g. ONNX Runtime on the export.
+    window, overlap, Gaussian blending, test-time mirroring and argmax as served, then the same
+    largest-component filter of the labels named), over the network in this process — or over any
+    backend given instead, e.g. ONNX Runtime on the export.
     """
-    backend = TorchModuleBackend(network) if isinstance(network, torch.nn.Module) else network
-    predictor = SlidingWindowPredictor(backend, roi_size, sw_batch_size=sw_batch_size, overlap=overlap)
+    keep = {int(v): labels[int(v)] for v in largest_component_labels if int(v) in labels}
     records: list[dict[str, Any]] = []
-    for case in cases:
-        if case.get("label") is None:
-            raise ValueError(f"case {case.get('case_id')!r} has no label: it cannot be evaluated")
-        prediction = predict_labels(predictor, case["image"])
-        spacing = spacing_of(case["affine"]) if case.get("affine") is not None else None
-        for record in case_metrics(prediction, case["label"], labels, spacing):
-            records.append({"case_id": str(case["case_id"]), **record})
+    for case, prediction in _predictions(network, cases, roi_size, sw_batch_size, overlap, mirror_axes):
+        if keep:
+            prediction = keep_largest_components(prediction, keep)
+        records.extend(_case_records(case, prediction, labels))
     return records
+
+
+def choose_largest_component_labels(
+    network: torch.nn.Module | InferenceBackend,
+    cases: Sequence[Mapping[str, Any]],
+    labels: Mapping[int, str],
+    roi_size: Sequence[int],
+    sw_batch_size: int = 1,
+    overlap: float = 0.25,
+    *,
+    mirror_axes: Sequence[int] = (),
+) -> tuple[list[int], dict[str, dict[str, float]]]:
+    """The labels whose largest-component filter raises their mean Dice on ``cases`` (validation), as
+    nnU-Net chooses its post-processing, and per label the mean Dice without and with the filter.
+
+    Each case is predicted once; filtering is per label and independent (removed voxels become
+    background), so one filtered mask gives every label's filtered Dice.
+    """
+    raw: list[dict[str, Any]] = []
+    filtered: list[dict[str, Any]] = []
+    foreground = {int(v): name for v, name in labels.items() if int(v) != 0}
+    for case, prediction in _predictions(network, cases, roi_size, sw_batch_size, overlap, mirror_axes):
+        raw.extend(_case_records(case, prediction, labels))
+        filtered.extend(_case_records(case, keep_largest_components(prediction, foreground), labels))
+
+    def mean_by_label(records: list[dict[str, Any]]) -> dict[str, float]:
+        values: dict[str, list[float]] = {}
+        for record in records:
+            if math.isfinite(float(record["dice"])):
+                values.setdefault(str(record["label_name"]), []).append(float(record["dice"]))
+        return {name: float(np.mean(v)) for name, v in values.items()}
+
+    before, after = mean_by_label(raw), mean_by_label(filtered)
+    chosen = [v for v, name in sorted(foreground.items()) if after.get(name, -1.0) > before.get(name, math.inf)]
+    report = {name: {"without": before[name], "with": after.get(name, float("nan"))} for name in before}
+    return chosen, report
 
 
 def cached_cases(store: Any, manifest: Any, split: str, part: str, site: str | None = None) -> list[dict[str, Any]]:
@@ -127,7 +192,7 @@ def evaluate_state(
     if threads:
         torch.set_num_threads(threads)
     try:
-        val = config.validation
+        val, inference = config.validation, config.inference
         return evaluate_network(
             network,
             cases,
@@ -135,9 +200,50 @@ def evaluate_state(
             val.roi_size,
             val.sw_batch_size,
             val.overlap,
+            mirror_axes=inference.mirror_axes,
+            largest_component_labels=inference.largest_component_labels or (),
         )
     finally:
         torch.set_num_threads(previous)
+
+
+def resolve_postprocessing(
+    store: Any,
+    manifest: Any,
+    config: Any,
+    state: Mapping[str, Any],
+    *,
+    split: str = "holdout",
+    threads: int | None = None,
+) -> tuple[Any, dict[str, dict[str, float]]]:
+    """``config`` with ``inference.largest_component_labels`` chosen on ``split.val`` when it is unset (None),
+    and the per-label evidence; a config that names its labels, or a split without validation cases, is
+    returned as it is (with no filtering chosen in the latter case)."""
+    inference = config.inference
+    if inference.largest_component_labels is not None:
+        return config, {}
+    cases = cached_cases(store, manifest, split, "val")
+    chosen: list[int] = []
+    report: dict[str, dict[str, float]] = {}
+    if cases:
+        previous = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            val = config.validation
+            chosen, report = choose_largest_component_labels(
+                network_from_state(config, state),
+                cases,
+                label_names(manifest.labels, config.num_classes),
+                val.roi_size,
+                val.sw_batch_size,
+                val.overlap,
+                mirror_axes=inference.mirror_axes,
+            )
+        finally:
+            torch.set_num_threads(previous)
+    resolved = inference.model_copy(update={"largest_component_labels": chosen})
+    return config.model_copy(update={"inference": resolved}), report
 
 
 def mean_dice(records: Sequence[Mapping[str, Any]]) -> float | None:

@@ -36,6 +36,19 @@ def roi_size_of(training_config_yaml: str) -> tuple[int, int, int]:
     return tuple(int(r) for r in roi) if roi else DEFAULT_ROI_SIZE  # type: ignore[return-value]
 
 
+def inference_options(training_config_yaml: str) -> dict[str, Any]:
+    """The ``inference`` mapping (``mirror_axes``, ``largest_component_labels``) of a stored training config:
+    how the model was scored, so how it is served; {} for versions trained before the section existed."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(training_config_yaml) or {}
+    except yaml.YAMLError:
+        return {}
+    section = data.get("inference") if isinstance(data, dict) else None
+    return dict(section) if isinstance(section, dict) else {}
+
+
 def as_backend(model: torch.nn.Module | InferenceBackend) -> InferenceBackend:
     """A backend for ``model``: a PyTorch network runs in this process, a backend is used as given."""
     return TorchModuleBackend(model) if isinstance(model, torch.nn.Module) else model
@@ -51,20 +64,24 @@ def evaluate_cases(
     progress: Callable[[int, int, str], None] | None = None,
     *,
     overlap: float = 0.25,
-    largest_component: bool = False,
+    largest_component: bool | Sequence[int] = False,
+    mirror_axes: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """Records of :func:`case_metrics` with ``case_id`` for every (image, label) pair.
 
     ``model``: the registered PyTorch network, or a loaded backend (e.g. ONNX Runtime on the export).
     ``overlap`` and ``largest_component`` are the inference service's settings of the same names
-    (``VOXELFLOW_INFERENCE_OVERLAP``, ``…_KEEP_LARGEST_COMPONENT``; defaults equal).
+    (``VOXELFLOW_INFERENCE_OVERLAP``, ``…_KEEP_LARGEST_COMPONENT``; defaults equal); ``mirror_axes`` and a
+    list of labels for ``largest_component`` come from the model's stored ``inference`` section.
     """
     from shared.preprocessing import PreprocessingSpec, build_transforms
 
     if not isinstance(spec, PreprocessingSpec):
         spec = PreprocessingSpec.from_dict(dict(spec))
     transforms = build_transforms(spec, "inference", load=False)  # what ServedModel.transforms is
-    predictor = SlidingWindowPredictor(as_backend(model), roi_size, sw_batch_size=sw_batch_size, overlap=overlap)
+    predictor = SlidingWindowPredictor(
+        as_backend(model), roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mirror_axes=mirror_axes
+    )
     records: list[dict[str, Any]] = []
     for done, (image_path, label_path) in enumerate(pairs, start=1):
         case_id = Path(image_path).name.removesuffix(".gz").removesuffix(".nii")

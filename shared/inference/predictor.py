@@ -9,11 +9,16 @@ What the predictor saves per volume: the window importance map (a Gaussian over 
 large as one window of logits) is computed once per predictor rather than once per volume, and the
 windows MONAI cuts (already contiguous float32) reach the backend without a copy. A larger
 ``sw_batch_size`` means fewer backend calls (round trips, for Triton) per volume.
+
+Test-time mirroring (``mirror_axes``, nnU-Net's default): the volume is also predicted flipped along every
+combination of those axes, each prediction flipped back, and the softmax probabilities averaged. The
+model's stored ``inference.mirror_axes`` sets it, so evaluation and serving mirror alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import combinations
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ class SlidingWindowPredictor:
         sw_batch_size: int = 4,
         overlap: float = 0.25,
         mode: str = "gaussian",
+        mirror_axes: Sequence[int] = (),
     ) -> None:
         if len(roi_size) != 3:
             raise ValueError(f"roi_size must have three sizes, got {tuple(roi_size)}")
@@ -40,11 +46,14 @@ class SlidingWindowPredictor:
             raise ValueError("sw_batch_size must be >= 1")
         if not 0 <= overlap < 1:
             raise ValueError("overlap must be in [0, 1)")
+        if any(a not in (0, 1, 2) for a in mirror_axes) or len(set(mirror_axes)) != len(mirror_axes):
+            raise ValueError(f"mirror_axes must be distinct spatial axes 0, 1, 2; got {tuple(mirror_axes)}")
         self.backend = backend
         self.roi_size = tuple(int(s) for s in roi_size)
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
         self.mode = mode
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
         #: windows sent to the backend since construction (the service turns this into windows/s)
         self.windows_processed = 0
         self._importance_map: torch.Tensor | None = None
@@ -64,8 +73,27 @@ class SlidingWindowPredictor:
         # Triton hands back read-only buffers; torch wants a writable, contiguous array
         return torch.from_numpy(np.require(logits, np.float32, ["C", "W"])).to(windows.device)
 
+    def mirror_flips(self) -> list[tuple[int, ...]]:
+        """The tensor dims flipped per pass: ``()`` (as is) and every non-empty combination of mirror axes."""
+        dims = [a + 2 for a in self.mirror_axes]
+        return [combo for r in range(len(dims) + 1) for combo in combinations(dims, r)]
+
+    def _sliding_window(self, inputs: torch.Tensor) -> torch.Tensor:
+        logits = sliding_window_inference(
+            inputs,
+            roi_size=self.roi_size,
+            sw_batch_size=self.sw_batch_size,
+            predictor=self._predict_windows,
+            overlap=self.overlap,
+            mode=self.mode,
+            roi_weight_map=self.importance_map(),
+        )
+        assert isinstance(logits, torch.Tensor)  # a tensor-returning predictor gives a tensor back
+        return logits
+
     def __call__(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, K, X, Y, Z)`` for a volume ``(C, X, Y, Z)`` or a batch ``(N, C, X, Y, Z)``."""
+        """Scores ``(N, K, X, Y, Z)`` for a volume ``(C, X, Y, Z)`` or a batch ``(N, C, X, Y, Z)``: logits, or
+        with mirroring the mean softmax over the flips (argmax gives the label either way)."""
         inputs = torch.as_tensor(volume, dtype=torch.float32)
         if inputs.ndim == 4:
             inputs = inputs.unsqueeze(0)
@@ -74,14 +102,14 @@ class SlidingWindowPredictor:
         if not self.backend.ready:
             raise BackendError("backend has no model loaded")
         with torch.no_grad():
-            logits = sliding_window_inference(
-                inputs,
-                roi_size=self.roi_size,
-                sw_batch_size=self.sw_batch_size,
-                predictor=self._predict_windows,
-                overlap=self.overlap,
-                mode=self.mode,
-                roi_weight_map=self.importance_map(),
-            )
-        assert isinstance(logits, torch.Tensor)  # a tensor-returning predictor gives a tensor back
-        return logits
+            if not self.mirror_axes:
+                return self._sliding_window(inputs)
+            flips = self.mirror_flips()
+            total: torch.Tensor | None = None
+            for dims in flips:
+                flipped = inputs.flip(dims) if dims else inputs
+                probabilities = torch.softmax(self._sliding_window(flipped), dim=1)
+                probabilities = probabilities.flip(dims) if dims else probabilities
+                total = probabilities if total is None else total.add_(probabilities)
+            assert total is not None
+            return total / len(flips)

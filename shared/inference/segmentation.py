@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,10 +83,11 @@ def segment_array(
     affine: np.ndarray,
     *,
     name: str = "upload",
-    largest_component: bool = False,
+    largest_component: bool | Sequence[int] = False,
 ) -> SegmentedVolume:
     """Label map of ``array`` on its own grid. ``predict``: ``(1, C, X, Y, Z)`` → logits ``(1, K, X, Y, Z)``,
-    a :class:`~shared.inference.predictor.SlidingWindowPredictor` (or a served model's ``predict``)."""
+    a :class:`~shared.inference.predictor.SlidingWindowPredictor` (or a served model's ``predict``).
+    ``largest_component``: keep only the largest component of every label (True), of the labels named, or none."""
     preprocessed = preprocess(transforms, array, affine, name)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -95,8 +96,10 @@ def segment_array(
     mask = invert_to_source(argmax_labels(logits[0]), preprocessed, transforms)
     if mask.shape != tuple(array.shape):
         raise RuntimeError(f"inverted mask {mask.shape} does not match the source {tuple(array.shape)}")
-    if largest_component:
+    if largest_component is True:
         mask = keep_largest_components(mask, labels)
+    elif largest_component:
+        mask = keep_largest_components(mask, {v: n for v, n in labels.items() if v in set(largest_component)})
     return SegmentedVolume(mask=mask, preprocessed_shape=tuple(preprocessed.shape[1:]), model_seconds=model_seconds)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from shared.evaluation.held_out import evaluate_state, held_out_metrics, label_names
+from shared.evaluation.held_out import evaluate_state, held_out_metrics, label_names, resolve_postprocessing
 from shared.evaluation.report import write_json
 from shared.settings import VoxelflowSettings
 from shared.storage import open_object_store
@@ -99,8 +99,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "history": [asdict(h) for h in result.history],
     }
     if rank == 0:
-        (out / "weights.pt").write_bytes(state_to_bytes(result.state_dict))
-        records = evaluate_state(store, data.manifest, config, result.state_dict, split=args.split, part="test")
+        weights = result.kept_state(config.keep)  # early stopping returns the best model, not the last
+        summary["kept_epoch"] = result.best_epoch if weights is result.best_state_dict else len(result.history)
+        config, evidence = resolve_postprocessing(store, data.manifest, config, weights, split=args.split)
+        summary["postprocessing"] = evidence
+        summary["config"] = config.model_dump(mode="json")
+        (out / "weights.pt").write_bytes(state_to_bytes(weights))
+        records = evaluate_state(store, data.manifest, config, weights, split=args.split, part="test")
         summary["test"] = held_out_metrics(records)
         write_json(out / "test-per-case.json", {"records": records})
         if args.register:
@@ -118,7 +123,7 @@ def register(args: argparse.Namespace, config: Any, manifest: Any, result: Any, 
     points += [MetricPoint("val_dice", h.val_dice, h.epoch) for h in result.history if h.val_dice is not None]
     run_id = registry.log_training_run(
         experiment=args.experiment,
-        state_dict=result.state_dict,
+        state_dict=result.kept_state(config.keep),
         training_config_yaml=config.to_yaml(),
         preprocessing_spec=manifest.preprocessing,
         preprocessing_hash=manifest.preprocessing_hash,

@@ -59,7 +59,8 @@ class ScheduleConfig(_Strict):
 class PatchConfig(_Strict):
     sampler: Literal["whole", "pos_neg", "uniform"] = Field(
         default="pos_neg",
-        description="whole: whole volumes padded to a multiple of `divisible`; pos_neg: RandCropByPosNegLabeld; "
+        description="whole: whole volumes padded to `size` (and to a multiple of `divisible`), no cropping: "
+        "the plan's choice when the median case fits a patch; pos_neg: RandCropByPosNegLabeld; "
         "uniform: RandSpatialCropd.",
     )
     size: Triple = (32, 32, 32)
@@ -74,6 +75,32 @@ class ValidationConfig(_Strict):
     roi_size: Triple = Field(default=(48, 64, 48), description="sliding_window_inference window.")
     sw_batch_size: PositiveInt = 1
     overlap: float = Field(default=0.25, ge=0, lt=1)
+
+
+class InferenceConfig(_Strict):
+    """How the trained model is applied, everywhere it is applied: validation, held-out test and serving.
+
+    Stored with the model (its logged training config), so the inference service and ``voxelflow evaluate``
+    run the model exactly as it was scored.
+    """
+
+    mirror_axes: tuple[int, ...] = Field(
+        default=(),
+        description="Test-time mirroring: the softmax is averaged over every combination of flips along "
+        "these spatial axes (0, 1, 2), as nnU-Net does; () = off. Costs 2**len(axes) forward passes.",
+    )
+    largest_component_labels: list[int] | None = Field(
+        default=None,
+        description="Labels whose prediction keeps only its largest connected component. None: chosen on "
+        "the validation cases at the end of training (a label is filtered only where that raises its "
+        "validation Dice) and stored with the model.",
+    )
+
+    @model_validator(mode="after")
+    def _check_axes(self) -> InferenceConfig:
+        if any(a not in (0, 1, 2) for a in self.mirror_axes) or len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise ValueError(f"mirror_axes must be distinct spatial axes 0, 1, 2; got {self.mirror_axes}")
+        return self
 
 
 class EarlyStoppingConfig(_Strict):
@@ -106,6 +133,13 @@ class TrainingConfig(_Strict):
     bf16: bool = Field(default=True, description="bf16 autocast; only ever applied on CUDA devices.")
     seed: int = 0
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    keep: Literal["best", "last"] = Field(
+        default="best",
+        description="Which weights a training returns: those of the best validation Dice (early stopping "
+        "returns the best model, not the last) or the last epoch's. A federated site always delivers its "
+        "last local weights; the aggregator keeps the round of the best global validation Dice.",
+    )
+    inference: InferenceConfig = InferenceConfig()
     divergence: DivergenceConfig = DivergenceConfig()
 
     @model_validator(mode="after")

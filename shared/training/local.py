@@ -83,6 +83,13 @@ class LocalResult:
     history: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
     resumed_from_epoch: int = 0
+    #: weights of the epoch with the best validation Dice (None without validation) and that epoch
+    best_state_dict: StateDict | None = None
+    best_epoch: int | None = None
+
+    def kept_state(self, keep: str) -> StateDict:
+        """The weights ``TrainingConfig.keep`` asks for: the best validated ones (when there are), or the last."""
+        return self.best_state_dict if keep == "best" and self.best_state_dict is not None else self.state_dict
 
 
 # --- pure pieces ---------------------------------------------------------------------------------------
@@ -126,7 +133,8 @@ def _sampling_transform(config: TrainingConfig) -> list[Any]:
     patch = config.patch
     keys = ["image", "label"]
     if patch.sampler == "whole":
-        return [DivisiblePadd(keys, k=patch.divisible)]
+        # every volume padded to the patch (the plan's whole-crop size): one shape per batch, no crops
+        return [SpatialPadd(keys, spatial_size=patch.size), DivisiblePadd(keys, k=patch.divisible)]
     pad = SpatialPadd(keys, spatial_size=patch.size)  # volumes smaller than a patch are padded, not refused
     if patch.sampler == "uniform":
         return [pad, RandSpatialCropd(keys, roi_size=patch.size, random_size=False)]
@@ -295,6 +303,8 @@ def train_local(
     collate = pad_list_data_collate if config.patch.sampler == "whole" else list_data_collate
 
     start_epoch, history, best, bad = 0, [], None, 0
+    best_state: StateDict | None = None
+    best_epoch: int | None = None
     checkpoint = load_checkpoint() if load_checkpoint is not None else None
     if checkpoint is not None:
         _unwrap(model).load_state_dict(checkpoint["model"])
@@ -303,6 +313,7 @@ def train_local(
         start_epoch = int(checkpoint["epoch"])
         history = [EpochRecord(**h) for h in checkpoint["history"]]
         best, bad = checkpoint.get("best"), int(checkpoint.get("bad", 0))
+        best_state, best_epoch = checkpoint.get("best_state"), checkpoint.get("best_epoch")
         log.info("resuming local training after epoch %d of %d", start_epoch, total_epochs)
     use_bf16 = config.bf16 and device.type == "cuda"
     stopped_early = False
@@ -351,7 +362,9 @@ def train_local(
         if val_cases and (epoch % config.validation.every == 0 or epoch == total_epochs):
             # Every rank validates the same (small) set with the same weights: no gather needed.
             val_dice, per_class = evaluate_dice(_unwrap(model), val_cases, config, device)
-            best, bad, _ = early_stop_update(best, bad, val_dice, config.early_stopping.min_delta)
+            best, bad, improved = early_stop_update(best, bad, val_dice, config.early_stopping.min_delta)
+            if improved:
+                best_state, best_epoch = _cpu_state(model), epoch
             if patience is not None and bad >= patience:
                 stopped_early = True
         seconds = time.perf_counter() - started
@@ -385,6 +398,8 @@ def train_local(
                         "history": [asdict(h) for h in history],
                         "best": best,
                         "bad": bad,
+                        "best_state": best_state,
+                        "best_epoch": best_epoch,
                         "rng": torch.get_rng_state(),
                     }
                 )
@@ -397,6 +412,8 @@ def train_local(
     if dices:
         metrics["val_dice"] = dices[-1]
         metrics["best_val_dice"] = max(dices)
+    if best_epoch is not None:
+        metrics["best_epoch"] = float(best_epoch)
     return LocalResult(
         state_dict=_cpu_state(model),
         num_samples=len(train_cases),
@@ -404,4 +421,6 @@ def train_local(
         history=history,
         stopped_early=stopped_early,
         resumed_from_epoch=start_epoch,
+        best_state_dict=best_state,
+        best_epoch=best_epoch,
     )
