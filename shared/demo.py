@@ -32,6 +32,7 @@ from shared.client import ServiceClient, export_model, import_msd_folder
 from shared.data import shared_data_dir
 from shared.db.base import make_engine, make_session_factory, session_scope
 from shared.stack import Stack, StackConfig
+from shared.training.config import load_config
 
 MODEL_NAME = "hippocampus"
 SITES = ("site-1", "site-2", "site-3")
@@ -194,6 +195,8 @@ class Demo:
             "rounds": rounds,
             "local_epochs": epochs,
             "strategy": "fedavg",
+            # the bundled recipe (docs/training.md): its schedule spans rounds x local epochs
+            "training_config": load_config(self.args.config).model_dump(mode="json"),
             "round_timeout_seconds": 3600,
         }
         started = time.monotonic()
@@ -412,12 +415,13 @@ def main(argv: list[str] | None = None) -> None:
         prog="voxelflow demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="out/demo", help="where the PNGs go")
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default sized for a 2-core CPU)")
-    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
-    parser.add_argument("--full", action="store_true", help="the long schedule: 30 rounds x 5 local epochs")
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default sized for a 2-core CPU)")
+    parser.add_argument("--local-epochs", type=int, default=4, help="local epochs per round")
+    parser.add_argument("--config", default="hippocampus_unet", help="bundled training config name or YAML path")
+    parser.add_argument("--full", action="store_true", help="the long schedule: 20 rounds x 10 local epochs")
     args = parser.parse_args(argv)
     if args.full:
-        args.rounds, args.local_epochs = 30, 5
+        args.rounds, args.local_epochs = 20, 10
     started = time.monotonic()
     demo = Demo(args)
     demo.start_stack()

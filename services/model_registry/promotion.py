@@ -31,7 +31,7 @@ from scipy import stats
 
 @dataclass(frozen=True)
 class GateConfig:
-    min_dice: float = 0.7
+    min_dice: float = 0.8
     alpha: float = 0.05
     min_cases: int = 5
     margin: float = 0.0  # non-inferiority margin in Dice: candidate may be this much worse and still pass

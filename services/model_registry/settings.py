@@ -18,7 +18,7 @@ class ModelRegistrySettings(VoxelflowSettings):
         "returned in version details as a link.",
     )
     promotion_min_dice: float = Field(
-        default=0.7, ge=0, le=1, description="Promotion gate: lowest mean held-out Dice a champion may have."
+        default=0.8, ge=0, le=1, description="Promotion gate: lowest mean held-out Dice a champion may have."
     )
     promotion_alpha: float = Field(
         default=0.05,

@@ -92,6 +92,7 @@ class LocalResult:
     def kept_state(self, keep: str) -> StateDict:
         """The weights ``TrainingConfig.keep`` asks for: the best validated ones (when there are), or the last."""
         return self.best_state_dict if keep == "best" and self.best_state_dict is not None else self.state_dict
+
     optimizer_state: dict[str, Any] | None = None  # on the CPU; a federated site carries it to its next round
 
 
