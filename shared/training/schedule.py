@@ -41,18 +41,15 @@ def lr_factor(schedule: ScheduleConfig, epoch: int, total_epochs: int, *, base_l
 
     ``base_lr`` (the optimiser's lr) is needed only when a cosine schedule has ``eta_min > 0``. Epochs at or
     past the end train at the last epoch's rate (a site asked for more epochs than the schedule holds keeps
-    learning instead of stopping at lr 0). ValueError for a negative epoch, an empty training or a warm-up
-    that leaves no epoch to decay over.
+    learning instead of stopping at lr 0). A warm-up as long as the training or longer is shortened to leave
+    one decay epoch, so a short run of a recipe (``--epochs 1``, a smoke test) still trains. ValueError for a
+    negative epoch or an empty training.
     """
     if total_epochs < 1:
         raise ValueError(f"the schedule needs at least one epoch, got total_epochs={total_epochs}")
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    warmup = schedule.warmup_epochs
-    if warmup >= total_epochs:
-        raise ValueError(
-            f"warmup_epochs={warmup} leaves no epoch of the {total_epochs} to decay over; lower it or train longer"
-        )
+    warmup = min(schedule.warmup_epochs, total_epochs - 1)
     epoch = min(epoch, total_epochs - 1)
     if epoch < warmup:
         return (epoch + 1) / (warmup + 1)

@@ -119,3 +119,16 @@ def test_bad_inputs_are_refused(hippo_cases: list[dict]) -> None:
         train_local(tiny_config(), [], [], None, epochs=1)
     with pytest.raises(ValueError, match="do not fit"):
         train_local(tiny_config(), hippo_cases[:1], [], {"bogus": torch.zeros(1)}, epochs=1)
+
+
+def test_the_weights_of_the_best_validation_epoch_are_kept(hippo_cases: list[dict]) -> None:
+    # a learning rate high enough that validation Dice moves from epoch to epoch
+    result = train_local(tiny_config(), hippo_cases[:4], hippo_cases[6:], None, epochs=4)
+    dices = [h.val_dice for h in result.history]
+    assert result.best_epoch == 1 + max(range(len(dices)), key=lambda i: (dices[i], -i))
+    assert result.metrics["best_epoch"] == result.best_epoch
+    kept = result.kept_state("best")
+    assert result.best_state_dict is not None and kept is result.best_state_dict
+    assert result.kept_state("last") is result.state_dict
+    if result.best_epoch != len(dices):  # best and last differ: the kept weights must be the best epoch's
+        assert any(not torch.equal(kept[k], result.state_dict[k]) for k in kept)
