@@ -105,7 +105,7 @@ bench-preprocess: ## cases/s: cached preprocessing (first build, rerun) vs plain
 
 # --- training (shared/training, services/training_worker) --------------------------------------------
 .PHONY: bench-train
-bench-train: ## training samples/s, time to val Dice, federated round overhead (GPU when present; out/bench-train.json)
+bench-train: ## the training recipe vs a plain MONAI script, same split and wall time: test Dice, curve PNG, peak memory (out/bench-train.*)
 	$(PY) ci/bench_train.py $(BENCH_ARGS)
 
 # --- end training ------------------------------------------------------------------------------------
