@@ -49,10 +49,17 @@ class OptimizerConfig(_Strict):
 
 
 class ScheduleConfig(_Strict):
-    name: Literal["constant", "cosine_warm_restarts", "poly"] = "constant"
-    t_0: PositiveInt = Field(default=10, description="Cosine: epochs until the first restart.")
-    t_mult: PositiveInt = Field(default=1, description="Cosine: period growth after each restart.")
-    eta_min: float = Field(default=0.0, ge=0, description="Cosine: lowest learning rate.")
+    """The learning rate over the whole training (``shared.training.schedule.lr_factor``): a linear warm-up
+    of ``warmup_epochs``, then the decay ``name`` over the remaining epochs. In a federated run "the whole
+    training" is every round's local epochs together (rounds x local_epochs), not one round."""
+
+    name: Literal["constant", "cosine", "cosine_warm_restarts", "poly"] = "constant"
+    warmup_epochs: int = Field(
+        default=0, ge=0, description="Linear warm-up epochs before the decay (lr0 * (e+1)/(warmup+1)); 0 = none."
+    )
+    t_0: PositiveInt = Field(default=10, description="cosine_warm_restarts: epochs until the first restart.")
+    t_mult: PositiveInt = Field(default=1, description="cosine_warm_restarts: period growth after each restart.")
+    eta_min: float = Field(default=0.0, ge=0, description="cosine, cosine_warm_restarts: lowest learning rate.")
     power: PositiveFloat = Field(default=0.9, description="Poly: lr = lr0 * (1 - epoch/epochs) ** power.")
 
 

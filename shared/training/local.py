@@ -9,6 +9,7 @@ so a run resumed from the checkpoint of epoch ``e - 1`` continues exactly as the
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from shared.training.config import TrainingConfig
 from shared.training.networks import build_network
+from shared.training.schedule import lr_factor
 
 log = logging.getLogger("voxelflow.training")
 
@@ -83,6 +85,7 @@ class LocalResult:
     history: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
     resumed_from_epoch: int = 0
+    optimizer_state: dict[str, Any] | None = None  # on the CPU; a federated site carries it to its next round
 
 
 # --- pure pieces ---------------------------------------------------------------------------------------
@@ -154,15 +157,42 @@ def _optimizer(config: TrainingConfig, params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def _scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, epochs: int) -> Any:
-    sched = config.schedule
-    if sched.name == "cosine_warm_restarts":
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=sched.t_0, T_mult=sched.t_mult, eta_min=sched.eta_min
-        )
-    if sched.name == "poly":
-        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=epochs, power=sched.power)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+# --- schedule and carried optimiser state (federated rounds: docs/training.md "Federated training") ---
+
+
+def _scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, offset: int, total: int) -> Any:
+    """LambdaLR over the whole training's schedule: local epoch ``i`` of this call is global ``offset + i``."""
+    sched, base = config.schedule, config.optimizer.lr
+    lr_factor(sched, offset, total, base_lr=base)  # an impossible schedule fails before any training
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(sched, offset + i, total, base_lr=base))
+
+
+def _carry_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load the moments and step counts of an earlier call; the hyper-parameters stay the config's (the
+    schedule, not the earlier call, decides the learning rate)."""
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(copy.deepcopy(dict(state)))  # the optimiser steps its tensors in place
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"the carried optimiser state does not fit the network: {exc}") from exc
+    for group, fresh in zip(optimizer.param_groups, hyper, strict=True):
+        for key in [k for k in group if k != "params" and k not in fresh]:
+            del group[key]  # e.g. the earlier scheduler's initial_lr
+        group.update(fresh)
+
+
+def _cpu_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    state = optimizer.state_dict()
+    return {
+        "state": {
+            index: {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for index, s in state["state"].items()
+        },
+        "param_groups": [dict(group) for group in state["param_groups"]],
+    }
+
+
+# --- end of schedule and carried optimiser state ---
 
 
 def _distributed() -> tuple[int, int]:
@@ -240,6 +270,9 @@ def train_local(
     save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[EpochRecord], None] | None = None,
     device: torch.device | str | None = None,
+    schedule_offset: int = 0,
+    schedule_total: int | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
 ) -> LocalResult:
     """Train from ``initial_state`` (or fresh weights seeded by ``config.seed``) and return the result.
 
@@ -249,6 +282,11 @@ def train_local(
     continues after that epoch. Under ``torchrun`` the model is wrapped in DistributedDataParallel,
     batches are sharded with a DistributedSampler and only rank 0 saves checkpoints or reports progress.
     Raises :class:`TrainingDiverged` for a NaN/inf/exploding loss and ValueError for unusable data.
+
+    A federated round is one slice of a longer training: ``schedule_offset`` is the global epoch this call
+    starts at and ``schedule_total`` the whole schedule's length (defaults 0 and ``epochs``: the call is the
+    whole training); the learning rate and every per-epoch seed follow the global epoch. ``optimizer_state``
+    (an earlier call's ``LocalResult.optimizer_state``) continues its moments instead of fresh ones.
     """
     if len(train_cases) == 0:
         raise ValueError("no training cases: the site has nothing to train on")
@@ -257,6 +295,8 @@ def train_local(
     total_epochs = epochs if epochs is not None else config.epochs
     if total_epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {total_epochs}")
+    if schedule_offset < 0:
+        raise ValueError(f"schedule_offset must be >= 0, got {schedule_offset}")
     rank, world = _distributed()
     if device is None:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -279,7 +319,9 @@ def train_local(
         )
 
     optimizer = _optimizer(config, model.parameters())
-    scheduler = _scheduler(config, optimizer, total_epochs)
+    if optimizer_state is not None:
+        _carry_optimizer_state(optimizer, optimizer_state)
+    scheduler = _scheduler(config, optimizer, schedule_offset, schedule_total or total_epochs)
     loss_fn = DiceCELoss(
         to_onehot_y=True,
         softmax=True,
@@ -299,7 +341,7 @@ def train_local(
     if checkpoint is not None:
         _unwrap(model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        scheduler.load_state_dict({"lr_lambdas": [None], **checkpoint["scheduler"]})  # pre-LambdaLR too
         start_epoch = int(checkpoint["epoch"])
         history = [EpochRecord(**h) for h in checkpoint["history"]]
         best, bad = checkpoint.get("best"), int(checkpoint.get("bad", 0))
@@ -314,10 +356,10 @@ def train_local(
         if stopped_early:
             break
         started = time.perf_counter()
-        seed = epoch_seed(config.seed, epoch, rank)
+        seed = epoch_seed(config.seed, schedule_offset + epoch, rank)  # the global epoch: rounds differ
         torch.manual_seed(seed)
         transform.set_random_state(seed=seed)
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(schedule_offset + epoch)
         loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=0, collate_fn=collate)
         model.train()
         loss_sum, steps, samples = 0.0, 0, 0
@@ -404,4 +446,5 @@ def train_local(
         history=history,
         stopped_early=stopped_early,
         resumed_from_epoch=start_epoch,
+        optimizer_state=_cpu_optimizer_state(optimizer),
     )
