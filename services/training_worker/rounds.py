@@ -3,8 +3,14 @@
 Delivery protocol (docs/contracts.md, keys from :mod:`shared.contracts.layout`): everything of an attempt lives under
 ``federated/{run_id}/round-{r:04d}/{site}/{attempt_id}/``; ``weights.pt`` is written first and
 ``update.json`` last, so the existence of ``update.json`` means "delivered" and a redelivered task that
-finds it returns it without training again (a result is never produced twice). ``checkpoint.pt`` is
+finds it returns it without training again (a result is never produced twice). The checkpoint is
 rewritten after every epoch; a task redelivered after the worker was killed resumes from it.
+
+What a site keeps to itself lives under ``site-private/{site}/federated/{run_id}/`` (outside the aggregator's
+``federated/`` prefix): the checkpoint, and the site state it carries from round to round (its optimiser
+state when the task says ``keep_optimizer_state``, its normalisation layers under ``local_norm_layers``), one
+immutable ``site-state.pt`` per round it trained. A round starts from the newest one of an earlier round, so
+a site that missed rounds goes on from its last, and a redelivered task reads the same one again.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from shared.storage import ObjectNotFoundError
 from shared.tasks import PermanentTaskError
 from shared.training import EpochRecord, TrainingConfig, TrainingDiverged, train_local
 from shared.training.data import MissingCachedCase, UnknownDatasetVersion, load_site_data
+from shared.training.federated import config_norm_keys
 
 log = logging.getLogger("voxelflow.training_worker")
 
@@ -89,6 +96,18 @@ def clip_to_bound(
     return {key: torch.from_numpy(value) for key, value in clipped.items()}, norm
 
 
+def last_site_state(ctx: TrainingWorkerContext, task: training_pb2.TrainingRoundTask) -> dict[str, Any] | None:
+    """The site state of the latest earlier round this site trained in this run (None before its first)."""
+    rounds = [
+        r
+        for key in ctx.store.list(layout.site_run_prefix(task.run_id, task.site))
+        if (r := layout.parse_site_state_key(task.run_id, task.site, key)) is not None and r < task.round
+    ]
+    if not rounds:
+        return None
+    return state_from_bytes(ctx.store.get_bytes(layout.site_state_key(task.run_id, task.site, max(rounds))))
+
+
 def _load(ctx: TrainingWorkerContext, key: str, what: str) -> bytes:
     try:
         return ctx.store.get_bytes(key)
@@ -125,6 +144,7 @@ def run_round(
         data = load_site_data(ctx.store, task.dataset_version_id, site)
         if len(data.train) == 0:
             raise PermanentTaskError(f"site {site!r} has no cases in holdout.train of {task.dataset_version_id}")
+        carried = last_site_state(ctx, task) if task.keep_optimizer_state or task.local_norm_layers else None
     except (ValueError, UnknownDatasetVersion, MissingCachedCase) as exc:
         metrics.rounds_total.labels(site, "refused").inc()
         raise PermanentTaskError(str(exc)) from exc
@@ -142,6 +162,11 @@ def run_round(
         ctx.store.put_bytes(keys.checkpoint, state_to_bytes(checkpoint))
 
     epochs = task.local_epochs or config.epochs
+    start_state = dict(global_state)
+    norm_keys = config_norm_keys(config) if task.local_norm_layers else frozenset()
+    if norm_keys and carried is not None and carried.get("norm"):
+        start_state.update(carried["norm"])  # FedBN: the global weights, but this site's own norm layers
+    optimizer_state = carried.get("optimizer") if carried is not None and task.keep_optimizer_state else None
 
     def on_epoch(record: EpochRecord) -> None:
         labels = (site, task.run_id)
@@ -157,9 +182,12 @@ def run_round(
             config,
             data.train,
             data.val,
-            global_state,
+            start_state,
             augment=data.augment,
             epochs=epochs,
+            schedule_offset=task.schedule_offset,
+            schedule_total=task.schedule_total or None,
+            optimizer_state=optimizer_state,
             fedprox_mu=task.fedprox_mu,
             load_checkpoint=load_checkpoint,
             save_checkpoint=save_checkpoint,
@@ -174,6 +202,13 @@ def run_round(
         raise PermanentTaskError(str(exc)) from exc
 
     state = result.state_dict
+    if task.keep_optimizer_state or task.local_norm_layers:  # before the update: delivered means carried
+        site_state = {
+            "round": task.round,
+            "optimizer": result.optimizer_state if task.keep_optimizer_state else None,
+            "norm": {key: state[key] for key in sorted(norm_keys)} if norm_keys else None,
+        }
+        ctx.store.put_bytes(layout.site_state_key(task.run_id, site, task.round), state_to_bytes(site_state))
     if task.dp_clip_norm > 0:
         state, norm = clip_to_bound(global_state, state, task.dp_clip_norm)
         log.info("round %d: update norm %.4g clipped to %.4g before delivery", task.round, norm, task.dp_clip_norm)
@@ -185,7 +220,13 @@ def run_round(
         task_attempt_id=task.task_attempt_id,
         weights_uri=keys.weights,
         num_samples=result.num_samples,
-        metrics={**result.metrics, "resumed_from_epoch": float(result.resumed_from_epoch)},
+        metrics={
+            **result.metrics,
+            "resumed_from_epoch": float(result.resumed_from_epoch),
+            "schedule_offset": float(task.schedule_offset),
+            # which earlier round's site state this round started from; -1 = none (fresh optimiser)
+            "carried_from_round": float(carried["round"]) if carried is not None else -1.0,
+        },
         finished_at=dt.datetime.now(dt.UTC).isoformat(),
         clip_norm=task.dp_clip_norm,
     )

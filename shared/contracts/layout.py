@@ -13,6 +13,8 @@ import re
 SITE_PATTERN = r"[a-z0-9](?:[a-z0-9-]{0,62})"
 
 FEDERATED_PREFIX = "federated"
+#: what a site keeps for itself: never listed nor read by the aggregator (a deployment can deny it the prefix)
+SITE_PRIVATE_PREFIX = "site-private"
 INFERENCE_PREFIX = "inference"
 #: the Triton model repository inside the bucket: ``triton/{model}/config.pbtxt``, ``triton/{model}/{version}/…``
 TRITON_PREFIX = "triton"
@@ -72,9 +74,27 @@ def update_key(run_id: str, round_index: int, site: str, attempt: str) -> str:
     return f"{attempt_prefix(run_id, round_index, site, attempt)}update.json"
 
 
+def site_run_prefix(run_id: str, site: str) -> str:
+    """Everything ``site`` keeps to itself about a run: outside ``federated/``, so the aggregator never sees it."""
+    return f"{SITE_PRIVATE_PREFIX}/{site}/{FEDERATED_PREFIX}/{run_id}/"
+
+
 def checkpoint_key(run_id: str, round_index: int, site: str, attempt: str) -> str:
-    """The site's resume point inside a round (model, optimiser, scheduler, epoch, RNG)."""
-    return f"{attempt_prefix(run_id, round_index, site, attempt)}checkpoint.pt"
+    """The site's resume point inside a round (model, optimiser, scheduler, epoch, RNG). Site-private: it holds
+    the optimiser state and the weights before any clipping."""
+    return f"{site_run_prefix(run_id, site)}round-{round_index:04d}/{attempt}/checkpoint.pt"
+
+
+def site_state_key(run_id: str, site: str, round_index: int) -> str:
+    """What ``site`` carries out of round ``round_index`` into its next round: its optimiser state and, under
+    FedBN, its own normalisation layers (``{"round", "optimizer", "norm"}``, the weights codec)."""
+    return f"{site_run_prefix(run_id, site)}round-{round_index:04d}/site-state.pt"
+
+
+def parse_site_state_key(run_id: str, site: str, key: str) -> int | None:
+    """The round of a :func:`site_state_key`; None for any other key."""
+    match = re.fullmatch(rf"{re.escape(site_run_prefix(run_id, site))}round-(\d{{4,}})/site-state\.pt", key)
+    return int(match.group(1)) if match else None
 
 
 def parse_update_key(run_id: str, key: str) -> tuple[int, str, str] | None:

@@ -107,9 +107,10 @@ def test_killed_worker_resumes_from_checkpoint_and_delivers_once(
 ) -> None:
     store = open_object_store(worker_env["VOXELFLOW_STORAGE_URL"])
     prefix = f"federated/{RUN}/round-0001/{SITE}/attempt-1/"
+    checkpoint = f"site-private/{SITE}/federated/{RUN}/round-0001/attempt-1/checkpoint.pt"
     result = send(client, round_message(version))
     # progress arrives through the Celery task state, the checkpoint through object storage
-    wait(lambda: result.state == "PROGRESS" and store.exists(prefix + "checkpoint.pt"), 180, "first epoch", worker)
+    wait(lambda: result.state == "PROGRESS" and store.exists(checkpoint), 180, "first epoch", worker)
     worker.kill()
     assert not store.exists(prefix + "update.json"), "the round finished before the kill: the test proves nothing"
     progress = result.info
@@ -122,7 +123,8 @@ def test_killed_worker_resumes_from_checkpoint_and_delivers_once(
     assert update["metrics"]["resumed_from_epoch"] >= 1, "the redelivered task trained from scratch"
     assert update["metrics"]["epochs"] == 6
     keys = sorted(store.list(prefix))
-    assert keys == [prefix + "checkpoint.pt", prefix + "update.json", prefix + "weights.pt"]
+    assert keys == [prefix + "update.json", prefix + "weights.pt"]  # the checkpoint is site-private
+    assert store.exists(checkpoint)
     assert json.loads(store.get_bytes(prefix + "update.json")) == update
     weights = state_from_bytes(store.get_bytes(update["weights_uri"]))
     assert set(weights) == set(build_network(load_config("hippocampus_unet"), 1, 3).state_dict())
@@ -196,3 +198,92 @@ def test_a_round_that_was_aggregated_before_the_task_started_is_not_trained(
     result = send(client, task).get(timeout=60)
     assert "was aggregated before this task started" in result["skipped"]
     assert list(store.list(f"federated/{RUN}/round-0005/{SITE}/")) == []
+
+
+CARRY_RUN = "run-carry"
+#: a tiny U-Net with BatchNorm (the default instance norm has no parameters for FedBN to keep)
+CARRY_CONFIG = {
+    "network": {"name": "unet", "args": {"channels": [4, 8], "strides": [2], "num_res_units": 0, "norm": "batch"}},
+    "optimizer": {"name": "adamw", "lr": 0.004},
+    "schedule": {"name": "poly", "warmup_epochs": 1},
+    "patch": {"sampler": "pos_neg", "size": [32, 32, 32], "num_samples": 1},
+    "epochs": 1,
+    "seed": 11,
+}
+
+
+def test_the_site_carries_its_optimiser_state_and_norm_layers_to_its_next_round_privately(
+    worker: CeleryWorkerProcess, worker_env: dict[str, str], client: Any, version: str
+) -> None:
+    """Round 0, then round 2 (the site missed round 1): round 2 starts from round 0's Adam moments and the
+    site's own BatchNorm layers, kept under site-private/ and never under the aggregator's federated/ keys.
+    The test recomputes round 2 with train_local in this process: bit-identical only with exactly that
+    state, and different with a fresh optimiser."""
+    import torch
+
+    from shared.training import TrainingConfig, train_local
+    from shared.training.data import load_site_data
+    from shared.training.federated import config_norm_keys
+
+    store = open_object_store(worker_env["VOXELFLOW_STORAGE_URL"])
+    config = TrainingConfig.model_validate(CARRY_CONFIG)
+    store.put_bytes(f"federated/{CARRY_RUN}/training-config.yaml", config.to_yaml().encode())
+    torch.manual_seed(0)
+    store.put_bytes(
+        f"federated/{CARRY_RUN}/round-0000/global.pt", state_to_bytes(build_network(config, 1, 3).state_dict())
+    )
+
+    def task(round_index: int) -> dict[str, Any]:
+        return round_message(
+            version,
+            run_id=CARRY_RUN,
+            round=round_index,
+            global_weights_uri=f"federated/{CARRY_RUN}/round-{round_index:04d}/global.pt",
+            training_config_uri=f"federated/{CARRY_RUN}/training-config.yaml",
+            local_epochs=1,
+            task_attempt_id=f"carry-r{round_index}",
+            schedule_offset=round_index,
+            schedule_total=3,
+            keep_optimizer_state=True,
+            local_norm_layers=True,
+        )
+
+    first = send(client, task(0)).get(timeout=180)
+    assert first["metrics"]["carried_from_round"] == -1.0
+    site_state = state_from_bytes(
+        store.get_bytes(f"site-private/{SITE}/federated/{CARRY_RUN}/round-0000/site-state.pt")
+    )
+    norm_keys = config_norm_keys(config)
+    assert norm_keys and set(site_state["norm"]) == norm_keys
+    assert site_state["optimizer"]["state"], "no Adam moments were kept"
+
+    # the "aggregator": round 2's global model has other norm layers than the site's (e.g. averaged ones)
+    delivered = state_from_bytes(store.get_bytes(first["weights_uri"]))
+    global_2 = {
+        k: (torch.full_like(v, 0.5) if k in norm_keys and v.is_floating_point() else v) for k, v in delivered.items()
+    }
+    store.put_bytes(f"federated/{CARRY_RUN}/round-0002/global.pt", state_to_bytes(global_2))
+    second = send(client, task(2)).get(timeout=180)
+    assert second["metrics"]["carried_from_round"] == 0.0 and second["metrics"]["schedule_offset"] == 2.0
+    got = state_from_bytes(store.get_bytes(second["weights_uri"]))
+
+    data = load_site_data(store, version, SITE)
+    start = {**global_2, **site_state["norm"]}
+    kwargs: dict[str, Any] = {"augment": data.augment, "epochs": 1, "schedule_offset": 2, "schedule_total": 3}
+    expected = train_local(config, data.train, data.val, start, optimizer_state=site_state["optimizer"], **kwargs)
+    for key, value in expected.state_dict.items():
+        assert torch.equal(value, got[key]), key
+    fresh = train_local(config, data.train, data.val, start, **kwargs)
+    assert any(not torch.equal(fresh.state_dict[k], got[k]) for k in got), "a fresh optimiser gave the same weights"
+
+    # nothing under the aggregator's prefix holds optimiser state: only the contract's weights and updates
+    for key in store.list(f"federated/{CARRY_RUN}/"):
+        assert key.endswith(("global.pt", "training-config.yaml", "weights.pt", "update.json")), key
+        if key.endswith(".pt"):
+            assert set(state_from_bytes(store.get_bytes(key))) == set(delivered), key
+    assert sorted(store.list(f"site-private/{SITE}/federated/{CARRY_RUN}/")) == [
+        f"site-private/{SITE}/federated/{CARRY_RUN}/round-0000/carry-r0/checkpoint.pt",
+        f"site-private/{SITE}/federated/{CARRY_RUN}/round-0000/site-state.pt",
+        f"site-private/{SITE}/federated/{CARRY_RUN}/round-0002/carry-r2/checkpoint.pt",
+        f"site-private/{SITE}/federated/{CARRY_RUN}/round-0002/site-state.pt",
+    ]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvoxelflow/v1/training.proto\x12\x0cvoxelflow.v1\"\xee\x01\n\x11TrainingRoundTask\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x1a\n\x12\x64\x61taset_version_id\x18\x04 \x01(\t\x12\x1a\n\x12global_weights_uri\x18\x05 \x01(\t\x12\x1b\n\x13training_config_uri\x18\x06 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x07 \x01(\x05\x12\x12\n\nfedprox_mu\x18\x08 \x01(\x01\x12\x17\n\x0ftask_attempt_id\x18\t \x01(\t\x12\x14\n\x0c\x64p_clip_norm\x18\n \x01(\x01\"\x8e\x02\n\x0bModelUpdate\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x17\n\x0ftask_attempt_id\x18\x04 \x01(\t\x12\x13\n\x0bweights_uri\x18\x05 \x01(\t\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x03\x12\x37\n\x07metrics\x18\x07 \x03(\x0b\x32&.voxelflow.v1.ModelUpdate.MetricsEntry\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\t\x12\x11\n\tclip_norm\x18\t \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvoxelflow/v1/training.proto\x12\x0cvoxelflow.v1\"\xd8\x02\n\x11TrainingRoundTask\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x1a\n\x12\x64\x61taset_version_id\x18\x04 \x01(\t\x12\x1a\n\x12global_weights_uri\x18\x05 \x01(\t\x12\x1b\n\x13training_config_uri\x18\x06 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x07 \x01(\x05\x12\x12\n\nfedprox_mu\x18\x08 \x01(\x01\x12\x17\n\x0ftask_attempt_id\x18\t \x01(\t\x12\x14\n\x0c\x64p_clip_norm\x18\n \x01(\x01\x12\x17\n\x0fschedule_offset\x18\x0b \x01(\x05\x12\x16\n\x0eschedule_total\x18\x0c \x01(\x05\x12\x1c\n\x14keep_optimizer_state\x18\r \x01(\x08\x12\x19\n\x11local_norm_layers\x18\x0e \x01(\x08\"\x8e\x02\n\x0bModelUpdate\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x17\n\x0ftask_attempt_id\x18\x04 \x01(\t\x12\x13\n\x0bweights_uri\x18\x05 \x01(\t\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x03\x12\x37\n\x07metrics\x18\x07 \x03(\x0b\x32&.voxelflow.v1.ModelUpdate.MetricsEntry\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\t\x12\x11\n\tclip_norm\x18\t \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELUPDATE_METRICSENTRY']._loaded_options = None
   _globals['_MODELUPDATE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TRAININGROUNDTASK']._serialized_start=46
-  _globals['_TRAININGROUNDTASK']._serialized_end=284
-  _globals['_MODELUPDATE']._serialized_start=287
-  _globals['_MODELUPDATE']._serialized_end=557
-  _globals['_MODELUPDATE_METRICSENTRY']._serialized_start=511
-  _globals['_MODELUPDATE_METRICSENTRY']._serialized_end=557
+  _globals['_TRAININGROUNDTASK']._serialized_end=390
+  _globals['_MODELUPDATE']._serialized_start=393
+  _globals['_MODELUPDATE']._serialized_end=663
+  _globals['_MODELUPDATE_METRICSENTRY']._serialized_start=617
+  _globals['_MODELUPDATE_METRICSENTRY']._serialized_end=663
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainingRoundTask(_message.Message):
-    __slots__ = ("run_id", "round", "site", "dataset_version_id", "global_weights_uri", "training_config_uri", "local_epochs", "fedprox_mu", "task_attempt_id", "dp_clip_norm")
+    __slots__ = ("run_id", "round", "site", "dataset_version_id", "global_weights_uri", "training_config_uri", "local_epochs", "fedprox_mu", "task_attempt_id", "dp_clip_norm", "schedule_offset", "schedule_total", "keep_optimizer_state", "local_norm_layers")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,10 @@ class TrainingRoundTask(_message.Message):
     FEDPROX_MU_FIELD_NUMBER: _ClassVar[int]
     TASK_ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_NORM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     site: str
@@ -28,7 +32,11 @@ class TrainingRoundTask(_message.Message):
     fedprox_mu: float
     task_attempt_id: str
     dp_clip_norm: float
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., dataset_version_id: _Optional[str] = ..., global_weights_uri: _Optional[str] = ..., training_config_uri: _Optional[str] = ..., local_epochs: _Optional[int] = ..., fedprox_mu: _Optional[float] = ..., task_attempt_id: _Optional[str] = ..., dp_clip_norm: _Optional[float] = ...) -> None: ...
+    schedule_offset: int
+    schedule_total: int
+    keep_optimizer_state: bool
+    local_norm_layers: bool
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., dataset_version_id: _Optional[str] = ..., global_weights_uri: _Optional[str] = ..., training_config_uri: _Optional[str] = ..., local_epochs: _Optional[int] = ..., fedprox_mu: _Optional[float] = ..., task_attempt_id: _Optional[str] = ..., dp_clip_norm: _Optional[float] = ..., schedule_offset: _Optional[int] = ..., schedule_total: _Optional[int] = ..., keep_optimizer_state: _Optional[bool] = ..., local_norm_layers: _Optional[bool] = ...) -> None: ...
 
 class ModelUpdate(_message.Message):
     __slots__ = ("run_id", "round", "site", "task_attempt_id", "weights_uri", "num_samples", "metrics", "finished_at", "clip_norm")
