@@ -1,7 +1,7 @@
-"""``voxelflow`` command line: tokens, configuration, the local stack, datasets, training, evaluation, models,
-the demo.
+"""``voxelflow`` command line: tokens, configuration, the local stack, PACS pulls, datasets, training,
+evaluation, models, the demo.
 
-The CLI is a client of the platform, as a user's own script would be: ``datasets`` and ``models`` call
+The CLI is a client of the platform, as a user's own script would be: ``pacs``, ``datasets`` and ``models`` call
 the services' HTTP APIs (:mod:`shared.client`; ``VOXELFLOW_TOKEN`` and ``VOXELFLOW_<SERVICE>_API_URL``, or
 the local stack's ports). ``tokens`` writes the database named by ``VOXELFLOW_DATABASE_URL``; ``train`` and
 ``evaluate`` run the shared training and evaluation library in this process. Everything a user can get
@@ -121,6 +121,47 @@ def datasets(args: argparse.Namespace) -> None:
                 "splits": {n: {p: len(m) for p, m in parts.items()} for n, parts in splits.items()},
             }
             print(json.dumps(summary, indent=2))
+
+
+def pacs(args: argparse.Namespace) -> None:
+    """``voxelflow pacs``: the configured PACS, a pull (DICOMweb or DIMSE, as configured), a pull's progress."""
+    import time
+
+    with ServiceClient("ingest") as api:
+        if args.action == "list":
+            for name, url in api.get("/pacs").items():
+                print(f"{name:<20} {url}")
+            return
+        if args.action == "pull":
+            if bool(args.study) == bool(args.query):
+                raise UsageError("give --study UID or one or more --query KEY=VALUE (not both)")
+            body: dict[str, Any] = {"study_instance_uid": args.study} if args.study else {"query": {}}
+            for item in args.query or []:
+                key, sep, value = item.partition("=")
+                if not sep or not key:
+                    raise UsageError(f"--query {item!r}: expected KEY=VALUE, e.g. --query PatientID=PGBM-002")
+                body["query"][key] = value
+            try:
+                job = api.post(f"/pacs/{args.name}/retrieve", json=body, expected=(202,))
+            except ApiError as exc:
+                if exc.status == 404:
+                    raise UsageError(f"no PACS named {args.name!r}: `voxelflow pacs list` shows them") from None
+                raise
+            print(job["id"])
+            deadline = time.monotonic() + args.wait
+            while args.wait and job["status"] not in ("done", "failed") and time.monotonic() < deadline:
+                time.sleep(1)
+                job = api.get(f"/pacs/jobs/{job['id']}")
+        else:
+            try:
+                job = api.get(f"/pacs/jobs/{args.id}")
+            except ApiError as exc:
+                if exc.status in (404, 422):
+                    raise UsageError(f"no pull job {args.id!r}") from None
+                raise
+        print(json.dumps(job, indent=2), file=sys.stderr if args.action == "pull" else sys.stdout)
+        if job["status"] == "failed":
+            raise UsageError(f"pull {job['id']} failed: {job['error']}")
 
 
 def _import_msd(api: ServiceClient, args: argparse.Namespace) -> None:
@@ -251,6 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("config", help="every VOXELFLOW_* variable with its default and description")
     stack_parser = commands.add_parser("stack", help="the local stack (same as python -m shared.stack)")
     stack_parser.add_argument("rest", nargs=argparse.REMAINDER)
+    pa = commands.add_parser("pacs", help="pull studies from a configured PACS (DICOMweb or DIMSE): list, pull, job")
+    pa_actions = pa.add_subparsers(dest="action", required=True)
+    pa_actions.add_parser("list", help="the configured PACS and their URLs")
+    pull = pa_actions.add_parser("pull", help="pull a study, or every study matching a query; prints the job id")
+    pull.add_argument("name", help="the PACS, as configured (VOXELFLOW_PACS)")
+    pull.add_argument("--study", help="StudyInstanceUID to pull")
+    pull.add_argument("--query", action="append", metavar="KEY=VALUE", help="matching key (repeatable)")
+    pull.add_argument("--wait", type=float, default=0, help="seconds to wait for the pull to finish (0: do not)")
+    job = pa_actions.add_parser("job", help="a pull's progress")
+    job.add_argument("id")
     ds = commands.add_parser("datasets", help="dataset versions: import an MSD folder, list, show")
     ds_actions = ds.add_subparsers(dest="action", required=True)
     imp = ds_actions.add_parser("import-msd", help="import a Medical Segmentation Decathlon folder and build a version")
@@ -362,6 +413,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         tokens(args)
     elif args.command == "datasets":
         datasets(args)
+    elif args.command == "pacs":
+        pacs(args)
     elif args.command == "config":
         print_config()
     else:

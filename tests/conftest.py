@@ -43,6 +43,9 @@ class OrthancServer:
     dicom_port: int
     aet: str
     host: str = "127.0.0.1"
+    #: voxelflow's C-STORE receiver as this Orthanc knows it (the C-MOVE destination of a DIMSE pull)
+    receiver_aet: str = "VOXELFLOW"
+    receiver_port: int = 0
 
 
 class SessionStack:
@@ -169,9 +172,27 @@ def new_s3_bucket(test_stack: SessionStack, s3_url: str) -> Callable[[str], str]
 
 @pytest.fixture(scope="session")
 def orthanc(test_stack: SessionStack) -> OrthancServer:
-    """The private Orthanc PACS: HTTP/DICOMweb at ``.url``, DICOM at ``.dicom_port`` with AET ``.aet``."""
+    """The private Orthanc PACS: HTTP/DICOMweb at ``.url``, DICOM at ``.dicom_port`` with AET ``.aet``.
+
+    Its configuration names voxelflow's receiver (the stack's ``ingest-dimse`` row, ``dicom_ae``) as a
+    modality, read back here from Orthanc itself; an external Orthanc without it gets one registered."""
+    import httpx
+
     stack = test_stack.ensure("orthanc")
-    return OrthancServer(url=stack.orthanc_url, dicom_port=stack.orthanc_dicom_port, aet=stack.config.orthanc_aet)
+    with httpx.Client(base_url=stack.orthanc_url, timeout=30) as client:
+        modalities = client.get("/modalities", params={"expand": ""}).json()
+        known = [m for m in modalities.values() if m["AET"] == "VOXELFLOW" and m["Host"] == "127.0.0.1"]
+        if known:
+            port = int(known[0]["Port"])
+        else:
+            from tests.service_harness import free_port
+
+            port = free_port()
+            body = {"AET": "VOXELFLOW", "Host": "127.0.0.1", "Port": port}
+            client.put(f"/modalities/voxelflow-{test_stack.token}", json=body).raise_for_status()
+    return OrthancServer(
+        url=stack.orthanc_url, dicom_port=stack.orthanc_dicom_port, aet=stack.config.orthanc_aet, receiver_port=port
+    )
 
 
 @pytest.fixture(scope="session")

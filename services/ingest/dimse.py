@@ -76,14 +76,15 @@ def make_store_handler(ctx: IngestContext) -> Callable[[Any], int]:
     return handle_store
 
 
-def start_receiver(ctx: IngestContext, block: bool = False) -> Any:
-    """Start the SCP; returns the pynetdicom server (call ``.shutdown()``) unless ``block``."""
+def start_receiver(ctx: IngestContext, block: bool = False, port: int | None = None) -> Any:
+    """Start the SCP (on ``port``, default ``dimse_port``); returns the pynetdicom server (call
+    ``.shutdown()``) unless ``block``."""
     ae = AE(ae_title=ctx.settings.dimse_ae_title)
     ae.supported_contexts = AllStoragePresentationContexts
     ae.add_supported_context(Verification)
     ae.maximum_pdu_size = 0
     handlers: list[Any] = [(evt.EVT_C_STORE, make_store_handler(ctx))]
-    address = (ctx.settings.dimse_host, ctx.settings.dimse_port)
+    address = (ctx.settings.dimse_host, ctx.settings.dimse_port if port is None else port)
     log.info("DICOM receiver %s listening on %s:%d", ctx.settings.dimse_ae_title, *address)
     return ae.start_server(address, block=block, evt_handlers=handlers)
 

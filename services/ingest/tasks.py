@@ -30,5 +30,6 @@ def finalize_series_task(self: Any, series_uid: str) -> str:
 def pull_from_pacs_task(self: Any, job_id: str) -> dict[str, Any]:
     from services.ingest.pacs_pull import pull
 
-    job = pull(_context(), job_id)
+    # the last delivery marks the job failed when the PACS stays unreachable; earlier ones leave it retrying
+    job = pull(_context(), job_id, final_attempt=self.request.retries >= self.max_retries)
     return {"job_id": job.id, "status": job.status, "instances_stored": job.instances_stored}

@@ -130,6 +130,18 @@ def expand(
     return specs
 
 
+def dicom_modalities(rows: Sequence[Mapping[str, Any]], base_port: int) -> dict[str, list[Any]]:
+    """The stack's DICOM receivers as Orthanc ``DicomModalities`` (name → [AE title, host, port]).
+
+    Rows with ``dicom_ae`` listen for C-STORE on their port; the local PACS must know them by AE title,
+    host and port to answer a C-MOVE with them as the destination (a PACS pull over DIMSE)."""
+    return {
+        str(row["name"]): [str(row["dicom_ae"]), "127.0.0.1", base_port + int(row["port_offset"])]
+        for row in rows
+        if "dicom_ae" in row and "port_offset" in row
+    }
+
+
 class _Placeholders(Template):
     """``${url:ingest-api}``: names may hold ``:`` and ``-``."""
 

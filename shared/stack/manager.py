@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from minio import Minio
 
 from shared.contracts.tasks import training_queue
-from shared.stack.components import expand, load_table
+from shared.stack.components import dicom_modalities, expand, load_table
 from shared.stack.process import Component, ProcessTable, StackError, http_ok, port_in_use
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -765,6 +765,8 @@ class Stack:
                 "DicomAlwaysAllowFind": True,
                 "DicomAlwaysAllowGet": True,
                 "DicomAlwaysAllowMove": True,
+                # voxelflow's C-STORE receiver(s), the destination of a PACS pull by C-MOVE
+                "DicomModalities": dicom_modalities(load_table(), self.config.base_port),
                 "Plugins": [plugin],
                 "DicomWeb": {
                     "Enable": True,
@@ -928,6 +930,8 @@ class Stack:
             values={
                 "state_dir": str(self.state_dir),
                 "orthanc_url": self.orthanc_url,
+                "orthanc_aet": self.config.orthanc_aet,
+                "orthanc_dicom_port": str(self.orthanc_dicom_port),
                 "inference_backend": backend,
             },
             training_queue=training_queue,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +24,9 @@ class IngestService:
 
 
 @pytest.fixture(scope="session")
-def ingest_env(postgres_url: str, s3_url: str, redis_url: str, orthanc, tmp_path_factory) -> Iterator[dict[str, str]]:
+def ingest_env(
+    postgres_url: str, s3_url: str, redis_url: str, orthanc, silent_peer: int, tmp_path_factory
+) -> Iterator[dict[str, str]]:
     """Environment of the ingest processes: real PostgreSQL, S3 (SeaweedFS), Redis and Orthanc as the PACS."""
     import json
 
@@ -39,8 +42,20 @@ def ingest_env(postgres_url: str, s3_url: str, redis_url: str, orthanc, tmp_path
         "VOXELFLOW_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "VOXELFLOW_LOG_JSON": "false",
         "VOXELFLOW_API_MAX_REQUEST_BYTES": str(64 * 1024**2),
-        "VOXELFLOW_DIMSE_PORT": str(free_port()),
-        "VOXELFLOW_PACS": json.dumps({"orthanc": {"url": f"{orthanc.url}/dicom-web"}}),
+        # the port Orthanc knows voxelflow's receiver by: a C-MOVE from Orthanc lands there
+        "VOXELFLOW_DIMSE_PORT": str(orthanc.receiver_port),
+        "VOXELFLOW_PACS": json.dumps(
+            {
+                "orthanc": {"url": f"{orthanc.url}/dicom-web"},
+                "orthanc-dimse": {"url": f"dimse://{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"},
+                "orthanc-dimse-get": {
+                    "url": f"dimse://{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}",
+                    "retrieve": "get",
+                },
+                # answers nothing: only a time limit ends a pull from it
+                "silent": {"url": f"dimse://SILENT@127.0.0.1:{silent_peer}", "timeout_seconds": 600},
+            }
+        ),
         "INGEST_TEST_PORT": str(port),
     }
     with patched_environ(env):
@@ -84,3 +99,68 @@ def stow(client: httpx.Client, files: list[bytes], study: str | None = None) -> 
     body, content_type = multipart_body(files)
     path = f"/dicomweb/studies/{study}" if study else "/dicomweb/studies"
     return client.post(path, content=body, headers={"Content-Type": content_type})
+
+
+@pytest.fixture(scope="session")
+def pacs_receiver(ingest_service: IngestService, orthanc) -> Iterator[int]:
+    """voxelflow's C-STORE receiver on the port Orthanc knows it by: where a C-MOVE from Orthanc lands."""
+    from services.ingest.dimse import start_receiver
+
+    server = start_receiver(ingest_service.ctx, port=orthanc.receiver_port)  # type: ignore[arg-type]
+    yield orthanc.receiver_port
+    server.shutdown()
+
+
+@dataclass(frozen=True)
+class PacsStudy:
+    """A study put into Orthanc under fresh UIDs, so that what a pull stores is new to the catalogue."""
+
+    patient_id: str
+    study_uid: str
+    series: dict[str, list[str]]  # SeriesInstanceUID -> SOPInstanceUIDs (originals, as in the PACS)
+    files: dict[str, bytes]  # SOPInstanceUID -> the file as uploaded
+
+
+def upload_fresh_study(orthanc, folders: list[list[Path]], tag: str, extra: list[bytes] | None = None) -> PacsStudy:
+    """Copy real series (one list of files each) into Orthanc under new Study/Series/SOP UIDs and a new
+    PatientID; ``extra`` datasets (already encoded) join the first series under its UIDs."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    patient_id, study_uid = f"VF-PULL-{tag}", generate_uid()
+    series: dict[str, list[str]] = {}
+    files: dict[str, bytes] = {}
+
+    def put(dataset: pydicom.Dataset, series_uid: str) -> None:
+        dataset.PatientID, dataset.StudyInstanceUID, dataset.SeriesInstanceUID = patient_id, study_uid, series_uid
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        files[str(dataset.SOPInstanceUID)] = buffer.getvalue()
+        series.setdefault(series_uid, []).append(str(dataset.SOPInstanceUID))
+
+    for index, paths in enumerate(folders):
+        series_uid = generate_uid()
+        for path in paths:
+            put(pydicom.dcmread(path), series_uid)
+        if index == 0:
+            for data in extra or []:
+                put(pydicom.dcmread(io.BytesIO(data)), series_uid)
+    with httpx.Client(base_url=orthanc.url, timeout=60) as pacs:
+        for data in files.values():
+            response = pacs.post("/instances", content=data)
+            assert response.status_code == 200, response.text
+    return PacsStudy(patient_id, study_uid, series, files)
+
+
+@pytest.fixture(scope="session")
+def silent_peer() -> Iterator[int]:
+    """A port that completes the TCP handshake and then never says a word: a PACS that hangs."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        yield int(sock.getsockname()[1])

@@ -241,6 +241,11 @@ def test_session_fixtures(postgres_url: str, redis_url: str, s3_url: str, orthan
     assert store.get_bytes("fixture/check") == b"ok"
     with urllib.request.urlopen(f"{orthanc.url}/system", timeout=5) as response:
         assert json.load(response)["DicomAet"] == orthanc.aet
+    # Orthanc's configuration names the stack's DICOM receiver (services/stack.toml, dicom_ae) as a modality
+    from shared.stack.components import dicom_modalities, load_table
+
+    base = orthanc.dicom_port - PortOffsets.ORTHANC_DICOM
+    assert dicom_modalities(load_table(), base)["ingest-dimse"] == ["VOXELFLOW", "127.0.0.1", orthanc.receiver_port]
 
 
 def test_mlflow_fixture_serves_health_and_tracking(mlflow_uri: str) -> None:

@@ -1,4 +1,5 @@
-"""Pull studies from a configured PACS (DICOMweb) as a background job."""
+"""Pull studies from a configured PACS (DICOMweb or DIMSE, by the URL scheme of its connection) as a
+background job."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.ingest.api.deps import ContextDep, OperatorCaller, SessionDep
 from services.ingest.models import PullJob
+from services.ingest.pacs_pull import PullQueryError, split_query
 from shared.contracts.tasks import INGEST_QUEUE, PULL_FROM_PACS_TASK
 from shared.validation import DicomUID, ResourceId, SafeText
 
@@ -26,13 +28,19 @@ class RetrieveRequest(BaseModel):
     query: dict[SafeText, SafeText] | None = Field(
         default=None,
         min_length=1,
-        description="Or pull every study matching these QIDO keys, e.g. {'PatientID': 'PGBM-002'}.",
+        description="Or pull every study matching these keys (QIDO-RS / C-FIND matching), e.g. "
+        "{'PatientID': 'PGBM-002'}; series-level keys (Modality, SeriesDescription, …) pull only those series.",
     )
 
     @model_validator(mode="after")
     def one_of(self) -> RetrieveRequest:
         if bool(self.study_instance_uid) == bool(self.query):
             raise ValueError("give exactly one of study_instance_uid or query")
+        if self.query:
+            try:  # the same check the pull makes, so that a bad key is a 422 now, not a failed job later
+                split_query(self.query)
+            except PullQueryError as exc:
+                raise ValueError(str(exc)) from exc
         return self
 
 
