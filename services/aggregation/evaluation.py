@@ -118,3 +118,29 @@ def evaluate_on_test(
 
     resolved = TrainingConfig.model_validate(config) if config is not None else None
     return list(_records(store, run, state, "test", None, threads, resolved))
+
+
+def summarise_test(records: list[dict[str, Any]], case_site: dict[str, str], n_boot: int = 1000) -> dict[str, Any]:
+    """The test Dice of the chosen model, pooled over every test case and per site (the site that holds each
+    case in the dataset version): ``{"pooled": {dice_mean, cases, <label>/dice, <label>/dice_ci_low, …},
+    "sites": {site: {…the same…}}}``; {} without records.
+
+    Why per site: a pooled mean hides a site the model fails (a non-IID split puts one scanner's intensities
+    or the smallest volumes at one site); the per-site numbers are what tells FedAvg from FedBN there."""
+    from shared.evaluation.held_out import held_out_metrics
+
+    def stripped(subset: list[dict[str, Any]]) -> dict[str, float]:
+        return {key.split("/", 1)[1]: value for key, value in held_out_metrics(subset, "t", n_boot).items()}
+
+    if not records:
+        return {}
+    by_site: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_site.setdefault(case_site.get(str(record["case_id"]), "unknown"), []).append(record)
+    return {"pooled": stripped(records), "sites": {site: stripped(subset) for site, subset in sorted(by_site.items())}}
+
+
+def case_sites(store: ObjectStore, run: Any) -> dict[str, str]:
+    """case id → site for the dataset version's cases (every site's, as the test split is)."""
+    manifest, _ = _inputs(store, run)
+    return {case.case_id: case.site for case in manifest.cases}

@@ -47,3 +47,31 @@ def initial_weights(store: ObjectStore, run: Any) -> dict[str, np.ndarray]:
     torch.manual_seed(run.seed)
     network = build_network(config, config.in_channels, config.num_classes)
     return fs.state_dict_to_numpy(network.state_dict())
+
+
+def local_norm_keys(run: Any) -> frozenset[str]:
+    """FedBN's local entries: the normalisation layers of the run's network (empty unless ``local_norm_layers``)."""
+    if not run.local_norm_layers:
+        return frozenset()
+    from shared.training import TrainingConfig
+    from shared.training.federated import config_norm_keys
+
+    return config_norm_keys(TrainingConfig.model_validate(run.training_config))
+
+
+def check_federated_training(config: dict[str, Any], rounds: int, local_epochs: int, local_norm_layers: bool) -> None:
+    """ValueError (the API's 422) for a run whose schedule or FedBN cannot work: a warm-up longer than the
+    whole run (rounds x local_epochs epochs), or FedBN on a network without normalisation parameters."""
+    try:
+        from shared.training import TrainingConfig
+        from shared.training.federated import config_norm_keys
+        from shared.training.schedule import lr_factor
+    except ImportError:
+        return  # the site validates it
+    training = TrainingConfig.model_validate(config)
+    lr_factor(training.schedule, 0, rounds * local_epochs, base_lr=training.optimizer.lr)
+    if local_norm_layers and not config_norm_keys(training):
+        raise ValueError(
+            f"local_norm_layers: the configured {training.network.name} has no normalisation parameters or "
+            "statistics (e.g. instance norm without affine): FedBN would change nothing; use norm 'batch'"
+        )

@@ -56,6 +56,23 @@ class FederatedRun(Base):
     model_version: Mapped[str | None] = mapped_column(String(32), default=None)
     #: the one advance_run message that owns the polling chain (others are stale redeliveries and stop)
     poll_task_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: sites carry their optimiser state from round to round (site-private; never sent here)
+    keep_optimizer_state: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: FedBN: normalisation layers stay at the sites; the global model holds their plain mean
+    local_norm_layers: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: {"patience": rounds, "min_delta": x} on the global validation Dice; None = run every round
+    early_stopping: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
+    stopped_early: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: the round whose aggregated model has the best global validation Dice so far (the one registered)
+    best_round: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: the chosen model on holdout.test: {"pooled": {...}, "sites": {site: {...}}} (see evaluation.summarise_test)
+    test_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+def chosen_round(run: FederatedRun) -> int:
+    """The round whose aggregated model the run delivers (``global_key(run, r + 1)``): the best by global
+    validation Dice, else the last one aggregated."""
+    return run.best_round if run.best_round is not None else max(run.current_round - 1, 0)
 
 
 class FederatedRound(Base):

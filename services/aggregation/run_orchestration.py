@@ -17,6 +17,11 @@ A worker that starts takes over every running run (``force``), which is how a ki
 Late updates are judged by the round's deadline against the update's ``finished_at`` as well as by
 whether the round was already closed when the aggregator saw it, so the outcome does not depend on how
 long the aggregator was down.
+
+What the run keeps and chooses follows the global validation Dice (``val_dice_mean``, the global model pooled
+over every site's ``holdout.val``): the round with the best one is the run's ``best_round`` and its model is
+the one scored on ``holdout.test`` and registered; with ``early_stopping`` the run ends once that many rounds
+in a row have not improved it. Without evaluation the last round is the chosen one.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +44,15 @@ from sqlalchemy.orm import Session
 from services.aggregation import federated_storage as fs
 from services.aggregation import metrics as agg_metrics
 from services.aggregation.context import AggregationContext
-from services.aggregation.models import TERMINAL_STATUSES, FederatedRound, FederatedRun, RoundSite, SiteUpdate
+from services.aggregation.model_setup import local_norm_keys
+from services.aggregation.models import (
+    TERMINAL_STATUSES,
+    FederatedRound,
+    FederatedRun,
+    RoundSite,
+    SiteUpdate,
+    chosen_round,
+)
 from services.aggregation.privacy import PrivacyConfig, epsilon_after, privatise
 from services.aggregation.strategies import (
     ServerOptimizerConfig,
@@ -108,6 +121,28 @@ def classify_update(
     if deadline is not None and finished_at is not None and finished_at > deadline:
         return Verdict(False, f"late: finished at {finished_at.isoformat()}, after the deadline {deadline.isoformat()}")
     return Verdict(True)
+
+
+def choose_round(val_dice: Sequence[float | None]) -> int | None:
+    """Index of the round whose aggregated model scored the highest global validation Dice (the earliest on
+    a tie: fewer rounds for the same score); None when no round was scored."""
+    scored = [(value, -index) for index, value in enumerate(val_dice) if value is not None]
+    return -max(scored)[1] if scored else None
+
+
+def should_stop(val_dice: Sequence[float | None], patience: int, min_delta: float = 0.0) -> bool:
+    """True once the last ``patience`` scored rounds have not raised the best global validation Dice by more
+    than ``min_delta`` (the same rule as a site's local early stopping, per round instead of per epoch)."""
+    best: float | None = None
+    without_gain = 0
+    for value in val_dice:
+        if value is None:
+            continue
+        if best is None or value > best + min_delta:
+            best, without_gain = value, 0
+        else:
+            without_gain += 1
+    return without_gain >= patience
 
 
 def noise_seed(seed: int, round_index: int) -> int:
@@ -221,7 +256,7 @@ class RunOrchestrator:
                 if run.status == "pending":
                     self._start(session, run)
                     continue
-                if run.current_round >= run.rounds:
+                if run.current_round >= run.rounds or run.stopped_early:
                     self._finish(session, run)
                     return AdvanceOutcome(run.status, run.current_round)
                 rnd = self._round(session, run.id, run.current_round)
@@ -275,6 +310,9 @@ class RunOrchestrator:
             "seed": run.seed,
             "privacy": json.dumps(run.privacy) if run.privacy else "off",
             "training_config": json.dumps(run.training_config, sort_keys=True),
+            "keep_optimizer_state": run.keep_optimizer_state,
+            "local_norm_layers": run.local_norm_layers,
+            "early_stopping": json.dumps(run.early_stopping) if run.early_stopping else "off",
             **{f"server_{k}": v for k, v in sorted(run.server_optimizer.items())},
         }
         tags = {
@@ -327,6 +365,11 @@ class RunOrchestrator:
                     fedprox_mu=run.fedprox_mu if run.strategy == Strategy.FEDPROX else 0.0,
                     task_attempt_id=rs.attempt_id,
                     dp_clip_norm=float(run.privacy["clip_norm"]) if run.privacy else 0.0,
+                    # the schedule spans the run: round r starts at global epoch r*E of R*E
+                    schedule_offset=round_index * run.local_epochs,
+                    schedule_total=run.rounds * run.local_epochs,
+                    keep_optimizer_state=run.keep_optimizer_state,
+                    local_norm_layers=run.local_norm_layers,
                 )
                 payload = messages.to_dict(task)
                 self.ctx.celery.send_task(
@@ -528,8 +571,19 @@ class RunOrchestrator:
             server_state = None
             if strategy in (Strategy.FEDADAM, Strategy.FEDYOGI) and r > 0:
                 server_state = fs.load_server_state(self.store, fs.server_state_key(run_id, r))
+            local_keys = local_norm_keys(run)
+            if not local_keys <= set(global_state):
+                raise PermanentTaskError(
+                    f"local_norm_layers: the global weights lack normalisation entries of the configured network "
+                    f"(e.g. {sorted(local_keys - set(global_state))[:3]})"
+                )
             new_global, new_state = server_update(
-                strategy, global_state, averaged, server_state, ServerOptimizerConfig(**run.server_optimizer)
+                strategy,
+                global_state,
+                averaged,
+                server_state,
+                ServerOptimizerConfig(**run.server_optimizer),
+                local_keys,
             )
             fs.save_weights(self.store, fs.global_key(run_id, r + 1), new_global)
             if new_state is not None:
@@ -538,6 +592,7 @@ class RunOrchestrator:
             rnd.metrics = evaluation
             rnd.num_updates = len(delivered)
             rnd.total_samples = sum(counts)
+            self._choose_and_stop(session, run, r, evaluation.get("val_dice_mean"))
             round_metrics = self._round_metrics(
                 run,
                 rnd,
@@ -553,6 +608,25 @@ class RunOrchestrator:
         agg_metrics.round_duration_seconds.observe(max(duration, 0.0))
         if epsilon is not None:
             agg_metrics.privacy_epsilon.labels(run_id).set(epsilon)
+
+    @staticmethod
+    def _choose_and_stop(session: Session, run: FederatedRun, r: int, val_dice: float | None) -> None:
+        """After round r's evaluation (same transaction as the round's close): the best round so far, and
+        whether early stopping ends the run here."""
+        earlier = session.scalars(
+            select(FederatedRound.metrics)
+            .where(FederatedRound.run_id == run.id, FederatedRound.round < r)
+            .order_by(FederatedRound.round)
+        )
+        series = [(m or {}).get("val_dice_mean") for m in earlier] + [val_dice]
+        best = choose_round(series)
+        run.best_round = best if best is not None else r
+        stopping = run.early_stopping
+        if stopping and r + 1 < run.rounds and should_stop(series, int(stopping["patience"]), stopping["min_delta"]):
+            run.stopped_early = True
+            log.info(
+                "run %s: no global val Dice gain for %s rounds: stops after round %d", run.id, stopping["patience"], r
+            )
 
     def _evaluate(self, run: FederatedRun, state: dict[str, Any]) -> dict[str, Any]:
         if not run.evaluate:
@@ -574,7 +648,7 @@ class RunOrchestrator:
         else:
             from services.aggregation.evaluation import evaluate_on_test, resolve_final_config
 
-            final = fs.load_weights(self.store, fs.global_key(run.id, run.rounds))
+            final = fs.load_weights(self.store, fs.global_key(run.id, chosen_round(run) + 1))
             threads = self.ctx.settings.evaluation_torch_threads
             config = resolve_final_config(self.store, run, final, threads)
             records = evaluate_on_test(self.store, run, final, threads, config)
@@ -611,8 +685,9 @@ class RunOrchestrator:
         return values
 
     def _finish(self, session: Session, run: FederatedRun) -> None:
-        """Log the curves and the final model, register a model version, mark the run succeeded."""
-        final = self.store.get_bytes(fs.global_key(run.id, run.rounds))
+        """Log the curves and the chosen round's model, register a model version, mark the run succeeded."""
+        chosen = chosen_round(run)
+        final = self.store.get_bytes(fs.global_key(run.id, chosen + 1))
         history = []
         for rnd in session.scalars(
             select(FederatedRound).where(FederatedRound.run_id == run.id).order_by(FederatedRound.round)
@@ -634,9 +709,17 @@ class RunOrchestrator:
             "preprocessing_hash": str(manifest.get("preprocessing_hash", "unknown")),
             "git_sha": self.ctx.git_sha,
             "strategy": run.strategy,
+            "federated_round": str(chosen),
         }
+        extra = {"federated/best_round": float(chosen), "federated/rounds_run": float(run.current_round)}
+        if per_case:
+            from services.aggregation.evaluation import case_sites, summarise_test
+
+            run.test_metrics = summarise_test(per_case, case_sites(self.store, run))
+            for site, values in run.test_metrics["sites"].items():
+                extra.update({f"test/sites/{site}/{name}": value for name, value in values.items()})
         run.model_name, run.model_version = self.tracker.finish(
-            run.mlflow_run_id, run.id, history, model_files, tags, per_case=per_case
+            run.mlflow_run_id, run.id, history, model_files, tags, per_case=per_case, extra_metrics=extra
         )
         run.status, run.finished_at = "succeeded", utcnow()
         agg_metrics.runs_total.labels("succeeded").inc()

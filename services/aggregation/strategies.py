@@ -15,6 +15,10 @@ Strategies (``Strategy``):
 
 Only floating-point entries are averaged. Integer buffers (BatchNorm's ``num_batches_tracked``) are
 counters, not parameters; they take the largest value any site reports.
+
+FedBN (Li et al. 2021, ``local_keys``): the normalisation layers are not part of the federated model. The
+server step leaves them out (no pseudo-gradient, no moments); each site trains with its own. The global
+model still needs some for evaluation and registration: it takes their plain sample-weighted mean.
 """
 
 from __future__ import annotations
@@ -143,12 +147,13 @@ def adaptive_server_step(
     state: ServerOptimizerState,
     config: ServerOptimizerConfig,
     variant: Strategy,
+    local_keys: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, np.ndarray], ServerOptimizerState]:
     """One FedAdam or FedYogi step (Reddi et al. 2021, Algorithm 2; no bias correction, as in the paper).
 
     m ← β1·m + (1-β1)·Δ;  Adam: v ← β2·v + (1-β2)·Δ²;  Yogi: v ← v - (1-β2)·Δ²·sign(v - Δ²);
     x ← x + η·m / (√v + τ).  The second moment starts at τ² (the paper's v₋₁ ≥ τ²). Returns new arrays
-    and a new state; the inputs are not modified.
+    and a new state; the inputs are not modified. Entries in ``local_keys`` (FedBN) take the mean as it is.
     """
     if variant not in (Strategy.FEDADAM, Strategy.FEDYOGI):
         raise ValueError(f"{variant} has no adaptive server optimiser")
@@ -157,7 +162,7 @@ def adaptive_server_step(
     new_v: dict[str, np.ndarray] = {}
     new_global: dict[str, np.ndarray] = {}
     for key, array in global_state.items():
-        if key not in delta:
+        if key not in delta or key in local_keys:
             new_global[key] = np.asarray(averaged[key]).astype(array.dtype)
             continue
         d = delta[key]
@@ -180,8 +185,10 @@ def server_update(
     averaged: StateDict,
     server_state: ServerOptimizerState | None = None,
     server_config: ServerOptimizerConfig | None = None,
+    local_keys: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, np.ndarray], ServerOptimizerState | None]:
-    """Apply the server step of ``strategy`` to the (possibly privatised) weighted mean of the updates."""
+    """Apply the server step of ``strategy`` to the (possibly privatised) weighted mean of the updates;
+    ``local_keys`` (FedBN's normalisation layers) keep the mean, outside any server optimiser."""
     if strategy in (Strategy.FEDAVG, Strategy.FEDPROX):
         return {key: np.asarray(value).copy() for key, value in averaged.items()}, None
     return adaptive_server_step(
@@ -190,6 +197,7 @@ def server_update(
         server_state or ServerOptimizerState(),
         server_config or ServerOptimizerConfig(),
         strategy,
+        local_keys,
     )
 
 
@@ -200,7 +208,8 @@ def aggregate(
     num_samples: Sequence[float],
     server_state: ServerOptimizerState | None = None,
     server_config: ServerOptimizerConfig | None = None,
+    local_keys: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, np.ndarray], ServerOptimizerState | None]:
     """The new global model after one round under ``strategy`` (and the server optimiser state, if any)."""
     averaged = fedavg(global_state, updates, num_samples)
-    return server_update(strategy, global_state, averaged, server_state, server_config)
+    return server_update(strategy, global_state, averaged, server_state, server_config, local_keys)

@@ -31,6 +31,7 @@ class RunTracker(Protocol):
         artifacts: dict[str, bytes],
         version_tags: dict[str, str],
         per_case: list[dict[str, Any]] | None = None,
+        extra_metrics: dict[str, float] | None = None,
     ) -> tuple[str | None, str | None]: ...
 
     def fail(self, mlflow_run_id: str | None, reason: str) -> None: ...
@@ -54,6 +55,7 @@ class NullTracker:
         artifacts: dict[str, bytes],
         version_tags: dict[str, str],
         per_case: list[dict[str, Any]] | None = None,
+        extra_metrics: dict[str, float] | None = None,
     ) -> tuple[str | None, str | None]:
         return None, None
 
@@ -119,12 +121,16 @@ class MlflowTracker:
         artifacts: dict[str, bytes],
         version_tags: dict[str, str],
         per_case: list[dict[str, Any]] | None = None,
+        extra_metrics: dict[str, float] | None = None,
     ) -> tuple[str | None, str | None]:
         """Log the model files and curves, then register through ``register_evaluated_version`` (test
         metrics, ``evaluation/per_case.json``, ``test_dice`` tag, alias ``candidate``): the same path as the
-        centralised baseline, so the promotion gate can compare the two."""
+        centralised baseline, so the promotion gate can compare the two. ``extra_metrics`` (the test Dice per
+        site, the chosen round) are logged on the run first."""
         if mlflow_run_id is None:
             return None, None
+        if extra_metrics:
+            self.registry.log_metrics(mlflow_run_id, [(k, float(v), 0) for k, v in sorted(extra_metrics.items())])
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             model_dir = root / artifact_names.MODEL_DIR

@@ -48,7 +48,10 @@ class Behaviour:
     after_close: set[tuple[str, int | None]] = field(default_factory=set)
     #: a site that ignores the task's dp_clip_norm (an old or misbehaving worker): the aggregator must clip
     ignore_clip: set[tuple[str, int | None]] = field(default_factory=set)
+    #: deliver exactly these weights instead of global + delta (a model of known quality)
+    weights: dict[tuple[str, int | None], dict[str, np.ndarray]] = field(default_factory=dict)
     calls: list[tuple[str, int, str]] = field(default_factory=list)
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # every TrainingRoundTask as received
 
     def _get(self, table: Any, site: str, round_index: int) -> Any:
         for key in ((site, round_index), (site, None)):
@@ -62,7 +65,9 @@ class Behaviour:
         self.duplicate.clear()
         self.after_close.clear()
         self.ignore_clip.clear()
+        self.weights.clear()
         self.calls.clear()
+        self.tasks.clear()
 
 
 #: what the sites do for the run a test is about to start (tests run one at a time)
@@ -70,12 +75,17 @@ CURRENT = Behaviour()
 
 
 def write_update(
-    store: Any, task: dict[str, Any], attempt: str, finished_at: dt.datetime | None = None, clip: bool = True
+    store: Any,
+    task: dict[str, Any],
+    attempt: str,
+    finished_at: dt.datetime | None = None,
+    clip: bool = True,
+    weights_given: dict[str, np.ndarray] | None = None,
 ) -> str:
     run_id, round_index, site = task["run_id"], int(task["round"]), task["site"]
     global_state = fs.load_weights(store, task["global_weights_uri"])
     delta = site_delta(site, round_index)
-    local = {
+    local = weights_given or {
         k: (v + np.asarray(delta, dtype=v.dtype)) if np.issubdtype(v.dtype, np.floating) else v + 1
         for k, v in global_state.items()
     }
@@ -110,6 +120,7 @@ def make_app(broker_url: str, database_url: str, storage_url: str) -> Celery:
         attempt = task["task_attempt_id"]
         behaviour = CURRENT
         behaviour.calls.append((site, round_index, attempt))
+        behaviour.tasks.append(dict(task))
         if behaviour._get(behaviour.fail, site, round_index):
             raise PermanentTaskError(f"{site}: simulated out-of-memory in round {round_index}")
         if store.exists(fs.update_key(run_id, round_index, site, attempt)):
@@ -123,7 +134,13 @@ def make_app(broker_url: str, database_url: str, storage_url: str) -> Celery:
             while not store.exists(next_global) and time.monotonic() < deadline:
                 time.sleep(0.2)
         started = time.monotonic()
-        write_update(store, task, attempt, clip=not behaviour._get(behaviour.ignore_clip, site, round_index))
+        write_update(
+            store,
+            task,
+            attempt,
+            clip=not behaviour._get(behaviour.ignore_clip, site, round_index),
+            weights_given=behaviour._get(behaviour.weights, site, round_index),
+        )
         log.warning("fake site %s round %d delivered (%.2f s to write)", site, round_index, time.monotonic() - started)
         if behaviour._get(behaviour.duplicate, site, round_index):
             # a second delivery under another attempt id, and a rewrite of the accepted one (other etag),

@@ -34,6 +34,9 @@ def body(dataset: str, initial_weights: str, **overrides):
         ({"initial_weights_key": "nowhere/weights.pt"}, "does not exist in object storage"),
         ({"strategy": "fedsgd"}, "fedavg"),
         ({"unknown_field": 1}, "Extra inputs"),
+        ({"local_norm_layers": True}, "FedBN would change nothing"),  # the default U-Net: instance norm
+        ({"rounds": 2, "local_epochs": 2, "training_config": {"schedule": {"warmup_epochs": 4}}}, "no epoch of the 4"),
+        ({"early_stopping": {"patience": 2}}, "needs evaluate=true"),
     ],
 )
 def test_bad_requests_are_refused_with_a_reason(api, dataset, initial_weights, overrides, message):

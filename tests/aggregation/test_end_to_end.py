@@ -124,6 +124,14 @@ def test_fedavg_with_real_site_workers_registers_an_evaluated_version(
             assert {"val_dice_anterior", "val_dice_posterior"} <= set(metrics["sites"][site])
         pooled = sum(metrics["val_dice"].values()) / 2  # one val case per site: pooled = mean of sites
         assert metrics["val_dice_mean"] == pytest.approx(pooled)
+    # the sites went on with their own optimiser state (on by default) over one schedule of 2 x 1 epochs
+    assert [[s["metrics"]["carried_from_round"] for s in r["sites"]] for r in run["round_progress"]] == [
+        [-1.0, -1.0],
+        [0.0, 0.0],
+    ]
+    assert [r["sites"][0]["metrics"]["schedule_offset"] for r in run["round_progress"]] == [0.0, 1.0]
+    best = max(range(2), key=lambda r: (run["round_progress"][r]["metrics"]["val_dice_mean"], -r))
+    assert run["best_round"] == best and run["final_weights_key"].endswith(f"round-{best + 1:04d}/global.pt")
 
     client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
     version = client.get_model_version(model_name, run["model_version"])
@@ -137,6 +145,10 @@ def test_fedavg_with_real_site_workers_registers_an_evaluated_version(
     per_case = per_case_dice(version, client)
     assert per_case is not None and set(per_case) == {"hippocampus_026", "hippocampus_020"}
     assert float(tags["test_dice"]) == pytest.approx(sum(per_case.values()) / 2, abs=1e-5)
+    # one test case per site: each site's test Dice is its case's, the pooled one their mean
+    sites_test = {site: run["test_metrics"]["sites"][site]["dice_mean"] for site in SITES}
+    assert sites_test == pytest.approx({"hosp-x": per_case["hippocampus_026"], "hosp-y": per_case["hippocampus_020"]})
+    assert run["test_metrics"]["pooled"]["dice_mean"] == pytest.approx(float(tags["test_dice"]), abs=1e-5)
     mlrun = client.get_run(run["mlflow_run_id"])
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.metrics["test/dice_mean"] == pytest.approx(float(tags["test_dice"]), abs=1e-5)

@@ -187,6 +187,22 @@ def test_adaptive_server_state_carries_over_rounds():
     assert np.all(x2["w"] > x1["w"] - 1e-12) and np.all(x2_fresh["w"] < x1["w"])
 
 
+@SETTINGS
+@given(state_dicts(), updates_and_counts, st.sampled_from([Strategy.FEDADAM, Strategy.FEDYOGI]))
+def test_fedbn_local_keys_take_the_plain_mean_and_get_no_moments(global_state, data, variant):
+    """FedBN: a normalisation entry is the sample-weighted mean of the sites' (for the evaluated global model),
+    outside the server optimiser; every other entry gets exactly the step it gets without FedBN."""
+    updates, counts = data
+    local = frozenset({"conv.bias"})
+    cfg = ServerOptimizerConfig(lr=0.1)
+    new, state = aggregate(variant, global_state, updates, counts, ServerOptimizerState(), cfg, local_keys=local)
+    plain, plain_state = aggregate(variant, global_state, updates, counts, ServerOptimizerState(), cfg)
+    np.testing.assert_array_equal(new["conv.bias"], weighted_average(updates, counts)["conv.bias"])
+    np.testing.assert_array_equal(new["conv.weight"], plain["conv.weight"])
+    assert state is not None and plain_state is not None
+    assert set(state.m) == set(state.v) == {"conv.weight"} and set(plain_state.m) == set(SHAPES)
+
+
 # ---------------------------------------------------------------------------------------------- privacy
 
 

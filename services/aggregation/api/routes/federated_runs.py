@@ -15,8 +15,15 @@ from services.aggregation import federated_storage as fs
 from services.aggregation.api.deps import ContextDep, RunCaller, SessionDep
 from services.aggregation.dataset_check import DatasetProblem, check_sites
 from services.aggregation.evaluation import evaluation_available
-from services.aggregation.model_setup import validate_training_config
-from services.aggregation.models import TERMINAL_STATUSES, FederatedRound, FederatedRun, RoundSite, SiteUpdate
+from services.aggregation.model_setup import check_federated_training, validate_training_config
+from services.aggregation.models import (
+    TERMINAL_STATUSES,
+    FederatedRound,
+    FederatedRun,
+    RoundSite,
+    SiteUpdate,
+    chosen_round,
+)
 from services.aggregation.privacy import PrivacyConfig
 from services.aggregation.strategies import ServerOptimizerConfig, Strategy
 from shared.db.base import utcnow
@@ -36,11 +43,19 @@ class PrivacyIn(BaseModel):
 
 
 class ServerOptimizerIn(BaseModel):
+    """Defaults: :class:`ServerOptimizerConfig` (tuned for this problem, see docs/training.md)."""
+
     model_config = ConfigDict(extra="forbid")
-    lr: float = Field(default=0.01, gt=0)
-    beta1: float = Field(default=0.9, ge=0, lt=1)
-    beta2: float = Field(default=0.99, ge=0, lt=1)
-    tau: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=ServerOptimizerConfig.lr, gt=0)
+    beta1: float = Field(default=ServerOptimizerConfig.beta1, ge=0, lt=1)
+    beta2: float = Field(default=ServerOptimizerConfig.beta2, ge=0, lt=1)
+    tau: float = Field(default=ServerOptimizerConfig.tau, gt=0)
+
+
+class EarlyStoppingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    patience: int = Field(ge=1, le=1000, description="Rounds in a row without a global val Dice gain.")
+    min_delta: float = Field(default=0.0, ge=0, description="The smallest rise of the val Dice that counts.")
 
 
 class FederatedRunCreate(BaseModel):
@@ -67,6 +82,21 @@ class FederatedRunCreate(BaseModel):
         "the end (per-case Dice logged and attached to the registered version for the promotion gate).",
     )
     seed: int = Field(default=0, ge=0, lt=2**31)
+    keep_optimizer_state: bool = Field(
+        default=True,
+        description="Each site continues its optimiser state (Adam moments, step counts) from its last round "
+        "instead of starting fresh every round; kept at the site (site-private), never sent to the aggregator.",
+    )
+    local_norm_layers: bool = Field(
+        default=False,
+        description="FedBN: sites keep their own normalisation layers; they stay out of the server step, and "
+        "the global model that is evaluated and registered holds their plain sample-weighted mean.",
+    )
+    early_stopping: EarlyStoppingIn | None = Field(
+        default=None,
+        description="Stop once the global validation Dice has not improved for `patience` rounds (needs "
+        "evaluate); whether or not it stops, the registered model is the round with the best one.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FederatedRunCreate:
@@ -81,6 +111,8 @@ class FederatedRunCreate(BaseModel):
             raise ValueError(f"min_sites {self.min_sites} exceeds the {len(self.sites)} sites")
         if self.fedprox_mu > 0 and self.strategy is not Strategy.FEDPROX:
             raise ValueError("fedprox_mu applies only to strategy 'fedprox'")
+        if self.early_stopping is not None and not self.evaluate:
+            raise ValueError("early_stopping follows the global validation Dice: it needs evaluate=true")
         return self
 
 
@@ -136,6 +168,8 @@ class RunSummary(BaseModel):
     mlflow_run_id: str | None
     model_name: str | None
     model_version: str | None
+    best_round: int | None = Field(description="The round whose global model has the best global val Dice so far.")
+    stopped_early: bool
 
 
 class RunDetail(RunSummary):
@@ -147,7 +181,14 @@ class RunDetail(RunSummary):
     training_config: dict[str, Any]
     evaluate: bool
     seed: int
-    final_weights_key: str | None
+    keep_optimizer_state: bool
+    local_norm_layers: bool
+    early_stopping: dict[str, float] | None
+    final_weights_key: str | None = Field(description="The registered model: the global model of best_round.")
+    test_metrics: dict[str, Any] | None = Field(
+        description="The registered model on holdout.test: pooled over every case and per site "
+        "({pooled: {dice_mean, cases, <label>/dice, ...}, sites: {site: {...}}})."
+    )
     round_progress: list[RoundProgress]
 
 
@@ -193,7 +234,11 @@ def _detail(session: SessionDep, run: FederatedRun) -> RunDetail:
         training_config=run.training_config,
         evaluate=run.evaluate,
         seed=run.seed,
-        final_weights_key=fs.global_key(run.id, run.rounds) if run.status == "succeeded" else None,
+        keep_optimizer_state=run.keep_optimizer_state,
+        local_norm_layers=run.local_norm_layers,
+        early_stopping=run.early_stopping,
+        final_weights_key=fs.global_key(run.id, chosen_round(run) + 1) if run.status == "succeeded" else None,
+        test_metrics=run.test_metrics,
         round_progress=progress,
     )
 
@@ -213,6 +258,7 @@ async def create_run(
         raise HTTPException(422, f"{problem}; create the run with evaluate=false")
     try:
         training_config = validate_training_config(body.training_config)
+        check_federated_training(training_config, body.rounds, body.local_epochs, body.local_norm_layers)
         if body.privacy:
             PrivacyConfig(**body.privacy.model_dump())
         ServerOptimizerConfig(**body.server_optimizer.model_dump())
@@ -238,6 +284,9 @@ async def create_run(
         initial_weights_key=body.initial_weights_key,
         evaluate=body.evaluate,
         seed=body.seed,
+        keep_optimizer_state=body.keep_optimizer_state,
+        local_norm_layers=body.local_norm_layers,
+        early_stopping=body.early_stopping.model_dump() if body.early_stopping else None,
         created_by=principal.name,
         poll_task_id=poll_task_id,
     )
