@@ -6,7 +6,7 @@ data has them (tests/ingest/dicom_cases.py), from pydicom's and pydicom-data's f
 highdicom builds; dcm2niix (Debian package, ci/install-system.sh) runs on the same folder as the reference.
 Everything is compared in world space (tests/ingest/dcm2niix.py): grids through their affines, values
 where voxel centres coincide, b-vectors as RAS directions. Where dcm2niix itself differs, the test says
-what it does and checks ours against the DICOM geometry directly (docs/ingest.md lists these).
+what it does and checks ours against the DICOM geometry directly (docs/ingest-reconstruction.md lists these).
 """
 
 from __future__ import annotations
@@ -362,3 +362,17 @@ def test_pydicom_ct_series_with_a_far_slice_is_a_gap(tmp_path: Path) -> None:
     assert len(flagged.value.message) < 400
     _, log = run_dcm2niix(tmp_path / "dicom", tmp_path / "dcm2niix")
     assert "Interslice distance varies" in log
+
+
+def test_siemens_mosaic_without_its_csa_header_is_flagged(tmp_path: Path) -> None:
+    """(0019,xx0A) alone gives the image count but not the slice direction: refused, not guessed."""
+    files, _ = cases.siemens_mosaic_dwi(tmp_path / "dicom")
+    stripped = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        del ds[0x00291010]
+        stripped.append(tmp_path / path.name)
+        ds.save_as(stripped[-1])
+    with pytest.raises(NonVolumetricSeriesError) as flagged:
+        reconstruct_series(stripped)
+    assert flagged.value.reason_code == "unsupported" and "CSA image header" in flagged.value.message
