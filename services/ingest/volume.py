@@ -516,10 +516,19 @@ def _group_positions(slices: Sequence[_Slice]) -> list[list[_Slice]]:
 
 
 def _collapse_duplicates(groups: list[list[_Slice]]) -> int:
-    """Drop, in place, the later of two slices at one position with identical pixels; returns how many."""
+    """Drop, in place, the later of two slices at one position with identical pixels; returns how many.
+
+    Decoding every image twice would double the cost of a 4-D series, whose repeats are genuine, so pixels
+    are compared only where a duplicate is possible: positions repeated unevenly, or two images at one
+    position under one InstanceNumber (a resend keeps its number; a time point has its own).
+    """
+    uneven = len({len(group) for group in groups}) > 1
     dropped = 0
     for group in groups:
         if len(group) < 2:
+            continue
+        numbers = [item.order[0] for item in group]
+        if not uneven and len(set(numbers)) == len(numbers):
             continue
         seen: set[str] = set()
         kept = []
