@@ -38,7 +38,14 @@ Deviations / choices where the profile leaves freedom
 * **D on a sequence**: items are kept and cleaned, and every free-text leaf inside them
   that the table does not cover is replaced by a dummy, so e.g. an Institution Code
   Sequence does not keep the institution's code.
-* **Private attributes**: all removed (the profile's default; no safe-private list).
+* **Private attributes**: removed (the profile's default), except the few that rebuilding a
+  volume needs and that hold only numbers and geometry (the Retain Safe Private Option, PS3.15
+  E.3.10, with our own short list :data:`SAFE_PRIVATE`): the Siemens mosaic image count, b-value
+  and gradient (SIEMENS MR HEADER 0019,xx0A/0C/0D/0E/27) and the CSA *image* header (0029,xx08/09/10:
+  slice normal, images in the mosaic; the CSA *series* header with the protocol text is removed), and
+  the UIH grid (0065,xx50/51: images in the grid and each slice's position, whose items are cleaned
+  like any sequence, dates shifted), b-value and gradient (0065,xx09/37). They are matched by private
+  creator, not by tag number alone; a kept sequence that arrived as UN (undecodable) is removed.
 * **Overlays**: the table removes Overlay Data and Overlay Comments (60xx,3000/4000). The
   whole overlay group is removed, because an Overlay Plane module without its Type 1
   Overlay Data is not conformant. Curves (50xx,xxxx) are removed as the table says.
@@ -76,6 +83,7 @@ __all__ = [
     "BASIC_PROFILE_MASKED_ACTIONS",
     "DEIDENTIFICATION_METHOD",
     "PROFILE_TABLE_EDITION",
+    "SAFE_PRIVATE",
     "DeidentificationResult",
     "Deidentifier",
     "MaskedRule",
@@ -153,11 +161,23 @@ def profile_action(tag: int) -> str | None:
 DEIDENTIFICATION_METHOD: Final[tuple[str, ...]] = (
     f"PS3.15 E.1-1 Basic Profile ({PROFILE_TABLE_EDITION})",
     "Retain Longitudinal Temporal Info Modified Dates",
+    "Retain Safe Private (volume geometry and diffusion only)",
     "voxelflow keyed-hash UIDs and patient pseudonyms",
 )
 _METHOD_CODES: Final = (
     ("113100", "Basic Application Confidentiality Profile"),
     ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    ("113111", "Retain Safe Private Option"),
+)
+
+#: Private attributes kept (Retain Safe Private Option): (group, private creator) -> element offsets
+#: (the low byte of the element). Only what series -> volume reads (services/ingest/volume.py).
+SAFE_PRIVATE: Final[Mapping[tuple[int, str], frozenset[int]]] = MappingProxyType(
+    {
+        (0x0019, "SIEMENS MR HEADER"): frozenset({0x0A, 0x0C, 0x0D, 0x0E, 0x27}),
+        (0x0029, "SIEMENS CSA HEADER"): frozenset({0x08, 0x09, 0x10}),
+        (0x0065, "Image Private Header"): frozenset({0x09, 0x37, 0x50, 0x51}),
+    }
 )
 
 _PATIENT_ID: Final = Tag(0x0010, 0x0020)
@@ -307,7 +327,13 @@ class Deidentifier:
     def _clean(self, ds: Dataset, call: _Call, *, dummy_leaves: bool) -> None:
         """Apply the profile to every element of ``ds`` and, recursively, its sequences."""
         for tag in list(ds.keys()):
-            if tag.is_private or _is_overlay_group(tag):
+            if tag.is_private:
+                if not _is_safe_private(ds, tag):
+                    del ds[tag]
+                elif ds[tag].VR == "SQ":
+                    self._clean_items(ds[tag], call, dummy_leaves=False)
+                continue
+            if _is_overlay_group(tag):
                 del ds[tag]
                 continue
             elem = ds[tag]  # converts a RawDataElement; pixel data stays encoded bytes
@@ -386,6 +412,23 @@ class Deidentifier:
             item.CodeMeaning = meaning
             items.append(item)
         ds.DeidentificationMethodCodeSequence = items
+
+
+def _is_safe_private(ds: Dataset, tag: BaseTag) -> bool:
+    """True for a private creator listed in :data:`SAFE_PRIVATE` and the listed elements of its block.
+
+    A listed sequence that arrived undecoded (VR UN, implicit VR without a dictionary entry) cannot be
+    cleaned inside, so it is not kept.
+    """
+    if 0x0010 <= tag.element <= 0x00FF:  # a private creator element (gggg,00xx)
+        return (tag.group, str(ds[tag].value).strip()) in SAFE_PRIVATE
+    creator = ds.get(Tag(tag.group, tag.element >> 8))
+    if creator is None:
+        return False
+    offsets = SAFE_PRIVATE.get((tag.group, str(creator.value).strip()))
+    if offsets is None or (tag.element & 0xFF) not in offsets:
+        return False
+    return not (ds[tag].VR == "UN" and (tag.group, tag.element & 0xFF) == (0x0065, 0x51))
 
 
 def _is_overlay_group(tag: BaseTag) -> bool:

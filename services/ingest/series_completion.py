@@ -19,8 +19,8 @@ from sqlalchemy import select, update
 from services.ingest import metrics
 from services.ingest.context import IngestContext
 from services.ingest.models import Instance, Series
-from services.ingest.volume import NonVolumetricSeriesError, reconstruct_series
-from shared.contracts import messages
+from services.ingest.volume import NonVolumetricSeriesError, SeriesVolume, reconstruct_series
+from shared.contracts import layout, messages
 from shared.contracts.tasks import SERIES_READY_TASK
 from shared.db.base import session_scope, utcnow
 from shared.proto.voxelflow.v1.ingest_pb2 import SeriesIngested
@@ -75,23 +75,11 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
         try:
             reconstructed = reconstruct_series(paths)
         except NonVolumetricSeriesError as exc:
-            reason = f"{exc.reason_code}: {exc}"
+            reason = str(exc)  # "reason_code: message", the message says where (gaps, repeated positions)
         else:
             for index, volume in enumerate(reconstructed):
                 name = volume.label or ("volume" if len(reconstructed) == 1 else f"volume{index}")
-                key = f"volumes/{series_uid}/g{generation}/{name}.nii.gz"
-                nifti_path = Path(workdir) / f"{name}.nii.gz"
-                volume.to_nifti().to_filename(str(nifti_path))
-                ctx.store.put_file(key, str(nifti_path), "application/gzip")
-                volumes.append(
-                    {
-                        "key": key,
-                        "label": volume.label,
-                        "shape": [int(s) for s in volume.array.shape],
-                        "spacing_mm": [float(s) for s in volume.spacing],
-                        "affine_ras": [[float(v) for v in row] for row in volume.affine],
-                    }
-                )
+                volumes.append(_store_volume(ctx, volume, series_uid, generation, name, Path(workdir)))
 
     status = "flagged" if reason else "volume"
     with session_scope(ctx.session_factory) as session:
@@ -124,3 +112,39 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
     )
     log.info("series %s finalised: %s", series_uid, status, extra={"series_uid": series_uid, "status": status})
     return FinalizeOutcome(status, message=message)
+
+
+def _store_volume(
+    ctx: IngestContext, volume: SeriesVolume, series_uid: str, generation: int, name: str, workdir: Path
+) -> dict[str, object]:
+    """Write one volume (and, for diffusion, its FSL .bval/.bvec) and return its catalogue entry.
+
+    The entry keeps the fields it always had (key, label, shape, spacing_mm, affine_ras) and adds what a
+    4-D or resampled volume needs to be understood (shared.contracts.layout says what 4-D means):
+    frames, frame_axis, b-values and their sidecar keys, and what the reconstruction did (metadata:
+    gantry tilt, collapsed duplicates, mosaic, echo time).
+    """
+    key = layout.volume_key(series_uid, generation, name)
+    nifti_path = workdir / f"{name}.nii.gz"
+    volume.to_nifti().to_filename(str(nifti_path))
+    ctx.store.put_file(key, str(nifti_path), "application/gzip")
+    entry: dict[str, object] = {
+        "key": key,
+        "label": volume.label,
+        "shape": [int(s) for s in volume.array.shape],
+        "spacing_mm": [float(s) for s in volume.spacing],
+        "affine_ras": [[float(v) for v in row] for row in volume.affine],
+        "frames": volume.frames,
+        "metadata": dict(volume.metadata),
+    }
+    if volume.frames > 1:
+        entry["frame_axis"] = volume.metadata.get("frame_axis", "time")
+    if volume.b_values:
+        bvecs = volume.fsl_bvecs()
+        bval_key = layout.volume_bval_key(series_uid, generation, name)
+        bvec_key = layout.volume_bvec_key(series_uid, generation, name)
+        ctx.store.put_bytes(bval_key, (" ".join(f"{b:g}" for b in volume.b_values) + "\n").encode(), "text/plain")
+        rows = "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in bvecs)
+        ctx.store.put_bytes(bvec_key, rows.encode(), "text/plain")
+        entry.update({"b_values": list(volume.b_values), "bval_key": bval_key, "bvec_key": bvec_key})
+    return entry

@@ -1,5 +1,7 @@
 """Object-storage keys shared between services (one bucket per deployment; table in docs/contracts.md).
 
+The series volumes (``volumes/…``) also fix here, once, what a 4-D volume is (see :func:`volume_key`).
+
 Writers and readers both build keys with these functions, so the layout is written once. Other keys with a
 single home stay there: ``datasets/{version}/manifest.json`` (:func:`shared.datasets.manifest_key`),
 ``cases/sha256/…`` and ``preprocessed/{pipeline}/{case}.pt`` (``shared.datasets``).
@@ -12,12 +14,43 @@ import re
 #: a site name as it appears in keys and queue names
 SITE_PATTERN = r"[a-z0-9](?:[a-z0-9-]{0,62})"
 
+VOLUMES_PREFIX = "volumes"
 FEDERATED_PREFIX = "federated"
 #: what a site keeps for itself: never listed nor read by the aggregator (a deployment can deny it the prefix)
 SITE_PRIVATE_PREFIX = "site-private"
 INFERENCE_PREFIX = "inference"
 #: the Triton model repository inside the bucket: ``triton/{model}/config.pbtxt``, ``triton/{model}/{version}/…``
 TRITON_PREFIX = "triton"
+
+
+# --- series volumes: ingest writes one NIfTI per volume of a reconstructed series, preprocessing reads it ---
+#
+# The volume is a NIfTI-1 image, gzipped, with qform = sform (code 1) = the RAS affine of voxel centres.
+# 3-D: shape (X, Y, Z) = (DICOM columns, rows, slices). 4-D (one volume, several frames: an fMRI run, a DWI
+# acquisition, an enhanced file with repeated positions): shape (X, Y, Z, T), axis 3 the frames in
+# acquisition order, what they are in the series record's ``frame_axis`` ("time" | "diffusion"). A
+# diffusion volume has FSL-format sidecars beside it, as dcm2niix writes them: ``.bval`` (one line, one
+# b-value in s/mm² per frame) and ``.bvec`` (three lines x, y, z, one unit vector per frame, in the
+# voxel axes, x negated when the affine's determinant is positive). Several echoes or image types of one
+# series are several volumes (``name`` = ``e1``, ``e2`` / ``magnitude``, ``fieldmap``), never a 5th axis.
+
+#: frame-axis values of a 4-D volume
+FRAME_AXES = ("time", "diffusion")
+
+
+def volume_key(series_uid: str, generation: int, name: str) -> str:
+    """``volumes/{series_uid}/g{generation}/{name}.nii.gz``; ``name`` is ``volume`` for a one-volume series."""
+    return f"{VOLUMES_PREFIX}/{series_uid}/g{generation}/{name}.nii.gz"
+
+
+def volume_bval_key(series_uid: str, generation: int, name: str) -> str:
+    """The b-values of a diffusion volume (FSL ``.bval``), beside :func:`volume_key`."""
+    return f"{VOLUMES_PREFIX}/{series_uid}/g{generation}/{name}.bval"
+
+
+def volume_bvec_key(series_uid: str, generation: int, name: str) -> str:
+    """The b-vectors of a diffusion volume (FSL ``.bvec``), beside :func:`volume_key`."""
+    return f"{VOLUMES_PREFIX}/{series_uid}/g{generation}/{name}.bvec"
 
 
 # --- federated runs: aggregation writes the run's config and global weights, the sites their updates ---

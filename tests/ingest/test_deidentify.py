@@ -24,6 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 from services.ingest.deidentify import (
     BASIC_PROFILE_ACTIONS,
     BASIC_PROFILE_MASKED_ACTIONS,
+    SAFE_PRIVATE,
     Deidentifier,
     profile_action,
 )
@@ -400,7 +401,7 @@ def test_real_mr_studies(deid: Deidentifier, shared_data: Path) -> None:
         out = deid.deidentify(original).dataset
         leaked = secrets.intersection(_strings(out)) | {s for s in _strings(out) for secret in secrets if secret in s}
         assert not leaked, f"{path}: {leaked}"
-        assert all(not elem.tag.is_private for elem in out.iterall()), path
+        assert _only_safe_private(out), path
         assert Tag(0x0013, 0x1010) not in out
         buffer = io.BytesIO()
         out.save_as(buffer)
@@ -434,3 +435,69 @@ def test_real_jpeg2000_ct_keeps_compressed_pixels(deid: Deidentifier, shared_dat
         assert reread.PatientID == deid.pseudonymise_patient_id(str(original.PatientID))
         if index == 0:  # decoding J2K is slow-ish: one file proves the stream still decodes
             np.testing.assert_array_equal(reread.pixel_array, original.pixel_array)
+
+
+def _only_safe_private(ds: pydicom.Dataset) -> bool:
+    """Every private element left is a listed creator or a listed element of its block (SAFE_PRIVATE)."""
+    for dataset in [ds, *(item for elem in ds.iterall() if elem.VR == "SQ" for item in elem.value)]:
+        for elem in dataset:
+            if not elem.tag.is_private:
+                continue
+            if 0x10 <= elem.tag.element <= 0xFF:
+                if (elem.tag.group, str(elem.value)) not in SAFE_PRIVATE:
+                    return False
+                continue
+            creator = str(dataset[Tag(elem.tag.group, elem.tag.element >> 8)].value)
+            if (elem.tag.element & 0xFF) not in SAFE_PRIVATE.get((elem.tag.group, creator), ()):
+                return False
+    return True
+
+
+def test_siemens_mosaic_keeps_what_its_volume_needs(deid: Deidentifier, tmp_path: Path) -> None:
+    """Retain Safe Private: a real Siemens mosaic keeps its CSA image header and mosaic/diffusion numbers,
+    loses the CSA series header (protocol text) and every other private element, and still reconstructs."""
+    from services.ingest.volume import reconstruct_series
+    from tests.ingest.dicom_cases import siemens_mosaic_dwi
+
+    files, _ = siemens_mosaic_dwi(tmp_path / "original")
+    before = reconstruct_series(files)[0]
+    cleaned = []
+    for path in files:
+        original = pydicom.dcmread(path)
+        assert (0x0029, 0x1020) in original and (0x0051, 0x1008) in original  # CSA series header, other private
+        out = deid.deidentify(original).dataset
+        assert (0x0029, 0x1010) in out and (0x0019, 0x100A) in out and (0x0019, 0x100C) in out
+        assert (0x0029, 0x1020) not in out and not any(elem.tag.group == 0x0051 for elem in out)
+        assert _only_safe_private(out)
+        assert "113111" in {str(item.CodeValue) for item in out.DeidentificationMethodCodeSequence}
+        cleaned.append(tmp_path / path.name)
+        out.save_as(cleaned[-1])
+    after = reconstruct_series(cleaned)[0]
+    np.testing.assert_array_equal(after.array, before.array)
+    np.testing.assert_allclose(after.affine, before.affine)
+    assert after.b_values == before.b_values and after.b_vectors == before.b_vectors
+
+
+def test_uih_grid_keeps_its_slice_positions_with_dates_shifted(deid: Deidentifier, tmp_path: Path) -> None:
+    from services.ingest.volume import reconstruct_series
+    from tests.ingest.dicom_cases import pattern_volume, uih_grid_series
+
+    (path,) = uih_grid_series(tmp_path / "original", [pattern_volume((8, 6, 5))])
+    original = pydicom.dcmread(path)
+    block = original.private_block(0x0065, "Image Private Header")
+    for item in block[0x51].value:
+        item.AcquisitionDate = "20240102"
+        item.add_new(0x00651015, "DS", [1.0, 2.0, 3.0])  # a private element inside an item
+    block.add_new(0x07, "OB", b"private blob")  # not listed: removed
+    out = deid.deidentify(original).dataset
+    # by tag: out.private_block() would answer from the original (pydicom's block cache survives the deep copy)
+    assert Tag(0x0065, 0x1007) not in out and Tag(0x0065, 0x1050) in out
+    items = out[Tag(0x0065, 0x1051)].value
+    assert [list(i.ImagePositionPatient) for i in items] == [
+        list(i.ImagePositionPatient) for i in original[Tag(0x0065, 0x1051)].value
+    ]
+    assert all(str(i.AcquisitionDate) != "20240102" for i in items)  # shifted like every date
+    assert all(not elem.tag.is_private for i in items for elem in i)
+    out.save_as(tmp_path / "clean.dcm")
+    (volume,) = reconstruct_series([tmp_path / "clean.dcm"])
+    assert volume.array.shape == (8, 6, 5) and volume.metadata["mosaic"] == "uih"

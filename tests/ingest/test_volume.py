@@ -260,8 +260,22 @@ def test_mixed_pixel_spacing_is_flagged(hcrop_files: list[Path], tmp_path: Path)
 
 
 def test_duplicate_positions_are_flagged(hcrop_files: list[Path], tmp_path: Path) -> None:
-    twin = _copy_with(hcrop_files[0], tmp_path / "twin.dcm", SOPInstanceUID=generate_uid())
+    """A second, different image at one position (a twin with identical pixels collapses instead:
+    tests/ingest/test_reconstruction_dcm2niix.py)."""
+    other = pydicom.dcmread(hcrop_files[0])
+    halved = (other.pixel_array // 2).astype(other.pixel_array.dtype).tobytes()
+    twin = _copy_with(hcrop_files[0], tmp_path / "twin.dcm", SOPInstanceUID=generate_uid(), PixelData=halved)
     assert _reason([*hcrop_files, twin]) == "duplicate_positions"
+
+
+def test_identical_twin_collapses(hcrop_files: list[Path], tmp_path: Path) -> None:
+    twin = _copy_with(hcrop_files[0], tmp_path / "twin.dcm", SOPInstanceUID=generate_uid())
+    (volume,) = reconstruct_series([*hcrop_files, twin])
+    (plain,) = reconstruct_series(hcrop_files)
+    assert volume.metadata == {"duplicates_collapsed": 1}
+    np.testing.assert_array_equal(volume.array, plain.array)
+    kept = set(volume.source_sop_instance_uids)  # either of the two (the one earlier in acquisition order, ties by UID)
+    assert len(kept) == 32 and len(kept ^ set(plain.source_sop_instance_uids)) in (0, 2)
 
 
 def test_single_file_is_flagged(hcrop_files: list[Path]) -> None:

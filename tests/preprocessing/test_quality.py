@@ -142,3 +142,19 @@ def test_report_excludes_failing_cases_with_reasons_and_flags_spacing_outliers(h
     assert data["finding_counts"] == {"label_empty": 1, "spacing_outlier": 1}
     coarse_findings = next(c for c in data["cases"] if c["case_id"] == "coarse")["findings"]
     assert {"code": "spacing_outlier", "severity": "warning"}.items() <= coarse_findings[-1].items()
+
+
+def test_a_4d_series_volume_is_readable_and_kept_out_of_3d_datasets(shared_data: Path, tmp_path: Path) -> None:
+    """The contract's 4-D volume (shared.contracts.layout): ingest writes (X, Y, Z, T); preprocessing reads
+    its stats like any case, and QC excludes it from a 3-D dataset with a reason, not an error."""
+    from services.preprocessing.case_files import image_stats
+    from tests.ingest.dicom_cases import repeat_series
+
+    source = sorted((shared_data / "tcia_brain_tumor_progression_mr" / "Study1" / "13_HCropVolume").iterdir())
+    files, _ = repeat_series(source, tmp_path / "dicom", 3, kind="fmri")
+    (volume,) = reconstruct_series(files)
+    path = tmp_path / "volume.nii.gz"
+    nib.save(volume.to_nifti(), path)
+    stats = image_stats(path)
+    assert stats["shape"] == [35, 51, 32, 3] and stats["spacing_mm"] == pytest.approx([1.0, 1.0, 1.0])
+    assert codes(check_case_files("fmri", path, None, modality="MR")) == {"image_not_3d"}

@@ -120,3 +120,12 @@ print(json.dumps({{"before": before, "bound": bound, "same": app is w.celery_app
     for name, limits in zip(result["tasks"], result["limits"], strict=True):
         if name in contracts:
             assert limits == contracts[name], name
+
+
+def test_series_volume_keys_sit_side_by_side() -> None:
+    """A diffusion volume's FSL sidecars live beside its NIfTI, under one series generation."""
+    nifti = layout.volume_key("1.2.3", 4, "volume")
+    assert nifti == "volumes/1.2.3/g4/volume.nii.gz"
+    assert layout.volume_bval_key("1.2.3", 4, "volume") == nifti.removesuffix(".nii.gz") + ".bval"
+    assert layout.volume_bvec_key("1.2.3", 4, "volume") == nifti.removesuffix(".nii.gz") + ".bvec"
+    assert layout.FRAME_AXES == ("time", "diffusion")
