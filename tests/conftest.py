@@ -196,6 +196,17 @@ def orthanc(test_stack: SessionStack) -> OrthancServer:
 
 
 @pytest.fixture(scope="session")
+def silent_peer() -> Iterator[int]:
+    """A port that completes the TCP handshake and then never says a word: a PACS that hangs."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        yield int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
 def mlflow_uri(test_stack: SessionStack) -> Iterator[str]:
     """Tracking URI of a private MLflow server (PostgreSQL backend, S3 artifacts); started on first use.
 

@@ -129,23 +129,6 @@ async def read_parts(body: AsyncIterator[bytes], boundary: bytes) -> list[Part]:
     return parts
 
 
-def multipart_stream(
-    parts: Iterable[Iterator[bytes]], content_type: str = "application/dicom"
-) -> tuple[str, Iterator[bytes]]:
-    """A multipart/related response body streamed from per-part chunk iterators."""
-    boundary = uuid.uuid4().hex
-
-    def generate() -> Iterator[bytes]:
-        for chunks in parts:
-            yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
-            yield from chunks
-            yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
-
-    media_type = f'multipart/related; type="{content_type}"; boundary={boundary}'
-    return media_type, generate()
-
-
 # --- DICOM JSON helpers -------------------------------------------------------------------------
 
 
@@ -184,3 +167,18 @@ def failed_sop_item(sop_class_uid: str, sop_instance_uid: str, failure_status: i
         "00081197": element("US", failure_status),
         "00000902": element("LO", comment),
     }
+
+
+def multipart_related(parts: Iterable[tuple[str, Iterable[bytes]]], root_type: str) -> tuple[str, Iterator[bytes]]:
+    """A multipart/related body whose parts each carry their own Content-Type (WADO-RS names every part's
+    transfer syntax). ``parts`` is consumed lazily: a part is produced only when the body reaches it."""
+    boundary = uuid.uuid4().hex
+
+    def generate() -> Iterator[bytes]:
+        for content_type, chunks in parts:
+            yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
+            yield from chunks
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    return f'multipart/related; type="{root_type}"; boundary={boundary}', generate()

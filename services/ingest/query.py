@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from services.ingest.dicomweb import element
@@ -35,6 +35,8 @@ class QidoQuery:
     includefields: set[str]  # keywords; "all" for every attribute
     limit: int
     offset: int
+    #: PS3.18 8.3.4.1: fuzzy matching of person names (here: PatientName, the one PN matching key)
+    fuzzymatching: bool = False
 
 
 def _keyword(key: str) -> str:
@@ -84,6 +86,7 @@ def parse_query(level: str, params: list[tuple[str, str]]) -> QidoQuery:
     filters: dict[str, list[str]] = {}
     includefields: set[str] = set()
     limit, offset = 100, 0
+    fuzzy = False
     for key, value in params:
         if _UNSAFE_TEXT.search(key) or _UNSAFE_TEXT.search(value) or len(value) > MAX_VALUE_LENGTH:
             raise QueryError(
@@ -97,8 +100,10 @@ def parse_query(level: str, params: list[tuple[str, str]]) -> QidoQuery:
         elif key == "includefield":
             for item in value.split(","):
                 includefields.add("all" if item.strip() == "all" else _keyword(item.strip()))
-        elif key in ("fuzzymatching",):
-            continue
+        elif key == "fuzzymatching":
+            if value.lower() not in ("true", "false"):
+                raise QueryError("fuzzymatching must be true or false")
+            fuzzy = value.lower() == "true"
         else:
             keyword = _keyword(key)
             if keyword not in MATCHING_KEYS[level]:
@@ -107,7 +112,7 @@ def parse_query(level: str, params: list[tuple[str, str]]) -> QidoQuery:
                     + ", ".join(sorted(MATCHING_KEYS[level]))
                 )
             filters.setdefault(keyword, []).extend(v for v in value.split(",") if v != "")
-    return QidoQuery(level, filters, includefields, limit, offset)
+    return QidoQuery(level, filters, includefields, limit, offset, fuzzy)
 
 
 def _wildcard(column: Any, pattern: str) -> Any:
@@ -115,6 +120,25 @@ def _wildcard(column: Any, pattern: str) -> Any:
         like = pattern.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
         return column.like(like, escape="\\")
     return column == pattern
+
+
+NAME_SEPARATORS = re.compile(r"[\^ ]+")
+
+
+def _fuzzy_name(column: Any, pattern: str) -> Any:
+    """Fuzzy person-name matching (PS3.4 C.2.2.2.1, implementation-defined): case-insensitive, each
+    component of the query (split at ``^`` and spaces) the start of some component of the name, in any
+    order; ``*`` and ``?`` keep their meaning. "smith^j" finds "SMITH^JOHN" and "John Smith"."""
+    name = func.lower(column)
+    conditions = []
+    for part in NAME_SEPARATORS.split(pattern.lower()):
+        if not part:
+            continue
+        like = part.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
+        starts = [name.like(f"{like}%", escape="\\")]
+        starts += [name.like(f"%{sep}{like}%", escape="\\") for sep in ("^", " ", "-")]
+        conditions.append(or_(*starts))
+    return and_(*conditions) if conditions else column.is_not(None)
 
 
 def _date_range(column: Any, value: str) -> Any:
@@ -149,6 +173,8 @@ def build_select(query: QidoQuery, translate: Callable[[str, str], str]) -> Sele
         if keyword in uid_columns:
             column = uid_columns[keyword]
             statement = statement.where(or_(column.in_(values), column.in_([translate("uid", v) for v in values])))
+        elif keyword == "PatientName" and query.fuzzymatching:
+            statement = statement.where(or_(*(_fuzzy_name(Patient.pseudonym, v) for v in values)))
         elif keyword in ("PatientID", "PatientName"):
             pseudonyms = [v for v in values if "*" not in v and "?" not in v]
             statement = statement.where(

@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from services.ingest import metrics
 from services.ingest.context import IngestContext
 from services.ingest.models import Instance, Series
+from services.ingest.pixels import undecodable_series_reason
 from services.ingest.volume import NonVolumetricSeriesError, SeriesVolume, reconstruct_series
 from shared.contracts import layout, messages
 from shared.contracts.tasks import SERIES_READY_TASK
@@ -72,7 +73,12 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
             path = Path(workdir) / f"{index:06d}.dcm"
             ctx.store.download_file(key, str(path))
             paths.append(path)
+        # stored as sent, flagged here: decoders registered for a transfer syntax may still refuse its data
+        # (12-bit JPEG Extended with GDCM and Pillow), which reconstruction would report as a failed task
+        undecodable = undecodable_series_reason(paths)
         try:
+            if undecodable:
+                raise NonVolumetricSeriesError("undecodable_pixel_data", undecodable)
             reconstructed = reconstruct_series(paths)
         except NonVolumetricSeriesError as exc:
             reason = str(exc)  # "reason_code: message", the message says where (gaps, repeated positions)

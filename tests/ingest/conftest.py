@@ -153,14 +153,3 @@ def upload_fresh_study(orthanc, folders: list[list[Path]], tag: str, extra: list
             response = pacs.post("/instances", content=data)
             assert response.status_code == 200, response.text
     return PacsStudy(patient_id, study_uid, series, files)
-
-
-@pytest.fixture(scope="session")
-def silent_peer() -> Iterator[int]:
-    """A port that completes the TCP handshake and then never says a word: a PACS that hangs."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        yield int(sock.getsockname()[1])

@@ -185,7 +185,8 @@ def test_wado_returns_deidentified_instances_with_identical_pixels(
         assert retrieved.PatientIdentityRemoved == "YES"
         metadata = client.get(f"/dicomweb/studies/{study_uid}/metadata")
         assert metadata.status_code == 200 and len(metadata.json()) == 4 * 22 + 32  # Study1: 4 full series + crop
-        assert all("7FE00010" not in item for item in metadata.json())
+        # pixel data never inline: only as a BulkDataURI (PS3.18 F.2.7)
+        assert all(set(item["7FE00010"]) == {"vr", "BulkDataURI"} for item in metadata.json())
         assert client.get("/dicomweb/studies/1.2.3.999").status_code == 404
 
 
