@@ -60,8 +60,9 @@ def local_norm_keys(run: Any) -> frozenset[str]:
 
 
 def check_federated_training(config: dict[str, Any], rounds: int, local_epochs: int, local_norm_layers: bool) -> None:
-    """ValueError (the API's 422) for a run whose schedule or FedBN cannot work: a warm-up longer than the
-    whole run (rounds x local_epochs epochs), or FedBN on a network without normalisation parameters."""
+    """ValueError (the API's 422) for a run whose schedule or FedBN cannot work: a schedule that does not
+    evaluate over the whole run (rounds x local_epochs epochs; a warm-up longer than the run is shortened,
+    not refused), or FedBN on a network without normalisation parameters."""
     try:
         from shared.training import TrainingConfig
         from shared.training.federated import config_norm_keys

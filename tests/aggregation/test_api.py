@@ -35,7 +35,6 @@ def body(dataset: str, initial_weights: str, **overrides):
         ({"strategy": "fedsgd"}, "fedavg"),
         ({"unknown_field": 1}, "Extra inputs"),
         ({"local_norm_layers": True}, "FedBN would change nothing"),  # the default U-Net: instance norm
-        ({"rounds": 2, "local_epochs": 2, "training_config": {"schedule": {"warmup_epochs": 4}}}, "no epoch of the 4"),
         ({"early_stopping": {"patience": 2}}, "needs evaluate=true"),
     ],
 )
