@@ -11,21 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.ingest.api.deps import ContextDep, OperatorCaller, SessionDep
 from services.ingest.models import PullJob
 from shared.contracts.tasks import INGEST_QUEUE, PULL_FROM_PACS_TASK
-from shared.validation import DicomUID, ResourceId, SafeText
+from shared.validation import DicomUID, ResourceId, SafeTextMap, exactly_one_of
 
 router = APIRouter(prefix="/pacs", tags=["PACS"])
 
 
 class RetrieveRequest(BaseModel):
     # "exactly one of" for the OpenAPI document (the validator below is what enforces it)
-    model_config = ConfigDict(
-        json_schema_extra={"oneOf": [{"required": ["study_instance_uid"]}, {"required": ["query"]}]}
-    )
+    model_config = ConfigDict(json_schema_extra=exactly_one_of({"study_instance_uid": "string", "query": "object"}))
 
     study_instance_uid: DicomUID | None = Field(default=None, description="Pull this study.")
-    query: dict[SafeText, SafeText] | None = Field(
+    query: SafeTextMap | None = Field(
         default=None,
-        min_length=1,
         description="Or pull every study matching these QIDO keys, e.g. {'PatientID': 'PGBM-002'}.",
     )
 
