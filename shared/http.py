@@ -20,9 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import audit
 from shared.auth import Principal, TokenAuthenticator
-from shared.db.base import session_scope
-from shared.db.models import AuditEvent
 from shared.observability import metrics
 from shared.observability.logging import request_id_var
 from shared.openapi import EDGE_RESPONSES, document_edge_responses
@@ -166,24 +165,19 @@ class ObservedRequestMiddleware:
         uids = [str(v) for k, v in scope.get("path_params", {}).items() if k.endswith("uid") or k == "id"]
         uids += state.get("audit_uids", [])
         client = scope.get("client")
-        try:
-            with session_scope(self.session_factory) as session:
-                session.add(
-                    AuditEvent(
-                        service=self.service,
-                        request_id=request_id,
-                        principal=principal.name if principal else None,
-                        role=principal.role.value if principal else None,
-                        method=scope["method"],
-                        path=scope["path"][:2048],
-                        object_uids=list(dict.fromkeys(uids))[:1000],
-                        status_code=status_code,
-                        outcome=_outcome(status_code),
-                        client=f"{client[0]}:{client[1]}" if client else None,
-                    )
-                )
-        except Exception:  # the audit must not turn a served request into a 500 after the fact
-            log.exception("could not write audit event", extra={"audit_request_id": request_id})
+        audit.record(
+            self.session_factory,
+            service=self.service,
+            request_id=request_id,
+            principal=principal.name if principal else None,
+            role=principal.role.value if principal else None,
+            method=scope["method"],
+            path=scope["path"],
+            object_uids=uids,
+            status_code=status_code,
+            outcome=_outcome(status_code),
+            client=f"{client[0]}:{client[1]}" if client else None,
+        )
 
 
 class AuthenticateFirstMiddleware:
