@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
@@ -21,11 +20,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import audit
 from shared.auth import Principal, TokenAuthenticator
-from shared.db.base import session_scope
-from shared.db.models import AuditEvent
 from shared.observability import metrics
 from shared.observability.logging import request_id_var
+from shared.openapi import EDGE_RESPONSES, document_edge_responses
 from shared.settings import VoxelflowSettings
 
 log = logging.getLogger("voxelflow.http")
@@ -166,24 +165,19 @@ class ObservedRequestMiddleware:
         uids = [str(v) for k, v in scope.get("path_params", {}).items() if k.endswith("uid") or k == "id"]
         uids += state.get("audit_uids", [])
         client = scope.get("client")
-        try:
-            with session_scope(self.session_factory) as session:
-                session.add(
-                    AuditEvent(
-                        service=self.service,
-                        request_id=request_id,
-                        principal=principal.name if principal else None,
-                        role=principal.role.value if principal else None,
-                        method=scope["method"],
-                        path=scope["path"][:2048],
-                        object_uids=list(dict.fromkeys(uids))[:1000],
-                        status_code=status_code,
-                        outcome=_outcome(status_code),
-                        client=f"{client[0]}:{client[1]}" if client else None,
-                    )
-                )
-        except Exception:  # the audit must not turn a served request into a 500 after the fact
-            log.exception("could not write audit event", extra={"audit_request_id": request_id})
+        audit.record(
+            self.session_factory,
+            service=self.service,
+            request_id=request_id,
+            principal=principal.name if principal else None,
+            role=principal.role.value if principal else None,
+            method=scope["method"],
+            path=scope["path"],
+            object_uids=uids,
+            status_code=status_code,
+            outcome=_outcome(status_code),
+            client=f"{client[0]}:{client[1]}" if client else None,
+        )
 
 
 class AuthenticateFirstMiddleware:
@@ -243,39 +237,6 @@ def health_router(readiness_checks: dict[str, ReadinessCheck]) -> APIRouter:
     return router
 
 
-# What the edge itself may answer on any authenticated operation, whatever the route declares.
-EDGE_RESPONSES: dict[str, dict[str, str]] = {
-    "401": {"description": "missing, malformed, unknown or revoked token"},
-    "403": {"description": "the token's role may not do this"},
-    "408": {"description": "the request body was not received in time"},
-    "413": {"description": "the request body exceeds the size limit"},
-}
-
-
-def document_edge_responses(app: FastAPI) -> None:
-    """Add the edge's answers (:data:`EDGE_RESPONSES`; 404 where a path names a resource) to every
-    operation of the app's OpenAPI document, so that generated clients and schemathesis expect them."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = build()
-        for path, operations in schema.get("paths", {}).items():
-            if path in PUBLIC_PATHS:
-                continue
-            for operation in operations.values():
-                responses = operation.setdefault("responses", {})
-                for code, response in EDGE_RESPONSES.items():
-                    responses.setdefault(code, dict(response))
-                if "{" in path:
-                    responses.setdefault("404", {"description": "no such resource"})
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def create_service_app(
     *,
     service: str,
@@ -314,7 +275,7 @@ def create_service_app(
     app.include_router(health_router(readiness_checks))
     for router in routers:
         app.include_router(router)
-    document_edge_responses(app)
+    document_edge_responses(app, PUBLIC_PATHS)
     app.add_middleware(AuthenticateFirstMiddleware)  # inside the observer: a 401 is still logged and audited
     if body_timeout_seconds is None:
         body_timeout_seconds = VoxelflowSettings().api_body_timeout_seconds

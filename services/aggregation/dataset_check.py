@@ -8,7 +8,12 @@ from shared.storage import ObjectStore
 
 
 class DatasetProblem(ValueError):
-    """The run cannot start on this dataset version (the message says why)."""
+    """The run cannot start on this dataset version (the message says why). ``status`` is the HTTP answer:
+    404 when the version or a requested site is not there, 422 when the version is unusable."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
 
 
 def manifest_key(version_id: str) -> str:
@@ -22,7 +27,7 @@ def training_cases_per_site(store: ObjectStore, version_id: str) -> Counter[str]
     try:
         manifest = load_manifest(store, version_id)
     except (KeyError, FileNotFoundError, LookupError) as exc:
-        raise DatasetProblem(f"dataset version {version_id!r} does not exist in object storage") from exc
+        raise DatasetProblem(f"dataset version {version_id!r} does not exist in object storage", 404) from exc
     except ValueError as exc:  # ManifestError: malformed id or corrupt manifest
         raise DatasetProblem(f"dataset version {version_id!r}: {exc}") from exc
     return Counter(case.site for case in manifest.select(split="holdout", part="train"))
@@ -34,6 +39,8 @@ def check_sites(store: ObjectStore, version_id: str, sites: list[str]) -> Counte
     if empty:
         known = ", ".join(f"{s} ({n})" for s, n in sorted(counts.items())) or "none"
         raise DatasetProblem(
-            f"sites without training cases in {version_id}: {', '.join(empty)}; sites with holdout.train cases: {known}"
+            f"sites without training cases in {version_id}: {', '.join(empty)}; "
+            f"sites with holdout.train cases: {known}",
+            404,
         )
     return counts

@@ -1,8 +1,9 @@
-"""The model a federated run starts from, and the check of its training configuration.
+"""The model a federated run starts from.
 
-Both come from ``shared.training`` (owned by the training service) so that the aggregator and every site
-build the same network from the same ``TrainingConfig``. A run may instead start from given weights
-(``initial_weights_key``: a warm start from an earlier run or a registered model's ``weights.pt``).
+It comes from ``shared.training`` (owned by the training service) so that the aggregator and every site
+build the same network from the same ``TrainingConfig`` (the API validates it as that model). A run may
+instead start from given weights (``initial_weights_key``: a warm start from an earlier run or a registered
+model's ``weights.pt``).
 """
 
 from __future__ import annotations
@@ -14,18 +15,6 @@ import numpy as np
 from services.aggregation import federated_storage as fs
 from shared.storage import ObjectStore
 from shared.tasks import PermanentTaskError
-
-
-def validate_training_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config as the training service will read it (defaults filled in); ValueError if invalid.
-
-    Without ``shared.training`` installed the mapping is kept as given (the site validates it).
-    """
-    try:
-        from shared.training import TrainingConfig
-    except ImportError:
-        return dict(config)
-    return dict(TrainingConfig.model_validate(config).model_dump(mode="json"))
 
 
 def initial_weights(store: ObjectStore, run: Any) -> dict[str, np.ndarray]:

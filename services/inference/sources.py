@@ -23,8 +23,14 @@ from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from shared.inference.segmentation import VolumeError, read_nifti
+from shared.validation import DICOM_UID_PATTERN
 
-SERIES_URL = re.compile(r"^(?P<root>https?://.+?)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/?$")
+_UID = DICOM_UID_PATTERN[1:-1]
+# What the API admits as a DICOMweb series URL (no whitespace or control characters; UIDs by their grammar).
+SERIES_URL_PATTERN = rf"^https?://[^\x00-\x20\x7f]+?/studies/{_UID}/series/{_UID}/?$"
+SERIES_URL = re.compile(
+    rf"^(?P<root>https?://[^\x00-\x20\x7f]+?)/studies/(?P<study>{_UID})/series/(?P<series>{_UID})/?$"
+)
 
 
 class SourceError(ValueError):

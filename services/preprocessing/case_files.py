@@ -81,7 +81,8 @@ def label_stats(path: Path, image: dict[str, Any], allowed: set[int] | None = No
         raise CaseFileError(f"label {path.name} has non-integer values")
     values, counts = np.unique(data.astype(np.int64), return_counts=True)
     present = [int(v) for v in values]
-    if present and (present[0] < 0 or (allowed is not None and not set(present) <= allowed)):
+    # 0 is background in every label map, named or not (MSD's dataset.json names it; an upload may not).
+    if present and (present[0] < 0 or (allowed is not None and not set(present) - {0} <= allowed)):
         raise CaseFileError(f"label {path.name} has values {present}, allowed {sorted(allowed or [])}")
     return {
         "labels_present": [v for v in present if v != 0],

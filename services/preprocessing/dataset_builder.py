@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,14 +33,37 @@ class BuildError(ValueError):
     """The request cannot produce a dataset version (no cases, unsatisfiable sites or splits)."""
 
 
+# A manifest: the header 'case_id,site' or 'patient,site', then one 'key,site' row per case or patient. Keys
+# are case ids or patients as the API names them, sites are queue-safe names (federated training uses them).
+SITE_MANIFEST_PATTERN = (
+    r"^(case_id|patient),site(\r?\n[A-Za-z0-9][A-Za-z0-9._-]{0,127},[a-z0-9][a-z0-9-]{0,62})+(\r?\n)?$"
+)
+
+
 class SiteOptions(BaseModel):
+    # For the OpenAPI document: the manifest strategy needs its manifest (the route refuses it without one).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"strategy": {"enum": ["iid", "intensity", "size", "source"]}}},
+                {"required": ["manifest_csv"], "properties": {"manifest_csv": {"type": "string"}}},
+            ]
+        }
+    )
+
     strategy: Literal["iid", "intensity", "size", "manifest", "source"] = Field(
         default="iid", description="How cases get sites (services/preprocessing/sites.py)."
     )
     n_sites: int = Field(default=1, ge=1, le=256)
     seed: int = 0
     heterogeneity: float = Field(default=1.0, ge=0.0, le=1.0, description="1 = pure quantile blocks, 0 = IID.")
-    manifest_csv: str | None = Field(default=None, description="'case_id,site' or 'patient,site' CSV text.")
+    manifest_csv: str | None = Field(
+        default=None,
+        max_length=10_000_000,
+        pattern=SITE_MANIFEST_PATTERN,
+        description="'case_id,site' or 'patient,site' CSV text: that header, then one row per case or patient "
+        "(a key given two sites is refused).",
+    )
 
 
 class SplitOptions(BaseModel):

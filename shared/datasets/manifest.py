@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.preprocessing.spec import canonical_json
 from shared.storage import ObjectNotFoundError, ObjectStore
+from shared.validation import DATASET_VERSION_PATTERN
 
 __all__ = [
     "PARTS",
@@ -35,7 +36,7 @@ __all__ = [
 
 PARTS = ("train", "val", "test")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_VERSION = re.compile(r"^ds-[0-9a-f]{16}$")
+_VERSION = re.compile(DATASET_VERSION_PATTERN)
 
 
 class ManifestError(ValueError):

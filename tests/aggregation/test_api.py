@@ -23,24 +23,39 @@ def body(dataset: str, initial_weights: str, **overrides):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"dataset_version": "ds-0000000000000000"}, "does not exist"),
-        ({"sites": ["site-a", "site-z"]}, "sites without training cases in ds-"),
-        ({"sites": ["Site_A"]}, "site names"),
+        ({"dataset_version": "ds-nothex"}, "should match pattern"),
+        ({"sites": ["Site_A"]}, "should match pattern"),
         ({"sites": ["site-a", "site-a"]}, "unique"),
         ({"min_sites": 4}, "exceeds"),
         ({"fedprox_mu": 0.1}, "fedprox_mu applies only"),
         ({"rounds": 0}, "greater than or equal to 1"),
         ({"privacy": {"clip_norm": 0, "noise_multiplier": 1}}, "greater than 0"),
-        ({"initial_weights_key": "nowhere/weights.pt"}, "does not exist in object storage"),
         ({"strategy": "fedsgd"}, "fedavg"),
         ({"unknown_field": 1}, "Extra inputs"),
         ({"local_norm_layers": True}, "FedBN would change nothing"),  # the default U-Net: instance norm
         ({"early_stopping": {"patience": 2}}, "needs evaluate=true"),
+        ({"training_config": {"epochs": 0}}, "greater than 0"),
+        ({"training_config": {"unknown": 1}}, "Extra inputs"),
     ],
 )
 def test_bad_requests_are_refused_with_a_reason(api, dataset, initial_weights, overrides, message):
     response = api.create(**body(dataset, initial_weights, **overrides))
     assert response.status_code == 422, response.text
+    assert message in response.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dataset_version": "ds-0000000000000000"}, "does not exist"),
+        ({"sites": ["site-a", "site-z"]}, "sites without training cases in ds-"),
+        ({"initial_weights_key": "nowhere/weights.pt"}, "does not exist in object storage"),
+    ],
+)
+def test_references_to_nothing_are_not_found(api, dataset, initial_weights, overrides, message):
+    """A request may be well formed and still name what does not exist: 404, as an unknown id in a path."""
+    response = api.create(**body(dataset, initial_weights, **overrides))
+    assert response.status_code == 404, response.text
     assert message in response.text
 
 

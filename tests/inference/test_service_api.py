@@ -77,7 +77,11 @@ def test_repeated_request_id_does_not_segment_twice(service: InferenceService, h
 def test_bad_input_gets_a_clear_error(service: InferenceService, hippocampus_nifti: bytes) -> None:
     refused = upload(service, b"not a nifti at all")
     assert refused.status_code == 422 and "NIfTI" in refused.json()["detail"]
-    assert upload(service, hippocampus_nifti, model_alias="nonexistent").status_code == 422
+    # an alias that is not served is a reference to nothing, as an unknown id would be
+    assert upload(service, hippocampus_nifti, model_alias="nonexistent").status_code == 404
+    # form fields as documented: a flag is "true" or "false", an empty field is not an absent one
+    assert upload(service, hippocampus_nifti, largest_component="yes").status_code == 422
+    assert upload(service, hippocampus_nifti, request_id="").status_code == 422
     with service.client() as client:
         assert client.post("/v1/segmentations", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
         both = client.post("/v1/segmentations", json={"series_instance_uid": "1.2", "dicomweb_series_url": "http://x"})

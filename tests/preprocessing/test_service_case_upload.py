@@ -65,7 +65,20 @@ def test_bad_uploads_are_refused_with_their_reason(
             data={"label_names": "[1"},
         )
         assert response.status_code == 422 and "label_names" in response.json()["detail"]
+        # what the OpenAPI document says label_names holds: label values as keys, text names as values
+        for names in ('{"one": "x"}', '{"1": 2}', '{"1": "a\\u0000b"}', '["x"]'):
+            response = client.put(
+                "/collections/upload-bad/cases/c3",
+                files=_files(hippocampus_dir, "hippocampus_006"),
+                data={"label_names": names},
+            )
+            assert response.status_code == 422 and "label_names" in response.json()["detail"], names
         assert client.put("/collections/bad name/cases/c4", files=not_nifti).status_code == 422
+        # an empty field is not taken for an absent one (FastAPI would use the default in silence)
+        response = client.put(
+            "/collections/upload-bad/cases/c3", files=_files(hippocampus_dir, "hippocampus_006"), data={"modality": ""}
+        )
+        assert response.status_code == 422 and "modality" in response.json()["detail"]
         # the same case id from another source is a conflict; the stored case is untouched
         sent = client.put("/collections/upload-bad/cases/c5", files=_files(hippocampus_dir, "hippocampus_006"))
         assert sent.status_code == 201

@@ -210,9 +210,15 @@ def test_quality_control_excludes_failing_cases_with_their_reasons(
 
 def test_bad_build_requests_are_refused_clearly(preprocessing_service: PreprocessingService) -> None:
     with preprocessing_service.client() as client:
-        assert client.post("/datasets", json={"name": "x", "collection": "nope"}).status_code == 422
+        # a collection that does not exist is a reference to nothing: 404, as an unknown id would be
+        assert client.post("/datasets", json={"name": "x", "collection": "nope"}).status_code == 404
         r = client.post("/datasets", json={"name": "x", "sites": {"strategy": "manifest", "manifest_csv": "a,b\n1,2"}})
-        assert r.status_code == 422 and "header" in r.json()["detail"]
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sites", "manifest_csv"]
+        r = client.post("/datasets", json={"name": "x", "sites": {"strategy": "manifest"}})
+        assert r.status_code == 422 and "needs sites.manifest_csv" in r.json()["detail"]
+        two_sites = "case_id,site\nc1,north\nc1,south\n"
+        r = client.post("/datasets", json={"name": "x", "sites": {"strategy": "manifest", "manifest_csv": two_sites}})
+        assert r.status_code == 422 and "two sites" in r.json()["detail"]
         assert client.post("/datasets", json={"name": "x", "sites": {"n_sites": 0}}).status_code == 422
 
 

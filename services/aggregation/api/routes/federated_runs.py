@@ -15,7 +15,7 @@ from services.aggregation import federated_storage as fs
 from services.aggregation.api.deps import ContextDep, RunCaller, SessionDep
 from services.aggregation.dataset_check import DatasetProblem, check_sites
 from services.aggregation.evaluation import evaluation_available
-from services.aggregation.model_setup import check_federated_training, validate_training_config
+from services.aggregation.model_setup import check_federated_training
 from services.aggregation.models import (
     TERMINAL_STATUSES,
     FederatedRound,
@@ -28,7 +28,8 @@ from services.aggregation.privacy import PrivacyConfig
 from services.aggregation.strategies import ServerOptimizerConfig, Strategy
 from shared.db.base import utcnow
 from shared.http import add_audit_uids
-from shared.validation import PageOffset, ResourceId, SafeText
+from shared.training.config import TrainingConfig
+from shared.validation import SAFE_TEXT_PATTERN, DatasetVersionId, PageOffset, ResourceId, SafeText
 
 router = APIRouter(prefix="/federated-runs", tags=["federated training"])
 
@@ -58,11 +59,26 @@ class EarlyStoppingIn(BaseModel):
     min_delta: float = Field(default=0.0, ge=0, description="The smallest rise of the val Dice that counts.")
 
 
+SiteName = Annotated[str, Field(pattern=SITE, description="a queue name: lower-case letters, digits, '-'")]
+
+
 class FederatedRunCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dataset_version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="e.g. ds-0123456789abcdef")
-    sites: list[str] = Field(
-        min_length=1, max_length=64, description="Sites that train; each has queue training.<site>."
+    model_config = ConfigDict(
+        extra="forbid",
+        # For the OpenAPI document (the validator below enforces it): fedprox_mu only with strategy fedprox.
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"fedprox_mu": {"maximum": 0}}},
+                {"required": ["strategy"], "properties": {"strategy": {"const": Strategy.FEDPROX.value}}},
+            ]
+        },
+    )
+    dataset_version: DatasetVersionId = Field(description="e.g. ds-0123456789abcdef")
+    sites: list[SiteName] = Field(
+        min_length=1,
+        max_length=64,
+        description="Sites that train; each has queue training.<site>.",
+        json_schema_extra={"uniqueItems": True},
     )
     rounds: int = Field(ge=1, le=1000)
     local_epochs: int = Field(default=1, ge=1, le=1000)
@@ -74,8 +90,15 @@ class FederatedRunCreate(BaseModel):
     min_sites: int | None = Field(default=None, ge=1, description="Quorum per round; default: every site.")
     round_timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     privacy: PrivacyIn | None = Field(default=None, description="Update clipping + Gaussian noise; off by default.")
-    training_config: dict[str, Any] = Field(default_factory=dict, description="shared.training.TrainingConfig fields.")
-    initial_weights_key: str | None = Field(default=None, description="Warm start: a state dict in object storage.")
+    training_config: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="What each site trains (shared.training.TrainingConfig)."
+    )
+    initial_weights_key: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=SAFE_TEXT_PATTERN,
+        description="Warm start: the object-storage key of a state dict.",
+    )
     evaluate: bool = Field(
         default=True,
         description="Score the global model on each site's holdout.val after every round and on holdout.test at "
@@ -100,11 +123,6 @@ class FederatedRunCreate(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederatedRunCreate:
-        import re
-
-        bad = [s for s in self.sites if not re.fullmatch(SITE[1:-1], s)]
-        if bad:
-            raise ValueError(f"site names must be lower-case letters, digits and '-' (queue names): {bad}")
         if len(set(self.sites)) != len(self.sites):
             raise ValueError("sites must be unique")
         if self.min_sites is not None and self.min_sites > len(self.sites):
@@ -243,21 +261,31 @@ def _detail(session: SessionDep, run: FederatedRun) -> RunDetail:
     )
 
 
-@router.post("", response_model=RunDetail, status_code=201)
+@router.post(
+    "",
+    response_model=RunDetail,
+    status_code=201,
+    responses={
+        404: {"description": "the dataset version, a site's training cases or the initial weights do not exist"},
+        422: {"description": "an invalid request, or min_sites above the number of sites"},
+    },
+)
 async def create_run(
     body: FederatedRunCreate, request: Request, ctx: ContextDep, session: SessionDep, principal: RunCaller
 ) -> RunDetail:
     """Check the dataset version and sites, persist the run, and hand it to the aggregator worker."""
+    # What the request names but does not exist (the version, its sites, the weights) is a 404, as an
+    # unknown id in a path would be; the OpenAPI document cannot know what exists.
     try:
         await anyio.to_thread.run_sync(check_sites, ctx.store, body.dataset_version, body.sites)
     except DatasetProblem as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise HTTPException(exc.status, str(exc)) from exc
     if body.initial_weights_key and not await anyio.to_thread.run_sync(ctx.store.exists, body.initial_weights_key):
-        raise HTTPException(422, f"initial_weights_key {body.initial_weights_key!r} does not exist in object storage")
+        raise HTTPException(404, f"initial_weights_key {body.initial_weights_key!r} does not exist in object storage")
     if body.evaluate and (problem := evaluation_available()):
         raise HTTPException(422, f"{problem}; create the run with evaluate=false")
+    training_config = body.training_config.model_dump(mode="json")
     try:
-        training_config = validate_training_config(body.training_config)
         check_federated_training(training_config, body.rounds, body.local_epochs, body.local_norm_layers)
         if body.privacy:
             PrivacyConfig(**body.privacy.model_dump())

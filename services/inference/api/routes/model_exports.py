@@ -23,6 +23,7 @@ router = APIRouter(prefix="/v1/model-exports", tags=["model exports"])
 
 MODEL_URI_PATTERN = r"^models:/[A-Za-z0-9][A-Za-z0-9._-]{0,199}(/[0-9]{1,9}|@[A-Za-z0-9_-]{1,64})$"
 CASES_PATTERN = r"^(ds-[0-9a-f]{4,64}|/[^\x00-\x1f]{1,1023})$"
+RoiEdge = Annotated[int, Field(ge=8, le=512)]
 
 
 class ModelExportIn(BaseModel):
@@ -38,7 +39,9 @@ class ModelExportIn(BaseModel):
     case_limit: int = Field(default=3, ge=1, le=50, description="How many parity cases.")
     tolerance: float = Field(default=1e-3, gt=0, le=1, description="Largest allowed |logit difference|.")
     min_dice: float = Field(default=0.99, ge=0, le=1, description="Smallest allowed Dice between the label maps.")
-    roi_size: tuple[int, int, int] | None = Field(default=None, description="Exported window (default: validation).")
+    roi_size: tuple[RoiEdge, RoiEdge, RoiEdge] | None = Field(
+        default=None, description="Exported window in voxels, 8…512 each (default: the validation window)."
+    )
     triton_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
     retain_versions: int = Field(default=3, ge=1, le=100, description="Triton versions kept besides aliased ones.")
     quantize: Literal["int8"] | None = Field(
@@ -72,8 +75,6 @@ def export_options(body: ModelExportIn) -> dict[str, Any]:
     if body.cases:
         options["cases"] = body.cases
     if body.roi_size:
-        if min(body.roi_size) < 8 or max(body.roi_size) > 512:
-            raise HTTPException(422, "roi_size values must be 8..512")
         options["roi_size"] = list(body.roi_size)
     if body.triton_name:
         options["model_name"] = body.triton_name
@@ -88,7 +89,10 @@ def export_options(body: ModelExportIn) -> dict[str, Any]:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ModelExportOut,
     summary="Export a registry version for serving (a job; follow it at Location)",
-    responses={422: {"description": "a malformed model URI or option"}},
+    responses={
+        202: {"description": "queued; follow it at Location"},
+        422: {"description": "a malformed model URI or option"},
+    },
 )
 def create_export(
     body: ModelExportIn,

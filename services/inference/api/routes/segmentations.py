@@ -8,13 +8,12 @@ request instead of segmenting twice. Busy: 429 + Retry-After; not ready / no GPU
 from __future__ import annotations
 
 import functools
-import re
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 
 from services.inference.admission import OverloadedError
@@ -30,6 +29,7 @@ from services.inference.segment_request import (
     run_request,
 )
 from services.inference.sources import (
+    SERIES_URL_PATTERN,
     SourceError,
     catalogue_series,
     parse_series_url,
@@ -39,7 +39,7 @@ from services.inference.sources import (
 from shared.auth import Principal
 from shared.contracts.tasks import INFERENCE_QUEUE, SEGMENT_TASK
 from shared.http import add_audit_uids
-from shared.validation import SAFE_TEXT_PATTERN, ResourceId
+from shared.validation import SAFE_TEXT_PATTERN, DicomUID, ResourceId, exactly_one_of
 
 router = APIRouter(prefix="/v1/segmentations", tags=["segmentations"])
 
@@ -57,9 +57,19 @@ class SegmentationOptions(BaseModel):
 class SegmentationIn(SegmentationOptions):
     """JSON body: exactly one of ``series_instance_uid`` (catalogue) or ``dicomweb_series_url``."""
 
-    series_instance_uid: str | None = Field(default=None, pattern=r"^[0-9.]{1,64}$")
-    dicomweb_series_url: str | None = Field(default=None, max_length=2048, pattern=SAFE_TEXT_PATTERN)
-    send_to_pacs: bool = False
+    # "exactly one of" for the OpenAPI document (the validator below is what enforces it)
+    model_config = ConfigDict(
+        json_schema_extra=exactly_one_of({"series_instance_uid": "string", "dicomweb_series_url": "string"})
+    )
+
+    series_instance_uid: DicomUID | None = None
+    dicomweb_series_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=SERIES_URL_PATTERN,
+        description="http(s)://<a DICOMweb root this service may read>/studies/<uid>/series/<uid>",
+    )
+    send_to_pacs: bool = Field(default=False, description="Store the DICOM SEG in the PACS (needs one configured).")
 
     @model_validator(mode="after")
     def _one_source(self) -> SegmentationIn:
@@ -117,24 +127,30 @@ def _error(status: int, detail: str, retry_after: int | None = None) -> HTTPExce
     return HTTPException(status, detail, headers=headers)
 
 
+class UploadFields(BaseModel):
+    """The text fields of a multipart upload, as sent (a form field is text or absent, never null)."""
+
+    request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN)
+    model_alias: str | None = Field(default=None, min_length=1, max_length=64, pattern=SAFE_TEXT_PATTERN)
+    largest_component: Literal["true", "false"] | None = None
+    patient_id: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=SAFE_TEXT_PATTERN, description="routes canary traffic"
+    )
+
+
+def _upload_schema() -> dict[str, Any]:
+    """The multipart body: the file and the text fields (their nulls dropped by shared.openapi)."""
+    fields = UploadFields.model_json_schema()["properties"]
+    file = {"type": "string", "format": "binary", "description": "NIfTI image (.nii or .nii.gz)"}
+    return {"type": "object", "required": ["file"], "properties": {"file": file, **fields}}
+
+
 # The route reads its body by hand (JSON or a multipart upload), so the OpenAPI document is told here.
 SEGMENTATION_REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {
         "application/json": {"schema": SegmentationIn.model_json_schema()},
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {"type": "string", "format": "binary", "description": "NIfTI image (.nii or .nii.gz)"},
-                    "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN},
-                    "model_alias": {"type": "string", "maxLength": 64},
-                    "largest_component": {"type": "string", "enum": ["true", "false"]},
-                    "patient_id": {"type": "string", "maxLength": 64},
-                },
-            }
-        },
+        "multipart/form-data": {"schema": _upload_schema()},
     },
 }
 
@@ -147,9 +163,10 @@ SEGMENTATION_REQUEST_BODY: dict[str, Any] = {
     responses={
         202: {"description": "queued as a job", "model": SegmentationOut},
         401: {"description": "missing or unknown token"},
-        403: {"description": "role may not segment"},
+        403: {"description": "role may not segment, or the DICOMweb root is not one this service may read"},
+        404: {"description": "the series is not in the catalogue or at its DICOMweb root; the alias is not served"},
         415: {"description": "neither application/json nor multipart/form-data"},
-        422: {"description": "invalid request"},
+        422: {"description": "invalid request; not a readable 3-D NIfTI; send_to_pacs without a PACS configured"},
         429: {"description": "busy"},
         502: {"description": "the catalogue or PACS could not be reached"},
         503: {"description": "not ready"},
@@ -165,10 +182,10 @@ async def create_segmentation(request: Request, ctx: ContextDep, caller: Segment
         if not isinstance(upload, UploadFile):
             raise HTTPException(422, "multipart upload needs a 'file' part holding a NIfTI image")
         data = await upload.read()
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        unsafe = sorted(k for k, v in fields.items() if len(v) > 256 or re.search(SAFE_TEXT_PATTERN, v) is None)
-        if unsafe:
-            raise HTTPException(422, f"form fields {unsafe} must be at most 256 characters, no control characters")
+        try:  # the documented fields only; others are ignored, as in a JSON body
+            fields = UploadFields.model_validate({k: form.get(k) for k in UploadFields.model_fields if k in form})
+        except ValidationError as exc:
+            raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from exc
         submit = functools.partial(_submit_upload, ctx, caller, data, fields)
     elif content_type == "application/json":
         try:
@@ -194,32 +211,14 @@ async def create_segmentation(request: Request, ctx: ContextDep, caller: Segment
     return JSONResponse(to_out(row).model_dump(mode="json"), status_code=status, headers=headers)
 
 
-def _flag(value: str | None) -> bool | None:
-    if value is None or value == "":
-        return None
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise SourceError(f"not a boolean: {value!r}")
-
-
 def _submit_upload(
-    ctx: InferenceContext, caller: Principal, data: bytes, fields: dict[str, str]
+    ctx: InferenceContext, caller: Principal, data: bytes, fields: UploadFields
 ) -> tuple[int, SegmentationRequest]:
-    try:
-        body = SegmentationOptions.model_validate(
-            {
-                "request_id": fields.get("request_id") or None,
-                "model_alias": fields.get("model_alias") or None,
-                "largest_component": _flag(fields.get("largest_component")),
-            }
-        )
-    except ValidationError as exc:
-        raise SourceError(str(exc)) from exc
+    largest = None if fields.largest_component is None else fields.largest_component == "true"
+    body = SegmentationOptions(request_id=fields.request_id, model_alias=fields.model_alias, largest_component=largest)
     volume = volume_from_nifti(data)  # validates before anything is stored
     request_id = body.request_id or new_request_id()
-    options = _options(ctx, body, patient_id=fields.get("patient_id") or None)
+    options = _options(ctx, body, patient_id=fields.patient_id)
 
     def store_input() -> tuple[str, str]:
         key = input_key(request_id)
@@ -266,8 +265,8 @@ def _dispatch(
     if body.model_alias:
         try:
             ctx.models.route_for(None, body.model_alias)  # refuse an unknown alias before any work
-        except ValueError as exc:
-            raise SourceError(str(exc)) from exc
+        except ValueError as exc:  # an alias that is not served here: a reference to nothing
+            raise SourceError(str(exc), status=404) from exc
 
     def record() -> Outcome:
         """Resolve the source (it may fetch from the PACS) and record the request, or find it again."""

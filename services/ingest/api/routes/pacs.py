@@ -13,19 +13,17 @@ from services.ingest.api.deps import ContextDep, OperatorCaller, SessionDep
 from services.ingest.models import PullJob
 from services.ingest.pacs_pull import PullQueryError, split_query
 from shared.contracts.tasks import INGEST_QUEUE, PULL_FROM_PACS_TASK
-from shared.validation import DicomUID, ResourceId, SafeText
+from shared.validation import DicomUID, ResourceId, SafeTextMap, exactly_one_of
 
 router = APIRouter(prefix="/pacs", tags=["PACS"])
 
 
 class RetrieveRequest(BaseModel):
     # "exactly one of" for the OpenAPI document (the validator below is what enforces it)
-    model_config = ConfigDict(
-        json_schema_extra={"oneOf": [{"required": ["study_instance_uid"]}, {"required": ["query"]}]}
-    )
+    model_config = ConfigDict(json_schema_extra=exactly_one_of({"study_instance_uid": "string", "query": "object"}))
 
     study_instance_uid: DicomUID | None = Field(default=None, description="Pull this study.")
-    query: dict[SafeText, SafeText] | None = Field(
+    query: SafeTextMap | None = Field(
         default=None,
         min_length=1,
         description="Or pull every study matching these keys (QIDO-RS / C-FIND matching), e.g. "

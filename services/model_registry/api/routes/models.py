@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.model_registry import metrics
 from services.model_registry.api.deps import ContextDep, OperatorCaller, ReadCaller
@@ -31,10 +31,34 @@ Version = Annotated[int, Path(ge=1, le=INT32_MAX, description="Version number")]
 
 
 class PromoteRequest(BaseModel):
+    # For the OpenAPI document (the route enforces it): a forced promotion says why.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"force": {"const": False}}},
+                {"required": ["reason"], "properties": {"reason": {"type": "string", "minLength": 1}}},
+            ]
+        }
+    )
+
     force: bool = Field(default=False, description="Admin only: promote even if the gate refuses (audited).")
     reason: str | None = Field(
         default=None, max_length=1000, pattern=SAFE_TEXT_PATTERN, description="Why (required with force)."
     )
+
+
+class PromoteOut(BaseModel):
+    """The gate's decision and what was done: 200 when the version is (or already was) the champion, 409 when
+    the gate refused it."""
+
+    model: str
+    version: int
+    promoted: bool
+    forced: bool
+    previous_champion: int | None
+    promote: bool = Field(description="the gate's decision")
+    reasons: list[str]
+    statistics: dict[str, Any]
 
 
 def _not_found(exc: NotFoundError) -> HTTPException:
@@ -64,7 +88,11 @@ def get_version(name: ModelName, version: Version, ctx: ContextDep, _: ReadCalle
         raise _not_found(exc) from exc
 
 
-@router.get("/{name}/compare", summary="Compare two versions (parameters, metrics, paired test on per-case Dice)")
+@router.get(
+    "/{name}/compare",
+    summary="Compare two versions (parameters, metrics, paired test on per-case Dice)",
+    responses={422: {"description": "invalid parameters, or a == b (a version is not compared with itself)"}},
+)
 def get_comparison(
     name: ModelName,
     ctx: ContextDep,
@@ -85,6 +113,12 @@ def get_comparison(
 @router.post(
     "/{name}/versions/{version}/promote",
     summary="Make a version the champion if it passes the promotion gate (409 with the reasons if not)",
+    response_model=PromoteOut,
+    responses={
+        403: {"description": "the role may not promote, or a non-admin asked to force"},
+        409: {"description": "the gate refused the version; the reasons are in the body", "model": PromoteOut},
+        422: {"description": "an invalid body, or force without a reason"},
+    },
 )
 def post_promote(
     name: ModelName,

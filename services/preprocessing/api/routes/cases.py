@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +22,7 @@ from services.preprocessing.case_upload import CaseConflictError, CaseFiles, cas
 from services.preprocessing.catalogue_cases import attach_label
 from services.preprocessing.models import Case
 from shared.http import add_audit_uids
-from shared.validation import DatabaseId, PageOffset, SafeText
+from shared.validation import SAFE_TEXT_PATTERN, DatabaseId, PageOffset, SafeText
 
 router = APIRouter(tags=["cases"])
 
@@ -85,6 +87,17 @@ def get_case(id: DatabaseId, session: SessionDep, caller: ReadCaller) -> CaseOut
     "/cases/{id}/label",
     response_model=CaseOut,
     summary="Attach a label map (NIfTI, .nii or .nii.gz body) on the case's image grid",
+    # the route reads its body by hand (it may be hundreds of MB), so the OpenAPI document is told here
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+    responses={
+        413: {"description": "the label is larger than the limit"},
+        422: {"description": "empty, not a readable NIfTI, off the case's image grid, or non-integer values"},
+    },
 )
 async def put_label(
     id: DatabaseId, request: Request, ctx: ContextDep, session: SessionDep, caller: BuildCaller
@@ -117,14 +130,47 @@ async def put_label(
     return CaseOut.model_validate(case, from_attributes=True)
 
 
+LABEL_VALUE_PATTERN = r"^[0-9]{1,9}$"
+# label_names travels as a JSON text form field; this is what its text must hold (and what the route checks).
+LABEL_NAMES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": 'JSON {"0": "background", "1": "Anterior", …}: label value -> name',
+    "propertyNames": {"pattern": LABEL_VALUE_PATTERN},
+    "additionalProperties": {"type": "string", "maxLength": 64, "pattern": SAFE_TEXT_PATTERN},
+    "maxProperties": 100,
+}
+
+
 def _label_names(text: str) -> dict[int, str]:
     try:
-        names = {int(k): str(v) for k, v in json.loads(text).items()}
-    except (ValueError, AttributeError, TypeError) as exc:
+        names = json.loads(text)
+    except ValueError as exc:
         raise HTTPException(422, f"label_names must be a JSON object {{value: name}}: {exc}") from exc
-    if any(value < 0 for value in names):
-        raise HTTPException(422, "label values must be >= 0")
-    return names
+    if not isinstance(names, dict) or len(names) > LABEL_NAMES_SCHEMA["maxProperties"]:
+        raise HTTPException(422, "label_names must be a JSON object of at most 100 {value: name} entries")
+    bad = [
+        k
+        for k, v in names.items()
+        if re.fullmatch(LABEL_VALUE_PATTERN[1:-1], k) is None
+        or not isinstance(v, str)
+        or len(v) > 64
+        or re.fullmatch(SAFE_TEXT_PATTERN[1:-1], v) is None
+    ]
+    if bad:
+        raise HTTPException(422, f"label_names entries {bad[:10]}: keys are label values 0…999999999, names text")
+    return {int(k): v for k, v in names.items()}
+
+
+CASE_TEXT_FIELDS = ("modality", "label_names", "patient", "source")
+
+
+def _replace_schema(replacement: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    def replace(schema: dict[str, Any]) -> None:
+        title = schema.get("title")
+        schema.clear()
+        schema.update(replacement, **({"title": title} if title else {}))
+
+    return replace
 
 
 async def _save_upload(upload: UploadFile, folder: Path, stem: str, limit: int) -> Path:
@@ -149,6 +195,11 @@ async def _save_upload(upload: UploadFile, folder: Path, stem: str, limit: int) 
         413: {"description": "a file is larger than the limit"},
         422: {"description": "a file is not a readable NIfTI, the label is off the image grid or has unknown values"},
     },
+    openapi_extra={
+        "requestBody": {
+            "content": {"multipart/form-data": {"encoding": {"label_names": {"contentType": "application/json"}}}}
+        }
+    },
 )
 async def put_case(
     collection: CollectionName,
@@ -161,7 +212,7 @@ async def put_case(
     image: Annotated[UploadFile, File(description="the image, NIfTI (.nii or .nii.gz)")],
     label: Annotated[UploadFile | None, File(description="its label map on the image grid")] = None,
     modality: Annotated[str, Form(pattern=r"^[A-Z0-9+]{1,16}$", description="DICOM modality code(s)")] = "OT",
-    label_names: Annotated[str, Form(max_length=10_000, description='JSON {"0": "background", …}')] = "{}",
+    label_names: Annotated[str, Form(max_length=100_000, json_schema_extra=_replace_schema(LABEL_NAMES_SCHEMA))] = "{}",
     patient: Annotated[str | None, Form(pattern=NAME_PATTERN, description="default: the case id")] = None,
     source: Annotated[
         str | None,
@@ -173,6 +224,12 @@ async def put_case(
     This is how a client imports a data set it holds (``voxelflow datasets import-msd`` sends each case of
     an MSD folder here); the service never needs to see the client's file system.
     """
+    # FastAPI reads an empty optional form field as absent (its default); the document says a field is
+    # absent or valid, so an empty one is refused rather than silently replaced.
+    form = await request.form()
+    empty = sorted(name for name in CASE_TEXT_FIELDS if form.get(name) == "")
+    if empty:
+        raise HTTPException(422, f"form fields {empty} are empty: leave a field out to use its default")
     names = _label_names(label_names)
     limit = ctx.settings.max_case_file_bytes
     with tempfile.TemporaryDirectory(prefix="vf-case-") as workdir:

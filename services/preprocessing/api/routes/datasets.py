@@ -80,6 +80,10 @@ def _version(session: Any, version_id: ResourceId) -> DatasetVersion:
     response_model=BuildOut,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Build a dataset version from candidate cases (asynchronous; follow /datasets/builds/{id})",
+    responses={
+        404: {"description": "the collection has no cases"},
+        422: {"description": "an invalid request, or a site manifest that gives a case two sites"},
+    },
 )
 def create_dataset(
     body: BuildRequest, request: Request, ctx: ContextDep, session: SessionDep, caller: BuildCaller
@@ -96,7 +100,7 @@ def create_dataset(
         body.collection is not None
         and session.scalar(select(Case.id).where(Case.collection == body.collection)) is None
     ):
-        raise HTTPException(422, f"no cases in collection {body.collection!r}")
+        raise HTTPException(404, f"no cases in collection {body.collection!r}")
     build = DatasetBuild(
         id=str(uuid.uuid4()),
         name=body.name,
