@@ -95,7 +95,7 @@ def _describe(failure: Failure, case: schemathesis.Case, response: requests.Resp
     body = (response.request.body or b"")[:300]
     return (
         f"{failure.code} {failure.title}: {case.method} {response.request.url} ({mode}) -> "
-        f"{response.status_code} {response.text[:300]!r}\n    sent: {body!r}\n    {failure.message[:400]}"
+        f"{response.status_code} {response.content[:300]!r}\n    sent: {body!r}\n    {failure.message[:400]}"
     )
 
 

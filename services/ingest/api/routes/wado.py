@@ -78,7 +78,9 @@ def _instances(
     return instances
 
 
-AcceptHeader = Annotated[str | None, Header(max_length=2048, description="PS3.18 8.7: media type, transfer-syntax")]
+#: no length or pattern constraint: as HTTP allows, an Accept the server cannot parse is answered in the
+#: default representation (or 406 with the reason), so there is no "invalid" Accept to refuse with 422
+AcceptHeader = Annotated[str | None, Header(description="PS3.18 8.7: media type, transfer-syntax")]
 
 
 def _not_acceptable(exc: pixels.NotAcceptableError) -> HTTPException:
