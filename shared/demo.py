@@ -415,8 +415,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="voxelflow demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="out/demo", help="where the PNGs go")
-    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default sized for a 2-core CPU)")
-    parser.add_argument("--local-epochs", type=int, default=4, help="local epochs per round")
+    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default sized for a 2-core CPU)")
+    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--config", default="hippocampus_unet", help="bundled training config name or YAML path")
     parser.add_argument("--full", action="store_true", help="the long schedule: 20 rounds x 10 local epochs")
     args = parser.parse_args(argv)
