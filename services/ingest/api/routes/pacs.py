@@ -11,11 +11,28 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.ingest.api.deps import ContextDep, OperatorCaller, SessionDep
 from services.ingest.models import PullJob
-from services.ingest.pacs_pull import PullQueryError, split_query
+from services.ingest.pacs_pull import SERIES_KEYS, STUDY_KEYS, PullQueryError, split_query
 from shared.contracts.tasks import INGEST_QUEUE, PULL_FROM_PACS_TASK
 from shared.validation import DicomUID, ResourceId, SafeTextMap, exactly_one_of
 
 router = APIRouter(prefix="/pacs", tags=["PACS"])
+
+
+def _restrict_keys(schema: dict[str, Any]) -> None:
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "object":
+            option["propertyNames"] = {**option.get("propertyNames", {}), **_matching_key_names()}
+
+
+def _matching_key_names() -> dict[str, Any]:
+    """JSON Schema of the keys a pull query accepts: the study- and series-level keywords, or their 8-digit
+    tags (hex in either case), so that the document refuses exactly what ``split_query`` refuses."""
+    from pydicom.datadict import tag_for_keyword
+
+    keywords = sorted(STUDY_KEYS | SERIES_KEYS)
+    tags = [f"{int(tag_for_keyword(k) or 0):08X}" for k in keywords]
+    either_case = ["".join(f"[{c}{c.lower()}]" if c.isalpha() else c for c in tag) for tag in tags]
+    return {"anyOf": [{"enum": keywords}, {"pattern": "^(" + "|".join(either_case) + ")$"}]}
 
 
 class RetrieveRequest(BaseModel):
@@ -26,6 +43,7 @@ class RetrieveRequest(BaseModel):
     query: SafeTextMap | None = Field(
         default=None,
         min_length=1,
+        json_schema_extra=lambda schema: _restrict_keys(schema),
         description="Or pull every study matching these keys (QIDO-RS / C-FIND matching), e.g. "
         "{'PatientID': 'PGBM-002'}; series-level keys (Modality, SeriesDescription, …) pull only those series.",
     )
