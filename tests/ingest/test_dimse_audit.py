@@ -139,7 +139,7 @@ def test_dcmtk_refused_echo_and_store_are_audited(receiver: Receiver, tmp_path: 
         timeout=30,
     )
     assert re.search(r"Status: 0x0?124", echo.stderr), echo  # dcmtk names no C-ECHO status "not authorised"
-    assert "Status: 0x124" in push.stderr, push
+    assert re.search(r"Status: 0x0?124", push.stderr), push
     rows = receiver.audit_rows(receiver.intruder)
     assert [(r.method, r.outcome, r.role) for r in rows] == [("C-ECHO", "denied", None), ("C-STORE", "denied", None)]
     original = str(pydicom.dcmread(instance).SOPInstanceUID)
