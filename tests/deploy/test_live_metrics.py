@@ -232,7 +232,8 @@ def test_dashboard_and_alert_metrics_are_exported_by_running_services(ingest_ser
 @pytest.fixture(scope="module")
 def demo_like_run(worked, ingest_service, prometheus) -> dict[str, str]:  # noqa: F811
     """The refused tasks of ``worked`` plus STOW traffic into the ingest API: one instance stored, one
-    rejected (no SOP Instance UID); ready once Prometheus has scraped the ingest counters."""
+    rejected (no SOP Instance UID); ready once Prometheus holds two scrapes of each ingest counter, since
+    ``rate``/``increase`` over a series seen only once return nothing (the CI run that found it)."""
     from tests.ingest.conftest import stow
     from tests.ingest.test_dicomweb_api import minimal_image
 
@@ -240,10 +241,15 @@ def demo_like_run(worked, ingest_service, prometheus) -> dict[str, str]:  # noqa
         response = stow(client, [minimal_image(), minimal_image(SOPInstanceUID=None)])
     assert response.status_code in {200, 202, 409}, response.text
     deadline = time.monotonic() + 30
-    query = 'voxelflow_ingest_instances_rejected_total{job="ingest-api", source="stow"}'
-    while not prometheus.query(query):
-        assert time.monotonic() < deadline, f"Prometheus has no {query} 30 s after a rejected STOW"
-        time.sleep(0.5)
+    for counter in (
+        "voxelflow_ingest_instances_received_total",
+        "voxelflow_ingest_instances_rejected_total",
+        "voxelflow_ingest_bytes_received_total",
+    ):
+        query = f'rate({counter}{{job="ingest-api", source="stow"}}[1m])'
+        while not prometheus.query(query):
+            assert time.monotonic() < deadline, f"Prometheus has no {query} 30 s after a STOW"
+            time.sleep(0.5)
     return worked
 
 
