@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -187,10 +188,11 @@ def fingerprint_msd_folder(folder: Path, *, limit: int | None = None) -> Dataset
     modalities = [MODALITY_CODES.get(m.upper(), m.upper()) for m in names] or ["OT"]
     cases = []
     for image_path, label_path in pairs:
-        img = nib.load(str(image_path))
+        img: Any = nib.load(str(image_path))  # a NIfTI image (nibabel types it as the file-based base)
         image = np.asanyarray(img.dataobj)
         if image.ndim == 4:
             image = np.moveaxis(image, -1, 0)
-        label = np.asanyarray(nib.load(str(label_path)).dataobj)
+        seg: Any = nib.load(str(label_path))
+        label = np.asanyarray(seg.dataobj)
         cases.append(case_fingerprint(image, label, [float(z) for z in img.header.get_zooms()[:3]]))
     return combine(cases, name=index.name, modalities=modalities, labels=index.labels)
