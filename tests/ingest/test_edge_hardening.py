@@ -16,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
-from services.ingest.models import Instance
+from services.ingest.models import Instance, Series
 from shared.db.models import AuditEvent
 from tests.ingest.conftest import IngestService, multipart_body, stow
 from tests.ingest.test_dicomweb_api import FAILED, REFERENCED, count_instances, minimal_image
@@ -240,3 +240,37 @@ def test_slow_json_body_gets_408_not_400(ingest_service: IngestService, quick_ti
     )
     answer = _raw_request(quick_timeout_ingest, head, b'{"study_instance_uid": ', read_timeout=15)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_parts_of_one_stow_received_concurrently_are_reported_in_order_and_stored_once(
+    ingest_service: IngestService,
+):
+    """The parts of a request are received in parallel threads: twelve slices of one new series (same
+    patient, study and series rows claimed at once), the first slice sent again at the end and a bad part
+    in the middle must give each instance exactly one row, one series, and the per-part report in order."""
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    slices = [
+        minimal_image(StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=n, PatientID="CONC-1")
+        for n in range(1, 13)
+    ]
+    parts = [*slices[:6], b"not a dicom file at all", *slices[6:], slices[0]]
+    with ingest_service.client("pacs") as client:
+        response = stow(client, parts)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    sent_order = [str(pydicom.dcmread(io.BytesIO(data), force=True).SOPInstanceUID) for data in [*slices, slices[0]]]
+    reported = [item["00081155"]["Value"][0] for item in body[REFERENCED]["Value"]]
+    assert reported == sent_order
+    assert len(body[FAILED]["Value"]) == 1
+    pseudonyms = {item["00081190"]["Value"][0].rsplit("/", 1)[1] for item in body[REFERENCED]["Value"]}
+    assert len(pseudonyms) == 12
+    for pseudonym in pseudonyms:
+        assert _instances_with_sop_uid(ingest_service, pseudonym) == 1
+    series_pseudonym = body[REFERENCED]["Value"][0]["00081190"]["Value"][0].split("/series/")[1].split("/")[0]
+    with ingest_service.ctx.session_factory() as session:  # type: ignore[attr-defined]
+        series_rows = session.scalars(select(Series).where(Series.series_instance_uid == series_pseudonym)).all()
+        assert len(series_rows) == 1
+        stored = session.scalar(
+            select(func.count(Instance.id)).where(Instance.series_id == series_rows[0].id, Instance.state == "stored")
+        )
+    assert stored == 12

@@ -4,6 +4,7 @@ bad ones reported one by one in FailedSOPSequence, and one bad file never fails 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import anyio
@@ -29,6 +30,8 @@ log = logging.getLogger("voxelflow.ingest.stow")
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb STOW-RS"])
 
 DICOM_JSON = "application/dicom+json"
+# Parts of one STOW request received at the same time (threads: the waits on PostgreSQL and S3 overlap).
+STOW_PART_CONCURRENCY = 4
 
 
 async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JSONResponse:
@@ -46,8 +49,10 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
         raise HTTPException(400, "the multipart body holds no parts")
 
     base = ctx.settings.public_url.rstrip("/")
-    referenced: list[dict[str, object]] = []
-    failed: list[dict[str, Any]] = []
+    # One outcome per part, in part order: (referenced item or None, failed item or None, audit UID).
+    outcomes: list[tuple[dict[str, object] | None, dict[str, Any] | None, str | None]] = [
+        (None, None, None) for _ in parts
+    ]
 
     def store_part(index: int, part: Part) -> None:
         try:
@@ -58,41 +63,46 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
                 )
             received = ctx.receiver.receive_stream(part.file, part.size, "stow", expected_study_uid=study_uid)
         except InstanceRejectedError as exc:
-            failed.append(
-                failed_sop_item(
-                    exc.sop_class_uid,
-                    exc.sop_instance_uid,
-                    exc.failure_status,
-                    f"{exc.reason.value}: {exc.message}",
-                )
+            item = failed_sop_item(
+                exc.sop_class_uid,
+                exc.sop_instance_uid,
+                exc.failure_status,
+                f"{exc.reason.value}: {exc.message}",
             )
             # The audit log holds no original identifiers: a refused instance is named by its pseudonym.
-            if exc.sop_instance_uid:
-                add_audit_uids(request, ctx.deidentifier.pseudonymise_uid(exc.sop_instance_uid))
+            audit = ctx.deidentifier.pseudonymise_uid(exc.sop_instance_uid) if exc.sop_instance_uid else None
+            outcomes[index - 1] = (None, item, audit)
         except Exception as exc:
             # An unforeseen failure of one part must not turn the whole request into a 500: the parts
             # stored before it would go unreported and the PACS would send them again, or give up.
             log.exception("STOW part %d failed unexpectedly", index)
-            failed.append(
-                failed_sop_item(
-                    "",
-                    "",
-                    FAILURE_STATUS[RejectReason.STORAGE_ERROR],
-                    f"{RejectReason.STORAGE_ERROR.value}: part {index} could not be processed ({type(exc).__name__})",
-                )
+            item = failed_sop_item(
+                "",
+                "",
+                FAILURE_STATUS[RejectReason.STORAGE_ERROR],
+                f"{RejectReason.STORAGE_ERROR.value}: part {index} could not be processed ({type(exc).__name__})",
             )
+            outcomes[index - 1] = (None, item, None)
         else:
             url = (
                 f"{base}/dicomweb/studies/{received.study_instance_uid}/series/{received.series_instance_uid}"
                 f"/instances/{received.sop_instance_uid}"
             )
-            referenced.append(referenced_sop_item(received.sop_class_uid, received.original_sop_instance_uid, url))
-            add_audit_uids(request, received.sop_instance_uid)
+            item_ref = referenced_sop_item(received.sop_class_uid, received.original_sop_instance_uid, url)
+            outcomes[index - 1] = (item_ref, None, received.sop_instance_uid)
         finally:
             part.file.close()
 
-    for index, part in enumerate(parts, start=1):
-        await anyio.to_thread.run_sync(store_part, index, part)
+    # Parts are received concurrently (bounded): each waits on PostgreSQL and S3 most of its time, and
+    # every part is its own idempotent claim-put-mark sequence, as concurrent STOW requests already are.
+    limiter = anyio.CapacityLimiter(STOW_PART_CONCURRENCY)
+    async with anyio.create_task_group() as group:
+        for index, part in enumerate(parts, start=1):
+            group.start_soon(partial(anyio.to_thread.run_sync, store_part, index, part, limiter=limiter))
+
+    referenced = [ref for ref, _, _ in outcomes if ref is not None]
+    failed = [fail for _, fail, _ in outcomes if fail is not None]
+    add_audit_uids(request, *(uid for _, _, uid in outcomes))
 
     retrieve = f"{base}/dicomweb/studies/{study_uid}" if study_uid else None
     body = stow_response(retrieve, referenced, failed)
