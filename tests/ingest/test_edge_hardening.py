@@ -7,6 +7,7 @@ import io
 import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 from uuid import uuid4
 
@@ -274,3 +275,50 @@ def test_parts_of_one_stow_received_concurrently_are_reported_in_order_and_store
             select(func.count(Instance.id)).where(Instance.series_id == series_rows[0].id, Instance.state == "stored")
         )
     assert stored == 12
+
+
+def _bare_real_file(path: Path, implicit_vr: bool) -> tuple[bytes, str]:
+    """A bundled real MR (GE, explicit VR, with private tags) rewritten as an old Siemens-style file: fresh
+    SOP Instance UID, no 128-byte preamble, no File Meta group; returns the bytes and the original UID."""
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    del ds.file_meta
+    ds.preamble = None
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=implicit_vr, little_endian=True, enforce_file_format=False)
+    data = buffer.getvalue()
+    assert data[128:132] != b"DICM" and not data.startswith((b"\x02\x00", b"DICM"))
+    return data, str(ds.SOPInstanceUID)
+
+
+@pytest.mark.parametrize(
+    "implicit_vr,syntax",
+    [(True, pydicom.uid.ImplicitVRLittleEndian), (False, pydicom.uid.ExplicitVRLittleEndian)],
+)
+def test_real_files_without_preamble_or_file_meta_are_stored_with_the_inferred_transfer_syntax(
+    ingest_service: IngestService, shared_data: Path, implicit_vr: bool, syntax: str
+):
+    """STOW of bundled real MR files with neither preamble nor File Meta: 200, every part referenced, one
+    catalogue row each carrying the transfer syntax pydicom read them in, and the stored copy in S3 is a
+    proper Part-10 file (preamble, DICM, File Meta) of the de-identified instance."""
+    files = sorted((shared_data / "tcia_brain_tumor_progression_mr").rglob("*.dcm"))[:3]
+    parts = [_bare_real_file(path, implicit_vr) for path in files]
+    with ingest_service.client("pacs") as client:
+        response = stow(client, [data for data, _ in parts])
+    assert response.status_code == 200, response.text
+    assert FAILED not in response.json()
+    referenced = response.json()[REFERENCED]["Value"]
+    assert len(referenced) == len(parts)
+    store = ingest_service.ctx.store  # type: ignore[attr-defined]
+    for item, (_, original_uid) in zip(referenced, parts, strict=True):
+        pseudonym = item["00081190"]["Value"][0].rsplit("/", 1)[1]
+        assert pseudonym != original_uid
+        with ingest_service.ctx.session_factory() as session:  # type: ignore[attr-defined]
+            row = session.scalars(select(Instance).where(Instance.sop_instance_uid == pseudonym)).one()
+        assert (row.state, row.transfer_syntax_uid) == ("stored", syntax)
+        stored = store.get_bytes(row.object_key)
+        assert stored[128:132] == b"DICM"
+        reread = pydicom.dcmread(io.BytesIO(stored))
+        assert reread.file_meta.TransferSyntaxUID == syntax
+        assert str(reread.SOPInstanceUID) == pseudonym and reread.Modality == "MR"
+        assert len(reread.PixelData) == reread.Rows * reread.Columns * reread.BitsAllocated // 8
