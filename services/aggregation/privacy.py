@@ -17,6 +17,7 @@ the released models (site-level DP against anyone who sees the global weights).
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,9 +47,19 @@ def noise_std(config: PrivacyConfig, num_samples: Sequence[float]) -> float:
     return config.noise_multiplier * config.clip_norm * float(np.max(normalised_weights(num_samples)))
 
 
-def add_gaussian_noise(averaged: StateDict, std: float, seed: int) -> dict[str, np.ndarray]:
-    """Add N(0, std²) to every floating-point entry; the same seed gives the same noise (resumable rounds)."""
-    rng = np.random.default_rng(seed)
+def noise_generator() -> np.random.Generator:
+    """A generator seeded from the OS CSPRNG (128 bits from ``secrets``), never from the run's seed: the
+    seed of the noise is neither stored nor shown anywhere, so the noise cannot be regenerated (and
+    subtracted) from what a run exposes. A run repeated with the same seed gets fresh noise."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+def add_gaussian_noise(
+    averaged: StateDict, std: float, rng: np.random.Generator | None = None
+) -> dict[str, np.ndarray]:
+    """Add N(0, std²) to every floating-point entry. ``rng`` defaults to a fresh CSPRNG-seeded generator
+    (noise_generator); pass one only in tests of the calibration."""
+    rng = rng if rng is not None else noise_generator()
     noisy: dict[str, np.ndarray] = {}
     for key in sorted(averaged):
         array = np.asarray(averaged[key])
@@ -79,7 +90,6 @@ def privatise(
     updates: Sequence[StateDict],
     num_samples: Sequence[float],
     config: PrivacyConfig,
-    seed: int,
 ) -> tuple[dict[str, np.ndarray], list[float], float]:
     """Clip every update, take the weighted mean and add calibrated noise.
 
@@ -90,4 +100,4 @@ def privatise(
     clipped_and_norms = [clip_update(global_state, update, config.clip_norm) for update in updates]
     averaged = fedavg(global_state, [c for c, _ in clipped_and_norms], num_samples)
     std = noise_std(config, num_samples)
-    return add_gaussian_noise(averaged, std, seed), [n for _, n in clipped_and_norms], std
+    return add_gaussian_noise(averaged, std), [n for _, n in clipped_and_norms], std

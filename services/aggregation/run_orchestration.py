@@ -145,12 +145,6 @@ def should_stop(val_dice: Sequence[float | None], patience: int, min_delta: floa
     return without_gain >= patience
 
 
-def noise_seed(seed: int, round_index: int) -> int:
-    """The privacy noise of a round depends only on the run's seed and the round: a resumed round adds
-    the same noise, and a run repeated with the same seed and updates reproduces its weights."""
-    return int.from_bytes(hashlib.sha256(f"dp-noise:{seed}:{round_index}".encode()).digest()[:8], "big")
-
-
 def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
@@ -564,7 +558,7 @@ class RunOrchestrator:
             strategy = Strategy(run.strategy)
             if run.privacy:
                 privacy = PrivacyConfig(**run.privacy)
-                averaged, _, rnd.noise_std = privatise(global_state, updates, counts, privacy, noise_seed(run.seed, r))
+                averaged, _, rnd.noise_std = privatise(global_state, updates, counts, privacy)
                 rnd.epsilon = run.epsilon = epsilon_after(r + 1, privacy.noise_multiplier, privacy.delta)
             else:
                 averaged = fedavg(global_state, updates, counts)

@@ -170,6 +170,43 @@ def test_duplicate_updates_are_discarded_and_counted_once(api, agg_ctx, dataset,
         np.testing.assert_allclose(final_weights(agg_ctx, run)[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+def test_dp_noise_is_fresh_per_run_and_not_derivable_from_the_run(api, agg_ctx, dataset, initial_weights):
+    """Two runs with the same seed, sites and updates differ only by their DP noise: it comes from the OS
+    CSPRNG, not from run.seed, and no field of the run's API response can regenerate it."""
+    from services.aggregation.privacy import add_gaussian_noise
+
+    privacy = {"clip_norm": 0.05, "noise_multiplier": 1.1, "delta": 1e-5}
+    runs = []
+    for _ in range(2):
+        run_id = start(api, dataset, initial_weights, privacy=privacy, rounds=1, seed=11)
+        runs.append(wait_finished(api, run_id))
+    assert all(r["status"] == "succeeded" for r in runs), runs
+    a, b = final_weights(agg_ctx, runs[0]), final_weights(agg_ctx, runs[1])
+    float_keys = [k for k in a if np.issubdtype(a[k].dtype, np.floating)]
+    assert float_keys and all(not np.array_equal(a[k], b[k]) for k in float_keys)
+    # the same run without noise: the difference to it is the noise actually added
+    clean = final_weights(agg_ctx, wait_finished(api, start(api, dataset, initial_weights, rounds=1, seed=11)))
+    std = runs[0]["round_progress"][0]["noise_std"]
+    # no integer in the response (seed, counts, ...) seeds a generator that reproduces that noise
+    candidates = {v for v in _walk(runs[0]) if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+    assert 11 in candidates
+    key = float_keys[0]
+    for candidate in candidates:
+        regenerated = add_gaussian_noise({k: np.zeros_like(a[k]) for k in a}, std, np.random.default_rng(candidate))
+        assert not np.allclose(a[key] - clean[key], regenerated[key], atol=std * 1e-3)
+
+
+def _walk(value: Any) -> Any:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk(item)
+    else:
+        yield value
+
+
 def test_fedadam_with_privacy_reports_epsilon_per_round(api, agg_ctx, aggregator, dataset, initial_weights):
     from services.aggregation.privacy import epsilon_after
 

@@ -1,6 +1,8 @@
-"""An aggregator worker process killed with SIGKILL inside a round resumes when a new one starts, and the
-run ends with exactly the weights of an uninterrupted run (FedAdam with persisted server moments, and
-differential-privacy noise, so that every piece of round state must survive the crash)."""
+"""An aggregator worker process killed with SIGKILL inside a round resumes when a new one starts (FedAdam with
+persisted server moments, and differential-privacy noise, so that every piece of round state must survive
+the crash). The DP noise comes from the OS CSPRNG, so two runs never share weights: what must hold is that
+a round finished before the crash (its noised aggregate and server moments persisted) is not redone or
+re-noised on resume, and that the run ends with each site trained once per round and the same ε."""
 
 from __future__ import annotations
 
@@ -105,6 +107,9 @@ def test_killed_aggregator_resumes_with_the_same_weights(
                 return rnd is not None and rnd.dispatched and rnd.status == "collecting"
 
         wait_for(collecting_round_1, timeout=60, interval=0.05, what="round 1 to be collecting")
+        # round 0 is finished: its noised aggregate and the server moments are persisted
+        round_0_global = fs.load_weights(ctx.store, fs.global_key(run_id, 1))
+        round_0_moments = fs.load_server_state(ctx.store, fs.server_state_key(run_id, 1))
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
         assert api.get(run_id)["status"] == "running"
@@ -125,9 +130,19 @@ def test_killed_aggregator_resumes_with_the_same_weights(
     # each site trained each round exactly once: no re-dispatch produced a second attempt
     assert sorted(fake.CURRENT.calls) == sorted({c for c in fake.CURRENT.calls})
     assert resumed["epsilon"] == pytest.approx(uninterrupted["epsilon"])
+    # the finished round was not re-aggregated (nor re-noised) by the resumed worker: bit-identical
+    after_global = fs.load_weights(ctx.store, fs.global_key(run_id, 1))
+    for key in round_0_global:
+        np.testing.assert_array_equal(round_0_global[key], after_global[key], err_msg=key)
+    after_moments = fs.load_server_state(ctx.store, fs.server_state_key(run_id, 1))
+    assert after_moments.step == round_0_moments.step
+    for before_part, after_part in ((round_0_moments.m, after_moments.m), (round_0_moments.v, after_moments.v)):
+        assert set(before_part) == set(after_part)
+        for key in before_part:
+            np.testing.assert_array_equal(before_part[key], after_part[key], err_msg=key)
     a = fs.load_weights(ctx.store, uninterrupted["final_weights_key"])
     b = fs.load_weights(ctx.store, resumed["final_weights_key"])
     initial = fs.load_weights(ctx.store, initial_weights)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert not np.allclose(a["0.weight"], initial["0.weight"])  # the run did move the model
+    # same seed, same updates, but fresh DP noise: the two runs' weights differ
+    assert not np.array_equal(a["0.weight"], b["0.weight"])
+    assert not np.allclose(b["0.weight"], initial["0.weight"])  # the run did move the model
