@@ -252,7 +252,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def robustness_report(args: argparse.Namespace, model: Any, pairs: list, roi_size: tuple, served: dict) -> None:
-    """``evaluate --robustness``: clean + every corruption × level on the first ``--robustness-cases``
+    """``evaluate --robustness``: clean + every corruption x level on the first ``--robustness-cases``
     cases, a table on stdout, JSON + PNG under ``--robustness-out``, metrics and plot on the version's run."""
     from shared.evaluation.robustness import catalogue, robustness_summary, write_robustness
     from shared.evaluation.runner import evaluate_cases

@@ -10,7 +10,7 @@ The catalogue (:data:`CORRUPTIONS`; levels 1..5, fixed parameters, MONAI transfo
 =============  ==================================  =========================================================
 name           MONAI transform                     strength parameter per level 1..5
 =============  ==================================  =========================================================
-noise          RandGaussianNoise (prob 1)          std = (0.05, 0.1, 0.2, 0.3, 0.5) × the image's std
+noise          RandGaussianNoise (prob 1)          std = (0.05, 0.1, 0.2, 0.3, 0.5) x the image's std
 bias_field     RandBiasField (degree 3, prob 1)    coefficients drawn in ±(0.02, 0.05, 0.1, 0.15, 0.2)
 kspace_spike   KSpaceSpikeNoise                    one spike at a fixed k-space location, log-intensity
                                                    (8, 9, 10, 11, 12): herringbone / ghost-like artefact
@@ -179,7 +179,7 @@ def adversarial(
 
 #: name → (perturbation, what level 1..5 sets) for the image corruptions; attacks are added per network
 CORRUPTIONS: dict[str, tuple[Perturbation, str]] = {
-    "noise": (gaussian_noise, f"std × image std {NOISE_STD}"),
+    "noise": (gaussian_noise, f"std x image std {NOISE_STD}"),
     "bias_field": (bias_field, f"coefficient range ±{BIAS_COEFF}"),
     "kspace_spike": (kspace_spike, f"log k-space spike {SPIKE_LOG_INTENSITY}"),
     "gibbs": (gibbs, f"alpha {GIBBS_ALPHA}"),
@@ -225,7 +225,7 @@ class Corruptd(MapTransform):
 
 
 def robustness_summary(clean: Mapping[str, float], perturbed: Mapping[tuple[str, int], float]) -> dict[str, Any]:
-    """Rows (corruption, level, dice, drop = clean − dice) and ``mean_drop`` over every row.
+    """Rows (corruption, level, dice, drop = clean - dice) and ``mean_drop`` over every row.
 
     ``clean``: {"dice": mean foreground Dice clean}; ``perturbed``: {(corruption, level): mean Dice}."""
     base = float(clean["dice"])

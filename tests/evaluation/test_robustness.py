@@ -43,14 +43,20 @@ def test_attacks_stay_in_the_ball_and_raise_the_loss() -> None:
     network = UNet(3, 1, 3, (4, 8), (2,), num_res_units=0).eval()
     image = _image()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = sliding_window_inference(x[None], (16, 16, 16), 1, network)
+        assert isinstance(out, torch.Tensor)
+        return out
+
     with torch.no_grad():
-        target = sliding_window_inference(image[None], (16, 16, 16), 1, network).argmax(1, keepdim=True)
-        clean_loss = float(loss_fn(sliding_window_inference(image[None], (16, 16, 16), 1, network), target))
+        target = logits(image).argmax(1, keepdim=True)
+        clean_loss = float(loss_fn(logits(image), target))
     for steps in (1, 5):
         adv = adversarial(network, image, 0.1, (16, 16, 16), steps=steps)
         assert float((adv - image).abs().max()) <= 0.1 + 1e-6
         with torch.no_grad():
-            adv_loss = float(loss_fn(sliding_window_inference(adv[None], (16, 16, 16), 1, network), target))
+            adv_loss = float(loss_fn(logits(adv), target))
         assert adv_loss > clean_loss
     assert set(catalogue(network, (16, 16, 16))) == set(CORRUPTIONS) | {"fgsm", "pgd"}
     assert "fgsm" not in catalogue(None, (16, 16, 16))
@@ -67,7 +73,7 @@ def test_evaluate_robustness_cli(
     msd_folder: Path,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     torch.set_num_threads(1)
     client = registry_client(mlflow_uri)
