@@ -247,6 +247,63 @@ def evaluate(args: argparse.Namespace) -> None:
         }
         for path in write_report(Path(args.out), report):
             print(f"wrote {path}", file=sys.stderr)
+    if args.robustness:
+        robustness_report(args, model, pairs, roi_size, served)
+
+
+def robustness_report(args: argparse.Namespace, model: Any, pairs: list, roi_size: tuple, served: dict) -> None:
+    """``evaluate --robustness``: clean + every corruption x level on the first ``--robustness-cases``
+    cases, a table on stdout, JSON + PNG under ``--robustness-out``, metrics and plot on the version's run."""
+    from shared.evaluation.robustness import catalogue, robustness_summary, write_robustness
+    from shared.evaluation.runner import evaluate_cases
+    from shared.registry import open_registry
+
+    cases = pairs[: args.robustness_cases or None]
+    perturbations = catalogue(model.network, roi_size)
+    names = args.corruptions or list(perturbations)
+    unknown = sorted(set(names) - set(perturbations))
+    if unknown:
+        raise UsageError(f"unknown corruptions {unknown}; known: {sorted(perturbations)}")
+
+    def mean_dice(perturbation: Any = None) -> float:
+        records = evaluate_cases(
+            model.network,
+            model.spec,
+            model.labels,
+            cases,
+            roi_size,
+            mirror_axes=served.get("mirror_axes") or (),
+            largest_component=served.get("largest_component_labels") or False,
+            perturbation=perturbation,
+        )
+        values = [float(r["dice"]) for r in records if r["dice"] == r["dice"]]  # NaN (empty truth) skipped
+        return sum(values) / len(values) if values else float("nan")
+
+    clean = mean_dice()
+    perturbed: dict[tuple[str, int], float] = {}
+    for name in names:
+        for level in args.robustness_levels:
+            print(f"  robustness {name} level {level}", file=sys.stderr)
+            perturbed[(name, level)] = mean_dice((name, perturbations[name], level))
+    summary = robustness_summary({"dice": clean}, perturbed)
+    print(f"{'corruption':<14}{'level':>6}{'dice':>9}{'drop':>9}")
+    print(f"{'clean':<14}{'-':>6}{clean:>9.4f}{0.0:>9.4f}")
+    for row in summary["rows"]:
+        print(f"{row['corruption']:<14}{row['level']:>6}{row['dice']:>9.4f}{row['drop']:>9.4f}")
+    print(f"mean drop {summary['mean_drop']:.4f} over {len(summary['rows'])} corruption levels, {len(cases)} cases")
+    summary["model"] = {"uri": model.uri, "run_id": model.version.run_id}
+    summary["cases"] = len(cases)
+    out = Path(args.robustness_out)
+    paths = write_robustness(out, summary)
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    if not args.no_log:
+        registry = open_registry()
+        points = [(f"robustness/{r['corruption']}/{r['level']}/dice", r["dice"], 0) for r in summary["rows"]]
+        points += [("robustness/clean/dice", clean, 0), ("robustness_mean_drop", summary["mean_drop"], 0)]
+        registry.log_metrics(model.version.run_id, points)
+        registry.log_artifacts(model.version.run_id, out, "robustness")
+        print(f"logged robustness to run {model.version.run_id}", file=sys.stderr)
 
 
 def models(args: argparse.Namespace) -> None:
@@ -328,6 +385,14 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--roi-size", type=int, nargs=3, help="sliding window (default: the model's validation window)")
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--robustness", action="store_true", help="also Dice under corruptions and FGSM/PGD attacks")
+    ev.add_argument("--robustness-cases", type=int, default=2, help="cases for the robustness sweep (0 = all)")
+    ev.add_argument(
+        "--robustness-levels", type=int, nargs="+", default=[1, 3, 5], choices=[1, 2, 3, 4, 5], help="strengths"
+    )
+    ev.add_argument("--corruptions", nargs="+", help="subset of the catalogue (default: all, attacks included)")
+    ev.add_argument("--robustness-out", default="robustness", help="folder for robustness.json and robustness.png")
+    ev.add_argument("--no-log", action="store_true", help="do not log the robustness results to MLflow")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     mo = commands.add_parser("models", help="registered models: export for serving")
     mo_actions = mo.add_subparsers(dest="action", required=True)

@@ -66,6 +66,7 @@ def evaluate_cases(
     overlap: float = 0.25,
     largest_component: bool | Sequence[int] = False,
     mirror_axes: Sequence[int] = (),
+    perturbation: tuple[str, Callable[[torch.Tensor, int, int], torch.Tensor], int] | None = None,
 ) -> list[dict[str, Any]]:
     """Records of :func:`case_metrics` with ``case_id`` for every (image, label) pair.
 
@@ -73,6 +74,8 @@ def evaluate_cases(
     ``overlap`` and ``largest_component`` are the inference service's settings of the same names
     (``VOXELFLOW_INFERENCE_OVERLAP``, ``…_KEEP_LARGEST_COMPONENT``; defaults equal); ``mirror_axes`` and a
     list of labels for ``largest_component`` come from the model's stored ``inference`` section.
+    ``perturbation``: (name, perturbation, level) of :mod:`shared.evaluation.robustness`, applied to the
+    network input of every case (seeded per case) before the same predictor runs.
     """
     from shared.preprocessing import PreprocessingSpec, build_transforms
 
@@ -86,8 +89,11 @@ def evaluate_cases(
     for done, (image_path, label_path) in enumerate(pairs, start=1):
         case_id = Path(image_path).name.removesuffix(".gz").removesuffix(".nii")
         array, affine = read_nifti(image_path)
+        predict: Callable[[torch.Tensor], torch.Tensor] = predictor
+        if perturbation is not None:
+            predict = _perturbed(predictor, perturbation, case_id)
         mask = segment_array(
-            predictor, transforms, labels, array, affine, name=case_id, largest_component=largest_component
+            predict, transforms, labels, array, affine, name=case_id, largest_component=largest_component
         ).mask
         truth, truth_affine = read_nifti(label_path)
         if mask.shape != truth.shape:
@@ -101,3 +107,16 @@ def evaluate_cases(
         if progress:
             progress(done, len(pairs), case_id)
     return records
+
+
+def _perturbed(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    perturbation: tuple[str, Callable[[torch.Tensor, int, int], torch.Tensor], int],
+    case_id: str,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``predictor`` on the perturbed network input ``(1, C, X, Y, Z)``, seeded by (case, name, level)."""
+    from shared.evaluation.robustness import case_seed
+
+    name, perturb, level = perturbation
+    seed = case_seed(case_id, name, level)
+    return lambda batch: predictor(perturb(batch[0], level, seed)[None])
