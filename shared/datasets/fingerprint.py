@@ -1,4 +1,5 @@
-"""A dataset's fingerprint: what a planner (``shared.training.plans``) needs to know about its cases.
+"""A dataset's fingerprint: what an nnU-Net-style planner needs to know about its cases (issue 11: the
+planner that turns it into target spacing, patch, topology and normalisation is the next step).
 
 Per case: voxel spacing (mm) and shape. Per modality (image channel): intensity statistics over the
 foreground voxels of every case pooled (as nnU-Net does, so CT clipping follows the tissue, not the air).
