@@ -8,17 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from shared.cli import main
 from shared.evaluation.robustness import CORRUPTIONS, adversarial, catalogue, robustness_summary
-from shared.preprocessing import build_transforms, load_spec
-from shared.registry import log_training_run, register_model_version, registry_client
-from tests.evaluation.test_evaluate_cli import CASES, msd_folder  # noqa: F401  (fixture)
-from tests.registry.conftest import LABELS, TINY_CONFIG, tiny_network_builder, unique_name
+from shared.registry import registry_client
+from tests.evaluation.conftest import register_tiny_model
 
 
 def _image() -> torch.Tensor:
@@ -70,56 +67,20 @@ def test_summary_drop() -> None:
 
 def test_evaluate_robustness_cli(
     mlflow_uri: str,
-    msd_folder: Path,  # noqa: F811
+    msd_folder: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    torch.set_num_threads(1)
-    client = registry_client(mlflow_uri)
     monkeypatch.setenv("VOXELFLOW_MLFLOW_TRACKING_URI", mlflow_uri)
-    spec = load_spec("mr_hippocampus")
-    preprocess = build_transforms(spec, "preprocess")
-    batches = [
-        preprocess(
-            {
-                "image": str(msd_folder / "imagesTr" / f"{c}.nii.gz"),
-                "label": str(msd_folder / "labelsTr" / f"{c}.nii.gz"),
-            }
-        )
-        for c in CASES
-    ]
-    config_yaml = yaml.safe_dump({**TINY_CONFIG, "validation": {"roi_size": [32, 48, 32]}})
-    torch.manual_seed(0)
-    network = tiny_network_builder(config_yaml, 1, 3)
-    optimiser = torch.optim.Adam(network.parameters(), lr=1e-2)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    for _ in range(4):
-        for batch in batches:
-            optimiser.zero_grad()
-            loss_fn(network(batch["image"][None].float()), batch["label"][None].float()).backward()
-            optimiser.step()
-    run_id = log_training_run(
-        experiment="evaluate-robustness",
-        state_dict=network.state_dict(),
-        training_config_yaml=config_yaml,
-        preprocessing_spec=spec.to_dict(),
-        preprocessing_hash=spec.hash,
-        labels=LABELS,
-        dataset_version="ds-test",
-        client=client,
-    )
-    name = unique_name("robust")
-    register_model_version(run_id, name, client=client)
+    client = registry_client(mlflow_uri)
+    run_id, name = register_tiny_model(msd_folder, client, "evaluate-robustness", "robust")
     out = tmp_path / "rob"
     capsys.readouterr()
+    evaluate = ["evaluate", "--model", f"models:/{name}/1", "--data", str(msd_folder)]
     main(
         [
-            "evaluate",
-            "--model",
-            f"models:/{name}/1",
-            "--data",
-            str(msd_folder),
+            *evaluate,
             "--bootstrap",
             "10",
             "--robustness",
@@ -155,15 +116,4 @@ def test_evaluate_robustness_cli(
         a.path for a in client.list_artifacts(run_id, "robustness")
     }
     with pytest.raises(SystemExit, match="unknown corruptions"):
-        main(
-            [
-                "evaluate",
-                "--model",
-                f"models:/{name}/1",
-                "--data",
-                str(msd_folder),
-                "--robustness",
-                "--corruptions",
-                "blur",
-            ]
-        )
+        main([*evaluate, "--robustness", "--corruptions", "blur"])
