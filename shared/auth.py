@@ -34,6 +34,12 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
 
 
+#: Roles that may look data up by an original (pre-de-identification) patient identifier: the clinical side
+#: that already knows it (a PACS) and admin. A researcher matches pseudonyms only, so cannot turn an MRN into
+#: its pseudonym by querying (issue 14).
+ORIGINAL_IDENTIFIER_ROLES = frozenset({Role.PACS, Role.ADMIN})
+
+
 @dataclass(frozen=True)
 class Principal:
     name: str

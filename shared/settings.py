@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STATE_DIR = Path(".voxelflow")
@@ -57,3 +57,27 @@ class VoxelflowSettings(BaseSettings):
         description="Longest a client may take to send a request body, from the first read; a slower or "
         "stalled client gets 408 and its connection is closed, so it cannot hold a worker.",
     )
+
+
+class PseudonymSettings(VoxelflowSettings):
+    """The deployment secret that keys every pseudonym (:mod:`shared.pseudonyms`), for the services that make
+    them: ingest (de-identification) and inference (the patient reference of a request)."""
+
+    project: str = Field(
+        default="default",
+        description="Pseudonymisation namespace: the same patient gets the same pseudonym within a project.",
+    )
+    deid_key: SecretStr | None = Field(
+        default=None,
+        description="Secret key of the keyed hash that pseudonymises UIDs and patient IDs. When unset, a "
+        "random key is created once in deid_key_file (fine on one machine; set it explicitly in a cluster).",
+    )
+    deid_key_file: Path = Field(
+        default=DEFAULT_STATE_DIR / "deid.key",
+        description="Where the generated key is kept when deid_key is unset.",
+    )
+
+    def resolved_deid_key(self) -> bytes:
+        from shared.pseudonyms import resolve_key
+
+        return resolve_key(self.deid_key.get_secret_value() if self.deid_key else None, self.deid_key_file)

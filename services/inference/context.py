@@ -14,6 +14,7 @@ from services.inference.model_lifecycle import CANDIDATE, CHAMPION, ModelManager
 from services.inference.model_server import ModelSource, RegistryModelSource
 from services.inference.settings import InferenceSettings
 from shared.contracts.tasks import INFERENCE_QUEUE
+from shared.pseudonyms import patient_ref
 from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
 
@@ -30,6 +31,14 @@ class InferenceContext(ServiceContext):
     @cached_property
     def celery(self) -> Celery:
         return create_celery_app(SERVICE, self.settings.broker_url, self.settings.database_url)
+
+    @cached_property
+    def pseudonym_key(self) -> bytes:
+        return self.settings.resolved_deid_key()
+
+    def patient_ref(self, patient_id: str | None) -> str | None:
+        """The keyed pseudonym kept instead of a PatientID (:func:`shared.pseudonyms.patient_ref`)."""
+        return patient_ref(self.pseudonym_key, self.settings.project, patient_id)
 
     @cached_property
     def models(self) -> ModelManager:

@@ -7,7 +7,7 @@
 * A failed load keeps the old version serving (and is counted): a bad registration must not take the
   service down.
 * Canary / A-B: a configured share of *patients* goes to ``candidate``. The decision is a pure function
-  of sha256(PatientID), so one patient always sees the same model and the share needs no state.
+  of sha256(the patient's keyed pseudonym), so one patient always sees the same model and the share needs no state.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CANDIDATE = "candidate"
 
 
 def canary_bucket(patient_id: str) -> float:
-    """A patient's position in [0, 1): the first 64 bits of sha256(PatientID), uniformly spread."""
+    """A patient's position in [0, 1): the first 64 bits of sha256 of the patient reference (a keyed pseudonym), uniformly spread."""
     return int(hashlib.sha256(patient_id.encode()).hexdigest()[:16], 16) / 2.0**64
 
 

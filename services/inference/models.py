@@ -24,7 +24,9 @@ class SegmentationRequest(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     source_kind: Mapped[str] = mapped_column(String(32))  # series_instance_uid | dicomweb_series_url | nifti_uri
     source_ref: Mapped[str] = mapped_column(String(2048))
-    patient_ref: Mapped[str | None] = mapped_column(String(64))  # sha256 of the PatientID, never the ID itself
+    patient_ref: Mapped[str | None] = mapped_column(
+        String(64)
+    )  # keyed pseudonym (shared.pseudonyms), never the PatientID
     model_alias: Mapped[str] = mapped_column(String(64))
     route: Mapped[str | None] = mapped_column(String(16))  # champion | candidate
     model_name: Mapped[str | None] = mapped_column(String(200))

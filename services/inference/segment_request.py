@@ -8,7 +8,6 @@ already succeeded is returned as it is.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -55,11 +54,6 @@ def input_key(request_id: str) -> str:
     return layout.inference_input_key(request_id)
 
 
-def patient_ref(patient_id: str | None) -> str | None:
-    """What the database keeps of a PatientID: its sha256 (routing is reproducible, the ID is not stored)."""
-    return hashlib.sha256(patient_id.encode()).hexdigest() if patient_id else None
-
-
 @dataclass
 class Outcome:
     row: SegmentationRequest
@@ -77,7 +71,16 @@ def create_request(
     created_by: str | None,
     voxels: int | None = None,
 ) -> Outcome:
-    """Insert the request row, or return the existing one when the client repeats a request ID."""
+    """Insert the request row, or return the existing one when the client repeats a request ID.
+
+    A ``patient_id`` in ``options`` (given with a NIfTI upload) is never stored: the row keeps its keyed
+    pseudonym, in ``patient_ref`` and in the options the job routes by.
+    """
+    options = dict(options)
+    given_patient_id = options.pop("patient_id", None)
+    ref = ctx.patient_ref(given_patient_id) if given_patient_id else None
+    if ref:
+        options["patient_ref"] = ref
     with session_scope(ctx.session_factory) as session:
         existing = session.get(SegmentationRequest, request_id)
         if existing is not None:
@@ -93,6 +96,7 @@ def create_request(
             options=options,
             created_by=created_by,
             voxels=voxels,
+            patient_ref=ref,
         )
         session.add(row)
         session.flush()
@@ -101,7 +105,8 @@ def create_request(
 
 def load_source(ctx: InferenceContext, row: SegmentationRequest) -> SourceVolume:
     if row.source_kind == "nifti_uri":
-        return volume_from_nifti(ctx.store.get_bytes(row.source_ref), patient_id=row.options.get("patient_id"))
+        # the pseudonym stands for the patient: routing needs a stable per-patient value, not the original
+        return volume_from_nifti(ctx.store.get_bytes(row.source_ref), patient_id=row.options.get("patient_ref"))
     if row.source_kind == "dicomweb_series_url":
         return fetch_series(parse_series_url(row.source_ref, ctx.dicomweb_roots()))
     if row.source_kind == "series_instance_uid":
@@ -133,7 +138,8 @@ def run_request(ctx: InferenceContext, request_id: str, mode: str) -> Segmentati
     try:
         _update(ctx, request_id, status="running", error=None)
         volume = load_source(ctx, row)
-        route = ctx.models.route_for(volume.patient_id, row.model_alias or None)
+        reference = row.patient_ref or ctx.patient_ref(volume.patient_id)
+        route = ctx.models.route_for(reference, row.model_alias or None)
         with ctx.models.acquire(route) as model:
             version = model.version
             check_gpu_memory(
@@ -161,7 +167,7 @@ def run_request(ctx: InferenceContext, request_id: str, mode: str) -> Segmentati
             model_name=algorithm.model_name,
             model_version=algorithm.model_version,
             registry_uri=algorithm.registry_uri,
-            patient_ref=patient_ref(volume.patient_id),
+            patient_ref=reference,
             voxels=volume.voxels,
             mask_key=keys["mask"],
             seg_key=keys.get("seg"),

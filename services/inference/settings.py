@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, SecretStr
 
-from shared.settings import VoxelflowSettings
+from shared.settings import PseudonymSettings
 
 
-class InferenceSettings(VoxelflowSettings):
+class InferenceSettings(PseudonymSettings):
     model_name: str = Field(default="hippocampus", description="Registered model (MLflow) this service serves.")
     model_alias: str = Field(
         default="champion",
@@ -21,7 +21,7 @@ class InferenceSettings(VoxelflowSettings):
         default=0.0,
         ge=0.0,
         le=1.0,
-        description="Share of patients (by sha256 of the PatientID) routed to the candidate alias; 0 disables.",
+        description="Share of patients (by sha256 of their keyed pseudonym) routed to the candidate alias; 0 disables.",
     )
     alias_poll_seconds: float = Field(
         default=30.0, gt=0, description="How often the registry is asked where the aliases point."

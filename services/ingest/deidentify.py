@@ -59,11 +59,8 @@ works on its own state, so one instance may be shared by threads.
 
 from __future__ import annotations
 
-import base64
 import copy
 import datetime as _dt
-import hashlib
-import hmac
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -77,6 +74,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
+
+from shared.pseudonyms import keyed_digest, pseudonymise_patient_id
 
 __all__ = [
     "BASIC_PROFILE_ACTIONS",
@@ -188,7 +187,6 @@ _STRING_VRS: Final = frozenset({"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", 
 _BYTES_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _MAX_SHIFT_DAYS: Final = 3650
 _DT_RE: Final = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$", re.DOTALL)
-_DOMAIN: Final = b"voxelflow-deid/v1"
 
 
 @dataclass(frozen=True)
@@ -244,12 +242,8 @@ class Deidentifier:
         return self._project
 
     def _mac(self, purpose: bytes, value: str) -> bytes:
-        """HMAC-SHA256 over length-prefixed fields, so no two inputs can collide by concatenation."""
-        mac = hmac.new(self._key, digestmod=hashlib.sha256)
-        for part in (_DOMAIN, purpose, self._project.encode(), value.encode()):
-            mac.update(len(part).to_bytes(4, "big"))
-            mac.update(part)
-        return mac.digest()
+        """The shared keyed digest (:func:`shared.pseudonyms.keyed_digest`) in this project's namespace."""
+        return keyed_digest(self._key, purpose, self._project, value)
 
     def pseudonymise_uid(self, uid: str) -> str:
         """Keyed replacement for an instance UID: ``2.25.<UUIDv8 as integer>``, at most 44 chars.
@@ -263,9 +257,9 @@ class Deidentifier:
         return f"2.25.{uuid.UUID(bytes=bytes(raw)).int}"
 
     def pseudonymise_patient_id(self, pid: str) -> str:
-        """Keyed pseudonym for a PatientID: ``VF-`` + 26 base32 characters (130 bits)."""
-        digest = self._mac(b"patient", pid.strip(" \x00"))
-        return "VF-" + base64.b32encode(digest).decode("ascii")[:26]
+        """Keyed pseudonym for a PatientID: ``VF-`` + 26 base32 characters (130 bits); the shared definition
+        (:func:`shared.pseudonyms.pseudonymise_patient_id`), so inference's patient reference is the same."""
+        return pseudonymise_patient_id(self._key, self._project, pid)
 
     def date_offset_days(self, pid: str) -> int:
         """Days (negative, 1..3650 into the past) added to every date of this patient.

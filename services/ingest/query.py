@@ -2,7 +2,9 @@
 
 UIDs and PatientID may be given either as stored (pseudonymised) or as the caller knows them
 (original): an original value is translated with the same keyed hash ingest used, so a PACS can find
-what it sent without voxelflow ever storing or returning the original.
+what it sent without voxelflow ever storing or returning the original. Original PatientIDs are translated
+only for the roles in :data:`shared.auth.ORIGINAL_IDENTIFIER_ROLES` (PACS, admin): for a researcher a
+PatientID matches stored pseudonyms only, so querying cannot map an MRN to its pseudonym.
 """
 
 from __future__ import annotations
@@ -155,8 +157,9 @@ def _date_range(column: Any, value: str) -> Any:
     return conditions[0] if len(conditions) == 1 else (conditions[0] & conditions[1])
 
 
-def build_select(query: QidoQuery, translate: Callable[[str, str], str]) -> Select[Any]:
-    """``translate(kind, original)`` gives the pseudonym of an original UID/PatientID."""
+def build_select(query: QidoQuery, translate: Callable[[str, str], str | None]) -> Select[Any]:
+    """``translate(kind, original)`` gives the pseudonym of an original UID/PatientID, or None when the caller
+    may not search by original values of that kind (then only stored pseudonyms match)."""
     entity = {"study": Study, "series": Series, "instance": Instance}[query.level]
     statement = select(entity)
     if query.level in ("series", "instance"):
@@ -172,15 +175,17 @@ def build_select(query: QidoQuery, translate: Callable[[str, str], str]) -> Sele
     for keyword, values in query.filters.items():
         if keyword in uid_columns:
             column = uid_columns[keyword]
-            statement = statement.where(or_(column.in_(values), column.in_([translate("uid", v) for v in values])))
+            translated = [t for t in (translate("uid", v) for v in values) if t]
+            statement = statement.where(or_(column.in_(values), column.in_(translated)))
         elif keyword == "PatientName" and query.fuzzymatching:
             statement = statement.where(or_(*(_fuzzy_name(Patient.pseudonym, v) for v in values)))
         elif keyword in ("PatientID", "PatientName"):
-            pseudonyms = [v for v in values if "*" not in v and "?" not in v]
+            literal = [v for v in values if "*" not in v and "?" not in v]
+            translated = [t for t in (translate("patient", v) for v in literal) if t]
             statement = statement.where(
                 or_(
                     *(_wildcard(Patient.pseudonym, v) for v in values),
-                    Patient.pseudonym.in_([translate("patient", v) for v in pseudonyms]),
+                    Patient.pseudonym.in_(translated),
                 )
             )
         elif keyword == "StudyDate":

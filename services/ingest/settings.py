@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
-from shared.settings import DEFAULT_STATE_DIR, VoxelflowSettings
+from shared.settings import PseudonymSettings
 
 
 class PacsConnection(BaseModel):
@@ -63,21 +63,8 @@ class PacsConnection(BaseModel):
         return "dimse" if self.url.startswith("dimse:") else "dicomweb"
 
 
-class IngestSettings(VoxelflowSettings):
-    project: str = Field(
-        default="default",
-        description="Pseudonymisation namespace: the same patient gets the same pseudonym within a project.",
-    )
+class IngestSettings(PseudonymSettings):
     site: str = Field(default="local", description="Site (institution) recorded on every series received here.")
-    deid_key: SecretStr | None = Field(
-        default=None,
-        description="Secret key of the keyed hash that pseudonymises UIDs and patient IDs. When unset, a "
-        "random key is created once in deid_key_file (fine on one machine; set it explicitly in a cluster).",
-    )
-    deid_key_file: Path = Field(
-        default=DEFAULT_STATE_DIR / "deid.key",
-        description="Where the generated key is kept when deid_key is unset.",
-    )
     max_instance_bytes: int = Field(
         default=1024**3, description="Largest single DICOM instance accepted (STOW part or C-STORE)."
     )
@@ -105,15 +92,3 @@ class IngestSettings(VoxelflowSettings):
     preprocessing_queue: str = Field(
         default="preprocessing", description="Queue that receives 'series ready' messages."
     )
-
-    def resolved_deid_key(self) -> bytes:
-        if self.deid_key is not None:
-            return self.deid_key.get_secret_value().encode()
-        import secrets
-
-        path = self.deid_key_file
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
-        return path.read_text().strip().encode()

@@ -59,6 +59,7 @@ def base_settings(postgres_url: str, redis_url: str, s3_url: str) -> dict[str, A
         "log_json": False,
         "api_max_request_bytes": 32 * 1024**2,
         "alias_poll_seconds": 3600,  # tests move aliases and call poll_once() themselves
+        "deid_key": "inference-test-pseudonym-key-0123456789",  # never the developer's .voxelflow/deid.key
     }
 
 

@@ -68,6 +68,26 @@ def test_nifti_upload_is_segmented_synchronously(service: InferenceService, hipp
     )
 
 
+def test_patient_id_is_stored_only_as_its_keyed_pseudonym(service: InferenceService, hippocampus_nifti: bytes) -> None:
+    """The row keeps the HMAC pseudonym ingest would give the patient, never the MRN or its plain sha256."""
+    import hashlib
+
+    from services.inference.models import SegmentationRequest
+    from shared.pseudonyms import pseudonymise_patient_id
+
+    mrn = "MRN-00012345"
+    response = upload(service, hippocampus_nifti, patient_id=mrn, request_id="keyed-ref-0001")
+    assert response.status_code == 200, response.text
+    settings = service.ctx.settings
+    expected = pseudonymise_patient_id(settings.resolved_deid_key(), settings.project, mrn)
+    with service.ctx.session_factory() as session:
+        row = session.get(SegmentationRequest, "keyed-ref-0001")
+    assert row is not None and row.patient_ref == expected
+    assert row.patient_ref != hashlib.sha256(mrn.encode()).hexdigest()
+    assert "patient_id" not in row.options and row.options["patient_ref"] == expected
+    assert mrn not in json.dumps(row.options) and mrn not in response.text
+
+
 def test_repeated_request_id_does_not_segment_twice(service: InferenceService, hippocampus_nifti: bytes) -> None:
     first = upload(service, hippocampus_nifti, request_id="idempotent-0001").json()
     second = upload(service, hippocampus_nifti, request_id="idempotent-0001").json()

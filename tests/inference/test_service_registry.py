@@ -23,6 +23,7 @@ import torch
 
 from services.inference.export import export_registered_model
 from services.inference.model_lifecycle import routes_to_candidate
+from shared.pseudonyms import pseudonymise_patient_id
 from shared.registry import load_model, registry_client, set_alias
 from shared.storage import open_object_store
 from tests.inference.conftest import InferenceService, running_service
@@ -205,7 +206,7 @@ def test_champion_moves_under_load_without_a_failed_request(
 def test_canary_share_of_patients_goes_to_the_candidate(
     request: pytest.FixtureRequest, base_settings: dict[str, Any], registered: Registered, hippocampus_path: Path
 ) -> None:
-    """Champion v1, candidate v2, share 0.5: each patient gets the version sha256(PatientID) assigns it,
+    """Champion v1, candidate v2, share 0.5: each patient gets the version sha256(keyed pseudonym) assigns it,
     the split over the patients is near one half, and the metrics are per route and version."""
     v1, v2 = registered.exported
     set_alias(registered.name, "champion", v1, registered.client)
@@ -225,8 +226,10 @@ def test_canary_share_of_patients_goes_to_the_candidate(
                 metrics = client.get("/metrics").text
     finally:
         registered.client.delete_registered_model_alias(registered.name, "candidate")
+    key, project = svc.ctx.settings.resolved_deid_key(), svc.ctx.settings.project
     for patient, (route, version) in answered.items():
-        expected = ("candidate", str(v2)) if routes_to_candidate(patient, 0.5) else ("champion", str(v1))
+        reference = pseudonymise_patient_id(key, project, patient)
+        expected = ("candidate", str(v2)) if routes_to_candidate(reference, 0.5) else ("champion", str(v1))
         assert (route, version) == expected, patient
     share = sum(route == "candidate" for route, _ in answered.values()) / len(patients)
     assert 0.25 <= share <= 0.75  # 24 patients: binomial sd 0.10

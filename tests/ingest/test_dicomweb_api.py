@@ -113,7 +113,7 @@ def test_files_without_study_or_series_uid_are_refused_with_the_reason(stored_ev
 def test_qido_finds_studies_by_original_and_pseudonymised_patient_id(
     stored_everything: dict[str, object], ingest_service: IngestService
 ):
-    with ingest_service.client("researcher") as client:
+    with ingest_service.client("pacs") as client:  # the sender knows the original PatientID
         by_original = client.get("/dicomweb/studies", params={"PatientID": "PGBM-002"})
         assert by_original.status_code == 200
         studies = by_original.json()
@@ -122,8 +122,24 @@ def test_qido_finds_studies_by_original_and_pseudonymised_patient_id(
         assert pseudonym.startswith("VF-") and "PGBM" not in str(studies)
         assert studies[0]["00080061"]["Value"] == ["MR"]
         assert int(studies[0]["00201206"]["Value"][0]) == 5  # four full series + the HippoCrop series
+    with ingest_service.client("researcher") as client:
         by_pseudonym = client.get("/dicomweb/studies", params={"00100020": pseudonym}).json()
         assert by_pseudonym[0]["0020000D"] == studies[0]["0020000D"]
+
+
+def test_researcher_cannot_map_an_original_patient_id_to_its_pseudonym(
+    stored_everything: dict[str, object], ingest_service: IngestService
+):
+    """Only PACS and admin may search by original identifiers: a researcher's PatientID or PatientName
+    matches stored pseudonyms only, so an MRN finds nothing (204) while its pseudonym finds the study."""
+    pseudonym = ingest_service.ctx.deidentifier.pseudonymise_patient_id("PGBM-002")  # type: ignore[attr-defined]
+    with ingest_service.client("researcher") as client:
+        for key in ("PatientID", "00100020", "PatientName"):
+            assert client.get("/dicomweb/studies", params={key: "PGBM-002"}).status_code == 204, key
+        assert client.get("/dicomweb/series", params={"PatientID": "PGBM-002"}).status_code == 204
+        assert client.get("/dicomweb/studies", params={"PatientID": pseudonym}).status_code == 200
+    with ingest_service.client("admin") as client:
+        assert client.get("/dicomweb/studies", params={"PatientID": "PGBM-002"}).status_code == 200
 
 
 def test_qido_matching_keys_limit_offset_and_includefield(

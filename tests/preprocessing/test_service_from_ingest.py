@@ -39,7 +39,7 @@ def test_stowed_series_becomes_a_catalogue_case(
     with ingest_service.client("pacs") as client:
         assert stow(client, [f.read_bytes() for f in files]).status_code == 200
     original = pydicom.dcmread(files[0])
-    with ingest_service.client("researcher") as client:
+    with ingest_service.client("pacs") as client:  # the sender may search by the original PatientID
         studies = client.get("/dicomweb/studies", params={"PatientID": original.PatientID}).json()
         pseudonym = studies[0]["00100020"]["Value"][0]
         # the patient's other series may be in the catalogue too (other tests pull the whole study): find the

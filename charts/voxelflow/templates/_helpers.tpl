@@ -257,7 +257,7 @@ policies and ServiceMonitors so that they can never disagree.
   "training_worker" (list "postgresql" "redis" "minio")
   "aggregation" (list "postgresql" "redis" "minio" "mlflow")
   "model_registry" (list "postgresql" "minio" "mlflow")
-  "inference" (list "postgresql" "redis" "minio" "mlflow" "triton" "pacs")
+  "inference" (list "postgresql" "redis" "minio" "mlflow" "triton" "pacs" "deid")
 -}}
 {{- /* HTTP APIs of other voxelflow services each one calls (NetworkPolicy: only these, nothing else).
 The aggregator calls no voxelflow API: it sends round tasks through Redis and reads the sites' updates from

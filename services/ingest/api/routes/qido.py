@@ -18,6 +18,7 @@ from services.ingest.query import (
     series_json,
     study_json,
 )
+from shared.auth import ORIGINAL_IDENTIFIER_ROLES, Principal
 from shared.validation import DicomUID
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb QIDO-RS"])
@@ -33,7 +34,9 @@ SEARCH: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _search(request: Request, ctx: ContextDep, session: SessionDep, level: str, scope: dict[str, str]) -> Response:
+def _search(
+    request: Request, ctx: ContextDep, session: SessionDep, caller: Principal, level: str, scope: dict[str, str]
+) -> Response:
     params = [(k, v) for k, v in request.query_params.multi_items()]
     params += list(scope.items())
     try:
@@ -41,9 +44,12 @@ def _search(request: Request, ctx: ContextDep, session: SessionDep, level: str, 
     except QueryError as exc:
         raise HTTPException(400, str(exc)) from exc
 
-    def translate(kind: str, original: str) -> str:
+    translate_patients = caller.role in ORIGINAL_IDENTIFIER_ROLES
+
+    def translate(kind: str, original: str) -> str | None:
         if kind == "patient":
-            return ctx.deidentifier.pseudonymise_patient_id(original)
+            # only roles that may know the original: a researcher's PatientID matches stored pseudonyms only
+            return ctx.deidentifier.pseudonymise_patient_id(original) if translate_patients else None
         return ctx.deidentifier.pseudonymise_uid(original)
 
     base = ctx.settings.public_url.rstrip("/")
@@ -68,12 +74,12 @@ def _require_study(session: SessionDep, ctx: ContextDep, study_uid: DicomUID) ->
 
 @router.get("/studies", summary="Search for studies", responses=SEARCH, response_class=JSONResponse)
 def search_studies(request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> Response:
-    return _search(request, ctx, session, "study", {})
+    return _search(request, ctx, session, caller, "study", {})
 
 
 @router.get("/series", summary="Search for series", responses=SEARCH, response_class=JSONResponse)
 def search_all_series(request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller) -> Response:
-    return _search(request, ctx, session, "series", {})
+    return _search(request, ctx, session, caller, "series", {})
 
 
 @router.get(
@@ -83,7 +89,7 @@ def search_series(
     study_uid: DicomUID, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> Response:
     _require_study(session, ctx, study_uid)
-    return _search(request, ctx, session, "series", {"StudyInstanceUID": study_uid})
+    return _search(request, ctx, session, caller, "series", {"StudyInstanceUID": study_uid})
 
 
 @router.get(
@@ -104,7 +110,9 @@ def search_instances(
     candidates = [series_uid, ctx.deidentifier.pseudonymise_uid(series_uid)]
     if session.scalar(select(Series.id).where(Series.series_instance_uid.in_(candidates))) is None:
         raise HTTPException(404, f"no series {series_uid}")
-    return _search(request, ctx, session, "instance", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
+    return _search(
+        request, ctx, session, caller, "instance", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}
+    )
 
 
 @router.get(
@@ -117,4 +125,4 @@ def search_study_instances(
     study_uid: DicomUID, request: Request, ctx: ContextDep, session: SessionDep, caller: QueryCaller
 ) -> Response:
     _require_study(session, ctx, study_uid)
-    return _search(request, ctx, session, "instance", {"StudyInstanceUID": study_uid})
+    return _search(request, ctx, session, caller, "instance", {"StudyInstanceUID": study_uid})
