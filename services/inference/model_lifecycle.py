@@ -29,7 +29,7 @@ CANDIDATE = "candidate"
 
 
 def canary_bucket(patient_id: str) -> float:
-    """A patient's position in [0, 1): the first 64 bits of sha256 of the patient reference (a keyed pseudonym), uniformly spread."""
+    """A patient's position in [0, 1): the first 64 bits of sha256(patient reference), uniformly spread."""
     return int(hashlib.sha256(patient_id.encode()).hexdigest()[:16], 16) / 2.0**64
 
 
