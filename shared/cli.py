@@ -70,7 +70,7 @@ def print_config() -> None:
 def tokens(args: argparse.Namespace) -> None:
     from sqlalchemy.exc import OperationalError
 
-    from shared.auth import Role, create_token, revoke_token
+    from shared.auth import Role, create_token, parse_duration, revoke_token
     from shared.db import models
     from shared.db.base import make_engine, make_session_factory, run_migrations, session_scope
 
@@ -80,9 +80,18 @@ def tokens(args: argparse.Namespace) -> None:
         factory = make_session_factory(make_engine(settings.database_url))
         with session_scope(factory) as session:
             if args.action == "create":
-                secret = create_token(session, args.name, Role(args.role))
+                try:
+                    lifetime = parse_duration(args.expires_in)
+                except ValueError as exc:
+                    raise UsageError(f"--expires-in: {exc}") from None
+                secret = create_token(session, args.name, Role(args.role), expires_in=lifetime, project=args.project)
                 print(secret)
-                print(f"token {args.name!r} ({args.role}) created; it is shown only once", file=sys.stderr)
+                until = f"expires in {args.expires_in}" if lifetime is not None else "never expires"
+                scope = f", project {args.project!r} only" if args.project else ""
+                print(
+                    f"token {args.name!r} ({args.role}{scope}) created, {until}; it is shown only once",
+                    file=sys.stderr,
+                )
             elif not revoke_token(session, args.name):
                 raise UsageError(f"no active token named {args.name!r}")
     except OperationalError as exc:
@@ -346,6 +355,14 @@ def main(argv: list[str] | None = None) -> None:
     token_parser.add_argument("action", choices=["create", "revoke"])
     token_parser.add_argument("--name", required=True)
     token_parser.add_argument("--role", choices=["pacs", "researcher", "operator", "admin"], default="pacs")
+    token_parser.add_argument(
+        "--expires-in",
+        default="30d",
+        help="lifetime: 30m, 8h, 7d, 2w, or 'never' (service-to-service tokens only); default 30d",
+    )
+    token_parser.add_argument(
+        "--project", default=None, help="scope the token to one project (VOXELFLOW_PROJECT of the services)"
+    )
     commands.add_parser("config", help="every VOXELFLOW_* variable with its default and description")
     stack_parser = commands.add_parser("stack", help="the local stack (same as python -m shared.stack)")
     stack_parser.add_argument("rest", nargs=argparse.REMAINDER)

@@ -246,6 +246,8 @@ def create_service_app(
     session_factory: sessionmaker[Session],
     max_request_bytes: int,
     body_timeout_seconds: float | None = None,
+    project: str | None = None,
+    public_api_docs: bool = False,
     routers: Sequence[APIRouter],
     readiness_checks: dict[str, ReadinessCheck],
     startup: Sequence[Callable[[], None]] = (),
@@ -271,7 +273,7 @@ def create_service_app(
 
     app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
     app.state.ready = False
-    app.state.authenticator = TokenAuthenticator(session_factory)
+    app.state.authenticator = TokenAuthenticator(session_factory, project)
     app.include_router(health_router(readiness_checks))
     for router in routers:
         app.include_router(router)

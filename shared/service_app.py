@@ -60,6 +60,8 @@ def build_service_app(
         session_factory=ctx.session_factory,
         max_request_bytes=settings.api_max_request_bytes,
         body_timeout_seconds=settings.api_body_timeout_seconds,
+        project=settings.project,
+        public_api_docs=settings.public_api_docs,
         routers=all_routers,
         readiness_checks=checks,
         startup=[ctx.migrate, *startup],

@@ -51,6 +51,16 @@ class VoxelflowSettings(BaseSettings):
         "shared.contracts.tasks (e.g. a training round longer than 5.5 h; keep the broker's visibility timeout "
         "above the hard limit).",
     )
+    project: str = Field(
+        default="default",
+        description="The project this deployment serves: the pseudonymisation namespace (the same patient gets "
+        "the same pseudonym within a project) and the scope a project-scoped API token must match (403 otherwise).",
+    )
+    public_api_docs: bool = Field(
+        default=False,
+        description="Serve /docs, /redoc and /openapi.json without a token. False: they need any valid token, "
+        "like every other path (a schema lists every route and parameter an attacker could probe).",
+    )
     api_body_timeout_seconds: float = Field(
         default=60.0,
         gt=0,
@@ -60,13 +70,9 @@ class VoxelflowSettings(BaseSettings):
 
 
 class PseudonymSettings(VoxelflowSettings):
-    """The deployment secret that keys every pseudonym (:mod:`shared.pseudonyms`), for the services that make
-    them: ingest (de-identification) and inference (the patient reference of a request)."""
+    """The deployment secret that keys every pseudonym (:mod:`shared.pseudonyms`, namespace ``project``), for
+    the services that make them: ingest (de-identification) and inference (the patient reference of a request)."""
 
-    project: str = Field(
-        default="default",
-        description="Pseudonymisation namespace: the same patient gets the same pseudonym within a project.",
-    )
     deid_key: SecretStr | None = Field(
         default=None,
         description="Secret key of the keyed hash that pseudonymises UIDs and patient IDs. When unset, a "

@@ -23,6 +23,10 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    #: refused (401) from then on; None: never expires (service-to-service tokens only)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    #: the only project the token may act in; None: any
+    project: Mapped[str | None] = mapped_column(String(200), default=None)
 
 
 class AuditEvent(Base):
