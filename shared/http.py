@@ -34,8 +34,19 @@ UNAUDITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 ReadinessCheck = Callable[[], None]
 
 
-# Interactive API docs stay public for now; every other path needs a token before its body is read.
-PUBLIC_PATHS = UNAUDITED_PATHS | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+# The interactive API docs and the schema: they list every route and parameter, so they need a token like
+# any other path unless VOXELFLOW_PUBLIC_API_DOCS=true (a local stack). A browser gets the Basic challenge
+# and sends `name:token` for /docs and the /openapi.json it then fetches.
+API_DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: never authenticated: probes and scrapes
+PUBLIC_PATHS = UNAUDITED_PATHS
+
+
+def public_paths(public_api_docs: bool) -> frozenset[str]:
+    """The paths served without a token: probes, plus the API docs when they are configured public."""
+    return PUBLIC_PATHS | API_DOCS_PATHS if public_api_docs else PUBLIC_PATHS
+
+
 DEFAULT_BODY_TIMEOUT_SECONDS = 60.0
 
 
@@ -277,8 +288,9 @@ def create_service_app(
     app.include_router(health_router(readiness_checks))
     for router in routers:
         app.include_router(router)
-    document_edge_responses(app, PUBLIC_PATHS)
-    app.add_middleware(AuthenticateFirstMiddleware)  # inside the observer: a 401 is still logged and audited
+    document_edge_responses(app, PUBLIC_PATHS | API_DOCS_PATHS)
+    # inside the observer: a 401 is still logged and audited
+    app.add_middleware(AuthenticateFirstMiddleware, public_paths=public_paths(public_api_docs))
     if body_timeout_seconds is None:
         body_timeout_seconds = VoxelflowSettings().api_body_timeout_seconds
     app.add_middleware(
@@ -292,6 +304,7 @@ def create_service_app(
 
 
 __all__ = [
+    "API_DOCS_PATHS",
     "EDGE_RESPONSES",
     "PUBLIC_PATHS",
     "AuthenticateFirstMiddleware",
@@ -301,4 +314,5 @@ __all__ = [
     "create_service_app",
     "document_edge_responses",
     "health_router",
+    "public_paths",
 ]

@@ -44,6 +44,8 @@ CHART_MANAGED = {
     "metrics_port",
     "api_max_request_bytes",
     "api_body_timeout_seconds",
+    "project",
+    "public_api_docs",
     # per service
     "site",
     "dimse_ae_title",

@@ -354,7 +354,9 @@ def test_metrics_and_health(ingest_service: IngestService):
         assert client.get("/healthz").json() == {"status": "ok"}
         assert client.get("/readyz").status_code == 200
         metrics = client.get("/metrics").text
-        openapi = client.get("/openapi.json").json()
+        assert client.get("/openapi.json").status_code == 401  # the schema needs a token (VOXELFLOW_PUBLIC_API_DOCS)
+        token = {"Authorization": f"Bearer {ingest_service.tokens['researcher']}"}
+        openapi = client.get("/openapi.json", headers=token).json()
     for name in (
         "voxelflow_ingest_instances_received_total",
         "voxelflow_ingest_instances_rejected_total",

@@ -131,3 +131,20 @@ def test_parse_duration() -> None:
     for bad in ("0h", "8", "h", "-1d", "1.5h", "1y"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_api_docs_need_a_token_unless_configured_public(url: str, session_factory: Any) -> None:
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        refused = _get(url, None, path)
+        assert refused.status_code == 401, path
+        assert "Basic" in refused.headers["www-authenticate"]  # a browser asks for name and token
+    token = _token(session_factory, "docs-reader")
+    assert "/things/{id}" in _get(url, token, "/openapi.json").json()["paths"]
+    assert _get(url, token, "/docs").status_code == 200
+    basic = httpx.get(url + "/openapi.json", auth=("docs-reader", token), timeout=30)
+    assert basic.status_code == 200
+    assert _get(url, None, "/healthz").status_code == 200  # probes stay public
+    with running_app(session_factory, public_api_docs=True) as public:
+        assert _get(public, None, "/openapi.json").status_code == 200
+        assert _get(public, None, "/docs").status_code == 200
+        assert _get(public, None, "/things/t1").status_code == 401  # only the docs became public
