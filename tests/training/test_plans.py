@@ -117,3 +117,20 @@ def test_explicit_config_fields_survive_apply_plan(hippocampus_fingerprint: Data
     ]
     empty = apply_plan(TrainingConfig(), plan)
     assert empty.network.name == "dynunet" and empty.network.args == {"spacing": [1.0, 1.0, 1.0]}
+
+
+def test_voxelflow_plan_prints_the_hippocampus_plan(hippocampus_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from shared.cli import main
+
+    main(["plan", str(hippocampus_dir)])
+    fields = yaml.safe_load(capsys.readouterr().out.split("# the whole plan")[0])
+    assert fields["patch"] == {"sampler": "whole", "size": [48, 64, 48], "divisible": 8}
+
+
+def test_voxelflow_plan_refuses_a_missing_folder(tmp_path: Path) -> None:
+    from shared.cli import main
+
+    with pytest.raises(SystemExit, match="not an MSD folder"):
+        main(["plan", str(tmp_path / "nope")])
