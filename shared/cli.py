@@ -432,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
         default=3,
         help="Triton versions kept in the repository besides the aliased ones (a polling Triton serves them all)",
     )
+    plan_parser = commands.add_parser("plan", help="the nnU-Net-style training plan of an MSD folder (YAML)")
+    plan_parser.add_argument("dataset", type=Path, help="an MSD folder (dataset version ids: not yet)")
+    plan_parser.add_argument("--memory-budget-gib", type=float, default=8.0, help="activation memory per step")
     train_parser = commands.add_parser(
         "train", help="centralised training on a dataset version (python -m shared.training.centralised)"
     )
@@ -475,6 +478,22 @@ def user_error(exc: BaseException) -> str | None:
     return None
 
 
+def print_plan(args: argparse.Namespace) -> None:
+    """Fingerprint the MSD folder and print its plan as YAML (the fields ``apply_plan`` would fill first)."""
+    import yaml
+
+    from shared.datasets.fingerprint import fingerprint_msd_folder
+    from shared.training.plans import plan_from_fingerprint
+
+    if not Path(args.dataset).is_dir():
+        raise UsageError(f"{args.dataset} is not an MSD folder (dataset version ids are not supported yet)")
+    plan = plan_from_fingerprint(fingerprint_msd_folder(args.dataset), memory_budget_gib=args.memory_budget_gib)
+    print("# training config fields the plan fills where a config leaves them unset")
+    print(yaml.safe_dump(plan.config_values(), sort_keys=False, default_flow_style=None), end="")
+    print("# the whole plan")
+    print(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False, default_flow_style=None), end="")
+
+
 def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     if argv[:1] == ["train"]:  # its options (--dataset …) belong to the training CLI, not to this parser
         from shared.training.centralised import main as train_main
@@ -499,6 +518,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         pacs(args)
     elif args.command == "config":
         print_config()
+    elif args.command == "plan":
+        print_plan(args)
     else:
         from shared.stack.__main__ import main as stack_main
 

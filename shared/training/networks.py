@@ -6,6 +6,7 @@ Defaults are sized for 1 mm hippocampus crops on a CPU; the YAML ``network.args`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,28 +19,57 @@ from shared.training.config import TrainingConfig
 def dynunet_topology(
     patch_size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0), *, min_size: int = 4, max_depth: int = 5
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Kernel sizes and strides by the nnU-Net rule (as in MONAI's DynUNet tutorial).
+    """Kernel sizes and strides by nnU-Net's rule (``get_pool_and_conv_props``), as lists for MONAI's DynUNet.
 
-    An axis is downsampled while it is still at least ``2 * min_size`` voxels and its spacing is at most
-    twice the finest spacing (anisotropic axes wait until the others catch up); a 3-wide kernel is used
-    on an axis once its spacing is within a factor 2 of the finest.
+    Stage 0 has stride 1; every later stage halves the axes that are still at least ``2 * min_size``
+    voxels and whose spacing is less than twice the finest spacing among those axes (anisotropic axes
+    wait until the others catch up); an axis is halved alone only while it is at least ``3 * min_size``.
+    The kernel of stage i is chosen at the spacing stage i works at (after its stride): an axis gets a
+    3-wide kernel once its spacing there is within a factor 2 of the finest, and keeps it from then on;
+    before that it is 1-wide (no convolving across thick slices). The bottleneck kernel is 3 on every
+    axis, as in nnU-Net. A patch must be divisible by :func:`stride_product` of the strides.
     """
-    sizes = list(patch_size)
-    spacings = list(spacing)
-    strides: list[list[int]] = []
-    kernels: list[list[int]] = []
-    while len(strides) < max_depth:
-        finest = min(spacings)
-        ratios = [s / finest for s in spacings]
-        stride = [2 if r <= 2 and size >= 2 * min_size else 1 for r, size in zip(ratios, sizes, strict=True)]
-        kernel = [3 if r <= 2 else 1 for r in ratios]
-        if all(s == 1 for s in stride):
+    if len(patch_size) != len(spacing) or any(s <= 0 for s in spacing) or any(p <= 0 for p in patch_size):
+        raise ValueError(f"patch {tuple(patch_size)} and spacing {tuple(spacing)} must be positive, one per axis")
+    dim = len(patch_size)
+    sizes = [float(p) for p in patch_size]
+    spacings = [float(s) for s in spacing]
+
+    def kernel_at(current: list[float], previous: list[int]) -> list[int]:
+        finest = min(current)
+        return [3 if k == 3 or sp / finest < 2 else 1 for sp, k in zip(current, previous, strict=True)]
+
+    kernels = [kernel_at(spacings, [1] * dim)]
+    strides = [[1] * dim]
+    while len(strides) <= max_depth:
+        candidates = [i for i in range(dim) if sizes[i] >= 2 * min_size]
+        if not candidates:
             break
-        sizes = [size // s for size, s in zip(sizes, stride, strict=True)]
+        finest = min(spacings[i] for i in candidates)
+        axes = [i for i in candidates if spacings[i] / finest < 2]
+        if len(axes) == 1 and sizes[axes[0]] < 3 * min_size:
+            break
+        stride = [2 if i in axes else 1 for i in range(dim)]
+        sizes = [math.ceil(size / s) for size, s in zip(sizes, stride, strict=True)]
         spacings = [sp * s for sp, s in zip(spacings, stride, strict=True)]
-        kernels.append(kernel)
         strides.append(stride)
-    return [[3] * len(sizes), *kernels], [[1] * len(sizes), *strides]
+        kernels.append(kernel_at(spacings, kernels[-1]))
+    if len(kernels) > 1:
+        kernels[-1] = [3] * dim  # the bottleneck
+    return kernels, strides
+
+
+def stride_product(strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Per axis, the product of all strides: what a patch (or padded volume) must be divisible by."""
+    return tuple(math.prod(axis) for axis in zip(*strides, strict=True))
+
+
+def check_divisible(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> None:
+    """Raise ValueError when ``patch_size`` is not divisible by the strides' product (DynUNet's skips would
+    not line up)."""
+    divisor = stride_product(strides)
+    if any(p % d for p, d in zip(patch_size, divisor, strict=True)):
+        raise ValueError(f"patch {tuple(patch_size)} is not divisible by the strides' product {divisor}")
 
 
 def build_network(config: TrainingConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
