@@ -69,8 +69,12 @@ class CStoreDestination:
         if not assoc.is_established:
             raise PacsUnavailableError(f"{self.url}: association not established (rejected, aborted or no answer)")
         stored, refused = [], []
+        accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
         try:
             for ds in datasets:
+                if str(ds.SOPClassUID) not in accepted:  # e.g. a PACS that does not know Label Map SEG
+                    refused.append(f"{ds.SOPInstanceUID}: SOP class {ds.SOPClassUID} not accepted")
+                    continue
                 status = assoc.send_c_store(ds)
                 if not status:  # no response: the association was aborted or timed out
                     raise PacsUnavailableError(f"{self.url}: no C-STORE response for {ds.SOPInstanceUID}")
