@@ -187,7 +187,7 @@ def build_dicom_seg(
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=algorithm.model_name[:64],
-        software_versions=algorithm.software_versions(),
+        software_versions=tuple(algorithm.software_versions()),  # type: ignore[arg-type]
         device_serial_number=algorithm.model_version[:64],
         series_description=algorithm.series_description("segmentation"),
         content_description=f"request {algorithm.request_id}"[:64],
