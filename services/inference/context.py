@@ -84,7 +84,7 @@ class InferenceContext(ServiceContext):
         """DICOMweb roots a request may name as its source, with the credentials to use there."""
         roots: dict[str, dict[str, str]] = {root.rstrip("/"): {} for root in self.settings.allowed_dicomweb_roots}
         roots[f"{self.settings.ingest_url.rstrip('/')}/dicomweb"] = self.ingest_headers()
-        if self.settings.pacs_url:
+        if self.settings.pacs_url and self.settings.pacs_url.startswith(("http://", "https://")):
             roots[self.settings.pacs_url.rstrip("/")] = self.pacs_headers()
         return roots
 

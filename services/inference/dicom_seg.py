@@ -30,10 +30,50 @@ class GridMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class AlgorithmInfo:
+    """Provenance of one output, written into every DICOM object of a request (mapping in
+    docs/inference-service.md): the model (name, version, registry URI), what it was trained on (dataset
+    version) and with (code version, the training run's git SHA), and the request that produced it."""
+
     model_name: str
     model_version: str
     registry_uri: str
     request_id: str
+    dataset_version: str = ""
+    code_version: str = ""
+
+    def parameters(self) -> dict[str, str]:
+        """AlgorithmParameters (0066,0032): the provenance that has no attribute of its own."""
+        values = {
+            "registry_uri": self.registry_uri,
+            "dataset_version": self.dataset_version,
+            "code_version": self.code_version,
+            "request_id": self.request_id,
+        }
+        return {key: value for key, value in values.items() if value}
+
+    def software_versions(self) -> list[str]:
+        """SoftwareVersions (0018,1020), one value per software: the model, then the training code."""
+        versions = [f"{self.model_name} {self.model_version}"[:64]]
+        if self.code_version:
+            versions.append(f"voxelflow {self.code_version}"[:64])
+        return versions
+
+    def series_description(self, what: str) -> str:
+        return f"AI {what} {self.model_name} v{self.model_version}"[:64]
+
+    def identification(self) -> hd.AlgorithmIdentificationSequence:
+        return hd.AlgorithmIdentificationSequence(
+            name=self.model_name[:64],
+            family=codes.cid7162.ArtificialIntelligence,
+            version=self.model_version[:64],
+            source="voxelflow",
+            parameters=self.parameters(),
+        )
+
+
+def labelmap_supported() -> bool:
+    """LABELMAP segmentations (one frame per slice holding segment numbers) need highdicom >= 0.23."""
+    return hasattr(hd.seg.SegmentationTypeValues, "LABELMAP")
 
 
 def frame_indices(affine_ras: np.ndarray, shape: tuple[int, int, int], ds: Dataset) -> tuple[np.ndarray, ...]:
@@ -105,19 +145,22 @@ def build_dicom_seg(
     labels: Mapping[int, str],
     algorithm: AlgorithmInfo,
     manufacturer: str = "voxelflow",
+    *,
+    labelmap: bool | None = None,
 ) -> hd.seg.Segmentation:
+    """A LABELMAP SEG where highdicom writes one (``labelmap=None``: whenever it can), BINARY otherwise.
+
+    Segment numbers are 1..n in the order of the label values; a label of the model that the mask does not
+    contain still gets its segment (empty), so segment numbers mean the same for every request of a model.
+    """
+    if labelmap is None:
+        labelmap = labelmap_supported()
     frames = frames_on_source_grid(mask, affine_ras, datasets)
     foreground = sorted(int(v) for v in labels if int(v) != 0)
     segment_array = np.zeros(frames.shape, dtype=np.uint8)  # label values → segment numbers 1..n
     for number, value in enumerate(foreground, start=1):
         segment_array[frames == value] = number
-    identification = hd.AlgorithmIdentificationSequence(
-        name=algorithm.model_name,
-        family=codes.cid7162.ArtificialIntelligence,
-        version=algorithm.model_version,
-        source="voxelflow",
-        parameters={"registry_uri": algorithm.registry_uri, "request_id": algorithm.request_id},
-    )
+    identification = algorithm.identification()
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -134,7 +177,9 @@ def build_dicom_seg(
     return hd.seg.Segmentation(
         source_images=_with_type2_attributes(datasets),
         pixel_array=segment_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
+        ),
         segment_descriptions=descriptions,
         series_instance_uid=uid_for(algorithm.request_id, "series"),
         series_number=9001,
@@ -142,9 +187,10 @@ def build_dicom_seg(
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=algorithm.model_name[:64],
-        software_versions=f"{algorithm.model_name} {algorithm.model_version}"[:64],
+        software_versions=tuple(algorithm.software_versions()),  # type: ignore[arg-type]
         device_serial_number=algorithm.model_version[:64],
-        series_description=f"AI segmentation {algorithm.model_name} v{algorithm.model_version}"[:64],
-        content_description="voxelflow automatic segmentation"[:64],
+        series_description=algorithm.series_description("segmentation"),
+        content_description=f"request {algorithm.request_id}"[:64],
+        content_creator_name="voxelflow^inference",
         omit_empty_frames=False,
     )

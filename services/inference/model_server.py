@@ -50,6 +50,9 @@ class ServedModel:
     on_close: Callable[[], None] = field(default=lambda: None)
     #: labels filtered to their largest component unless a request says otherwise (chosen on validation)
     largest_component_labels: tuple[int, ...] = ()
+    #: the version's lineage tags written into DICOM outputs (provenance): training data and training code
+    dataset_version: str = ""
+    code_version: str = ""
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -101,6 +104,8 @@ class VersionArtifacts:
     #: the ``inference`` section of the version's training config: how it was scored, so how it is served
     mirror_axes: tuple[int, ...] = ()
     largest_component_labels: tuple[int, ...] = ()
+    dataset_version: str = ""  # the version's ``dataset_version`` tag
+    code_version: str = ""  # its ``git_sha`` tag: the training code
 
     @property
     def uri(self) -> str:
@@ -141,6 +146,8 @@ def read_version_artifacts(registry: Any, model_name: str, version: str) -> Vers
         has_onnx=has_onnx,
         mirror_axes=tuple(int(a) for a in inference.get("mirror_axes") or ()),
         largest_component_labels=tuple(int(v) for v in inference.get("largest_component_labels") or ()),
+        dataset_version=str((getattr(model_version, "tags", None) or {}).get("dataset_version", "")),
+        code_version=str((getattr(model_version, "tags", None) or {}).get("git_sha", "")),
     )
 
 
@@ -318,4 +325,6 @@ def served_model(
         overlap=overlap,
         on_close=on_close,
         largest_component_labels=artifacts.largest_component_labels,
+        dataset_version=artifacts.dataset_version,
+        code_version=artifacts.code_version,
     )

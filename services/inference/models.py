@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from shared.contracts import layout
 from shared.db.base import Base, utcnow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -44,6 +45,11 @@ class SegmentationRequest(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+    @property
+    def sr_key(self) -> str | None:
+        """The DICOM SR is written with the SEG, at a key fixed by the request ID (no column of its own)."""
+        return layout.inference_sr_key(self.id) if self.seg_key else None
 
 
 class ModelExport(Base):

@@ -22,10 +22,12 @@ from pydicom.filebase import DicomBytesIO
 
 from services.inference import metrics
 from services.inference.admission import OverloadedError, check_gpu_memory, estimate_inference_bytes
+from services.inference.destinations import destination_for
 from services.inference.dicom_seg import AlgorithmInfo, build_dicom_seg
+from services.inference.dicom_sr import build_measurement_report, structure_volumes_ml
 from services.inference.model_lifecycle import ModelUnavailableError
 from services.inference.models import SegmentationRequest
-from services.inference.pacs_upload import PacsRefusedError, stow
+from services.inference.pacs_upload import PacsRefusedError
 from services.inference.segmentation import segment_volume
 from services.inference.sources import (
     SourceError,
@@ -150,14 +152,21 @@ def run_request(ctx: InferenceContext, request_id: str, mode: str) -> Segmentati
                 ctx.settings.retry_after_seconds,
             )
             result = segment_volume(model, volume, largest_component=row.options.get("largest_component"))
-            algorithm = AlgorithmInfo(model.name, model.version, model.registry_uri, request_id)
+            algorithm = AlgorithmInfo(
+                model.name,
+                model.version,
+                model.registry_uri,
+                request_id,
+                dataset_version=model.dataset_version,
+                code_version=model.code_version,
+            )
             labels = dict(model.labels)
         metrics.inference_duration_seconds.labels(route, version).observe(result.model_seconds)
         metrics.windows_total.labels(route, version).inc(result.windows)
         keys = _store_outputs(ctx, request_id, volume, result.mask, result.findings, labels, algorithm)
         pacs_status = None
         if row.options.get("send_to_pacs") and "seg" in keys:
-            pacs_status = _send_to_pacs(ctx, keys["seg"])
+            pacs_status = _send_to_pacs(ctx, [keys["seg"], keys["sr"]])
         elapsed = time.perf_counter() - started
         done = _update(
             ctx,
@@ -220,10 +229,20 @@ def _store_outputs(
     ctx.store.put_bytes(keys["mask"], gzip.compress(buffer.getvalue(), mtime=0), content_type="application/gzip")
     if volume.datasets:
         seg = build_dicom_seg(mask, volume.affine, volume.datasets, labels, algorithm, ctx.settings.manufacturer)
-        out = DicomBytesIO()
-        seg.save_as(out, enforce_file_format=True)
+        volumes = structure_volumes_ml(mask, volume.affine, [value for value in labels if value])
+        sr = build_measurement_report(
+            seg,
+            volume.datasets,
+            {str(labels[value])[:64]: ml for value, ml in volumes.items()},
+            algorithm,
+            ctx.settings.manufacturer,
+        )
         keys["seg"] = layout.inference_seg_key(request_id)
-        ctx.store.put_bytes(keys["seg"], out.getvalue(), content_type="application/dicom")
+        keys["sr"] = layout.inference_sr_key(request_id)
+        for key, dataset in ((keys["seg"], seg), (keys["sr"], sr)):
+            out = DicomBytesIO()
+            dataset.save_as(out, enforce_file_format=True)
+            ctx.store.put_bytes(key, out.getvalue(), content_type="application/dicom")
     document = {
         "request_id": request_id,
         "model_name": algorithm.model_name,
@@ -236,11 +255,13 @@ def _store_outputs(
     return keys
 
 
-def _send_to_pacs(ctx: InferenceContext, seg_key: str) -> str:
+def _send_to_pacs(ctx: InferenceContext, keys: list[str]) -> str:
+    """SEG and SR together, to the destination ``pacs_url`` names (STOW-RS or C-STORE by its scheme)."""
     import pydicom
 
     if not ctx.settings.pacs_url:
         raise SourceError("send_to_pacs asked but no PACS is configured (VOXELFLOW_PACS_URL)")
-    dataset = pydicom.dcmread(io.BytesIO(ctx.store.get_bytes(seg_key)))
-    stow(ctx.settings.pacs_url, [dataset], ctx.pacs_headers())
+    datasets = [pydicom.dcmread(io.BytesIO(ctx.store.get_bytes(key))) for key in keys]
+    destination = destination_for(ctx.settings.pacs_url, ctx.pacs_headers(), ctx.settings.dicom_calling_aet)
+    destination.send(datasets)
     return "sent"

@@ -93,7 +93,13 @@ class InferenceSettings(PseudonymSettings):
     )
     ingest_token: SecretStr | None = Field(default=None, description="Token (researcher role) for ingest.")
     pacs_url: str | None = Field(
-        default=None, description="DICOMweb root of the PACS that receives DICOM SEG (STOW-RS) when asked."
+        default=None,
+        pattern=r"^(https?://.+|dicom://[^@\\/]{1,16}@[^:/@]+:\d{1,5}/?)$",
+        description="The PACS that receives the DICOM SEG and SR when a request asks: a DICOMweb root "
+        "(http(s)://…, STOW-RS; also a source a request may read from) or dicom://AET@host:port (C-STORE).",
+    )
+    dicom_calling_aet: str = Field(
+        default="VOXELFLOW", min_length=1, max_length=16, description="Our AE title when we C-STORE to the PACS."
     )
     pacs_username: str | None = Field(default=None, description="HTTP Basic user for the PACS, if it needs one.")
     pacs_password: SecretStr | None = Field(default=None, description="HTTP Basic password for the PACS.")

@@ -159,6 +159,11 @@ def inference_seg_key(request_id: str) -> str:
     return f"{inference_prefix(request_id)}seg.dcm"
 
 
+def inference_sr_key(request_id: str) -> str:
+    """The DICOM SR measurement report (TID 1500, structure volumes), written with the SEG."""
+    return f"{inference_prefix(request_id)}sr.dcm"
+
+
 def inference_findings_key(request_id: str) -> str:
     return f"{inference_prefix(request_id)}findings.json"
 

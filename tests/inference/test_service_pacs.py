@@ -74,10 +74,13 @@ def test_segment_dicomweb_series_and_send_seg_to_orthanc(service: InferenceServi
 
     # references the right series, and the algorithm carries model name, version and registry URI
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pacs_series["series"]
-    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    algorithm = seg.SegmentSequence[-1].SegmentationAlgorithmIdentificationSequence[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("hippocampus-test", "3")
     assert "models:/hippocampus-test/3" in algorithm.AlgorithmParameters
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence if s.SegmentNumber] == ["anterior", "posterior"]
+    # the SR went with it, into the same study
+    reports = dicomweb.search_for_series(pacs_series["study"], search_filters={"Modality": "SR"})
+    assert len(reports) >= 1
 
     # every frame references the source instance at its own position
     for frame in seg.PerFrameFunctionalGroupsSequence:

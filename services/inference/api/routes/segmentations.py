@@ -96,6 +96,7 @@ class SegmentationOut(BaseModel):
     registry_uri: str | None
     mask_nifti_uri: str | None
     dicom_seg_uri: str | None
+    dicom_sr_uri: str | None
     findings_uri: str | None
     findings: list[Finding] | None
     latency_seconds: float | None
@@ -114,6 +115,7 @@ def to_out(row: SegmentationRequest) -> SegmentationOut:
         registry_uri=row.registry_uri,
         mask_nifti_uri=f"{base}/mask" if row.mask_key else None,
         dicom_seg_uri=f"{base}/seg" if row.seg_key else None,
+        dicom_sr_uri=f"{base}/sr" if row.sr_key else None,
         findings_uri=f"{base}/findings" if row.findings_key else None,
         findings=[Finding(**f) for f in row.findings] if row.findings else None,
         latency_seconds=row.latency_seconds,
@@ -311,11 +313,14 @@ def get_segmentation(id: ResourceId, session: SessionDep, caller: SegmentationCa
 DOWNLOADS = {
     "mask": ("mask_key", "application/gzip", "mask.nii.gz"),
     "seg": ("seg_key", "application/dicom", "seg.dcm"),
+    "sr": ("sr_key", "application/dicom", "sr.dcm"),
     "findings": ("findings_key", "application/json", "findings.json"),
 }
 
 
-@router.get("/{id}/{output}", summary="Download an output: mask (NIfTI), seg (DICOM SEG) or findings (JSON)")
+@router.get(
+    "/{id}/{output}", summary="Download an output: mask (NIfTI), seg (DICOM SEG), sr (DICOM SR) or findings (JSON)"
+)
 def download(
     id: ResourceId, output: ResourceId, ctx: ContextDep, session: SessionDep, caller: SegmentationCaller
 ) -> StreamingResponse:
