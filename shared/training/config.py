@@ -148,9 +148,22 @@ class TrainingConfig(_Strict):
     )
     inference: InferenceConfig = InferenceConfig()
     divergence: DivergenceConfig = DivergenceConfig()
+    deep_supervision: int = Field(
+        default=0,
+        ge=0,
+        description="Deep supervision heads below the main output (MONAI DynUNet deep_supr_num; dynunet only); "
+        "0 = off. The loss is nnU-Net's: each head's loss against the label downsampled to its size, "
+        "weighted 1/2**i and normalised. Evaluation and serving use the main output only (DynUNet returns "
+        "only that in eval mode).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
+        if self.deep_supervision:
+            if self.network.name != "dynunet":
+                raise ValueError(f"deep_supervision needs network dynunet, not {self.network.name}")
+            if {"deep_supervision", "deep_supr_num"} & set(self.network.args):
+                raise ValueError("set deep supervision once: the deep_supervision field, not network.args")
         if self.network.name == "swinunetr":
             # Swin's five patch-merging stages halve the grid five times.
             sizes = [self.validation.roi_size] + ([] if self.patch.sampler == "whole" else [self.patch.size])

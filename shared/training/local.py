@@ -23,7 +23,7 @@ import torch.distributed as dist
 from monai.data import DataLoader, Dataset
 from monai.data.utils import list_data_collate, pad_list_data_collate
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric
 from monai.transforms import (
     AsDiscrete,
@@ -223,13 +223,34 @@ def _cpu_state(model: torch.nn.Module) -> StateDict:
     return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
 
 
-def _supervised_loss(loss_fn: Any, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """DiceCE of the output, or the 1/2^i-weighted sum over DynUNet deep-supervision heads (B, heads, C, …)."""
-    if output.dim() == label.dim() + 1:
-        heads = torch.unbind(output, dim=1)
-        weights = [0.5**i for i in range(len(heads))]
-        return sum(w * loss_fn(h, label) for w, h in zip(weights, heads, strict=True)) / sum(weights)
-    return loss_fn(output, label)
+def nnunet_supervision_weights(heads: int) -> list[float]:
+    """nnU-Net's deep-supervision weights for the main output and ``heads`` lower heads: 1/2**i, normalised."""
+    weights = [0.5**i for i in range(heads + 1)]
+    return [w / sum(weights) for w in weights]
+
+
+def supervision_outputs(network: torch.nn.Module, output: torch.Tensor) -> list[torch.Tensor] | None:
+    """The outputs deep supervision scores, each at its own resolution: the main output, then DynUNet's
+    heads from the finest down; None when the network is not deeply supervised (or not in training mode).
+
+    Why the heads and not the forward result: in training mode DynUNet returns the heads *upsampled* to
+    the main output's size, stacked on dim 1; nnU-Net instead downsamples the label to each head, which
+    the native-size heads DynUNet keeps in ``network.heads`` during the forward allow.
+    """
+    if not (network.training and getattr(network, "deep_supervision", False)):
+        return None
+    heads = list(cast(Sequence[torch.Tensor], network.heads))
+    return [output[:, 0] if output.dim() == 6 else output, *heads]
+
+
+def supervised_loss(loss_fn: Any, output: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+    """``loss_fn`` of the output, or (a list from :func:`supervision_outputs`) MONAI's DeepSupervisionLoss:
+    each output against the label downsampled (nearest) to its size, weighted as nnU-Net does."""
+    if isinstance(output, list):
+        weights = nnunet_supervision_weights(len(output) - 1)
+        loss = DeepSupervisionLoss(loss_fn, weights=weights)
+        return cast(torch.Tensor, loss([o.float() for o in output], label.float()))
+    return cast(torch.Tensor, loss_fn(output.float(), label))
 
 
 def evaluate_dice(
@@ -381,7 +402,8 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 output = model(image)
-                loss = _supervised_loss(loss_fn, output.float(), label)
+                heads = supervision_outputs(network, output)
+                loss = supervised_loss(loss_fn, heads if heads is not None else output, label)
             check_finite_loss(float(loss.detach()), config.divergence.max_loss, epoch=epoch, step=step)
             total = loss + fedprox_penalty(network, global_params, fedprox_mu) if fedprox_mu > 0 else loss
             total.backward()

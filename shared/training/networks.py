@@ -89,7 +89,8 @@ def build_network(config: TrainingConfig, in_channels: int, out_channels: int) -
             "filters": [8 * 2**i for i in range(len(strides))],
             "norm_name": "instance",
             "res_block": True,
-            "deep_supervision": False,
+            "deep_supervision": config.deep_supervision > 0,
+            **({"deep_supr_num": config.deep_supervision} if config.deep_supervision else {}),
         }
         return DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **{**defaults, **args})
     if name == "segresnet":
