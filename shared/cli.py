@@ -1,5 +1,5 @@
 """``voxelflow`` command line: tokens, configuration, the local stack, PACS pulls, datasets, training,
-evaluation, models, the demo.
+federated runs (watch), evaluation, models, the demo.
 
 The CLI is a client of the platform, as a user's own script would be: ``pacs``, ``datasets`` and ``models`` call
 the services' HTTP APIs (:mod:`shared.client`; ``VOXELFLOW_TOKEN`` and ``VOXELFLOW_<SERVICE>_API_URL``, or
@@ -315,6 +315,63 @@ def robustness_report(args: argparse.Namespace, model: Any, pairs: list, roi_siz
         print(f"logged robustness to run {model.version.run_id}", file=sys.stderr)
 
 
+def runs(args: argparse.Namespace) -> None:
+    """``voxelflow runs watch RUN``: follow a federated run's events (aggregation API, Server-Sent Events) with a
+    progress bar per site and a line per round; exit status 0 when the run succeeds, 1 when it fails or is
+    cancelled."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+    finished: dict[str, Any] | None = None
+    with ServiceClient("aggregation") as api:
+        try:
+            for event in api.events(f"/federated-runs/{args.run}/events"):
+                data = event.data
+                if event.kind == "round_started":
+                    for bar in bars.values():
+                        bar.close()
+                    bars.clear()
+                    tqdm.write(f"round {data['round']} started: {', '.join(data.get('sites') or [])}")
+                elif event.kind == "epoch":
+                    site = data["site"]
+                    bar = bars.get(site)
+                    if bar is None or bar.total != data["epochs"]:
+                        bar = bars[site] = tqdm(
+                            total=data["epochs"], desc=f"{site} r{data['round']}", unit="epoch", position=len(bars)
+                        )
+                    bar.n = data["epoch"]
+                    postfix = {"loss": f"{data['loss']:.4f}"}
+                    if data.get("val_dice") is not None:
+                        postfix["val_dice"] = f"{data['val_dice']:.4f}"
+                    if data.get("eta_seconds") is not None:
+                        postfix["eta"] = f"{data['eta_seconds']:.0f}s"
+                    bar.set_postfix(postfix, refresh=True)
+                elif event.kind == "round_aggregated":
+                    dice = data.get("val_dice")
+                    epsilon = data.get("epsilon")
+                    tqdm.write(
+                        f"round {data['round']} aggregated: {data.get('participants')} sites"
+                        + (f", global val Dice {dice:.4f}" if dice is not None else "")
+                        + (f", ε {epsilon:.3f}" if epsilon is not None else "")
+                    )
+                elif event.kind == "run_finished":
+                    finished = data
+                    break
+        except ApiError as exc:
+            if exc.status in (404, 422):
+                raise UsageError(f"no federated run {args.run!r}: GET /federated-runs lists them") from None
+            raise
+        finally:
+            for bar in bars.values():
+                bar.close()
+    if finished is None:
+        raise UsageError(f"the event stream of run {args.run} ended before the run did; watch it again to resume")
+    status = finished.get("status")
+    print(f"run {args.run} {status}" + (f": {finished['error']}" if finished.get("error") else ""))
+    if status != "succeeded":
+        sys.exit(1)
+
+
 def models(args: argparse.Namespace) -> None:
     """``voxelflow models export``: ONNX + TorchScript of a registry version, gated, attached, in the Triton repo.
 
@@ -411,6 +468,10 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--robustness-out", default="robustness", help="folder for robustness.json and robustness.png")
     ev.add_argument("--no-log", action="store_true", help="do not log the robustness results to MLflow")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ru = commands.add_parser("runs", help="federated training runs: watch one live")
+    ru_actions = ru.add_subparsers(dest="action", required=True)
+    watch = ru_actions.add_parser("watch", help="progress bars per site and a line per round until the run ends")
+    watch.add_argument("run", help="the run id (fr-…)")
     mo = commands.add_parser("models", help="registered models: export for serving")
     mo_actions = mo.add_subparsers(dest="action", required=True)
     ex = mo_actions.add_parser(
@@ -516,6 +577,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         datasets(args)
     elif args.command == "pacs":
         pacs(args)
+    elif args.command == "runs":
+        runs(args)
     elif args.command == "config":
         print_config()
     elif args.command == "plan":

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -62,6 +63,31 @@ def _detail(response: httpx.Response) -> str:
     return str(detail)
 
 
+@dataclass(frozen=True)
+class ServerEvent:
+    """One Server-Sent Event: its id (None for an event without one), its type and its decoded JSON data."""
+
+    id: str | None
+    kind: str
+    data: Any
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[ServerEvent]:
+    """The events of a text/event-stream, line by line (comments skipped, multi-line data joined)."""
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in fields:
+                yield ServerEvent(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]))
+            fields = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        fields[name] = f"{fields[name]}\n{value}" if name == "data" and name in fields else value
+
+
 class ServiceClient:
     """One service's API with the caller's token; every method returns the decoded JSON or raises ApiError."""
 
@@ -92,12 +118,29 @@ class ServiceClient:
             raise ApiError(f"the {self.service} API at {self.url} did not answer {method} {path} in time") from None
         if response.status_code in expected:
             return response.json() if response.content else None
+        self._raise(response, method, path)
+
+    def _raise(self, response: httpx.Response, method: str, path: str) -> NoReturn:
         status, detail = response.status_code, _detail(response)
         if status == 401:
             raise ApiError(f"the {self.service} API refused the token ({detail}): {TOKEN_HINT}", status)
         if status == 403:
             raise ApiError(f"the token's role may not {method} {path} on the {self.service} API: {detail}", status)
         raise ApiError(f"{method} {path} → {status}: {detail}", status)
+
+    def events(self, path: str, last_event_id: str | None = None) -> Iterator[ServerEvent]:
+        """Follow a Server-Sent Events endpoint until the server ends the stream (no read timeout: a quiet
+        stream is a slow run, and the server sends a comment every second or so anyway)."""
+        headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+        timeout = httpx.Timeout(self.http.timeout.connect, read=None)
+        try:
+            with self.http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                if response.status_code != 200:
+                    response.read()
+                    self._raise(response, "GET", path)
+                yield from parse_sse(response.iter_lines())
+        except httpx.ConnectError:
+            raise ApiError(f"the {self.service} API at {self.url} is not reachable") from None
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)

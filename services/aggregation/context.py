@@ -11,6 +11,7 @@ from celery import Celery
 
 from services.aggregation import models
 from services.aggregation.settings import AggregationSettings
+from shared.contracts.progress import ProgressPublisher
 from shared.contracts.tasks import ADVANCE_RUN_TASK, training_queue
 from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
@@ -37,6 +38,11 @@ class AggregationContext(ServiceContext):
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return "unknown"
+
+    @cached_property
+    def progress(self) -> ProgressPublisher:
+        """Round-level events of the run's event stream (shared.contracts.progress; the sites add epochs)."""
+        return ProgressPublisher(self.settings.broker_url)
 
     def training_queue(self, site: str) -> str:
         return training_queue(site, self.settings.training_queue_prefix)

@@ -63,6 +63,7 @@ from services.aggregation.strategies import (
 )
 from services.aggregation.tracking import RunTracker, make_tracker
 from shared.contracts import artifacts, messages
+from shared.contracts.progress import RunEvent
 from shared.contracts.tasks import TRAIN_ROUND_TASK
 from shared.db.base import session_scope, utcnow
 from shared.privacy import update_norm
@@ -209,12 +210,15 @@ class RunOrchestrator:
                 while True:
                     outcome = self._advance(run_id)
                     if outcome.status != "waiting":
+                        if outcome.status in TERMINAL_STATUSES:
+                            self._publish_finished(run_id)
                         return outcome
                     if time.monotonic() - started >= self.ctx.settings.poll_task_budget_seconds:
                         break
                     time.sleep(self.ctx.settings.poll_interval_seconds)
             except PermanentTaskError as exc:
                 self._fail(run_id, str(exc))
+                self._publish_finished(run_id)
                 raise
             next_task_id = uuid.uuid4().hex
             with session_scope(self.ctx.session_factory) as session:
@@ -231,6 +235,15 @@ class RunOrchestrator:
                         run.poll_task_id = task_id
                 raise ConnectionError(f"run {run_id}: could not hand polling over: {exc}") from exc
         return AdvanceOutcome("running", outcome.current_round, next_task_id)
+
+    def _publish_finished(self, run_id: str) -> None:
+        """The run's last event (a resumed or redelivered advance may send it twice; readers stop at the first)."""
+        with self.ctx.session_factory() as session:
+            run = self._run(session, run_id)
+            event = RunEvent(
+                kind="run_finished", run_id=run_id, round=run.current_round, status=run.status, error=run.error
+            )
+        self.ctx.progress.publish(event)
 
     def _not_mine(self, run_id: str, task_id: str) -> AdvanceOutcome | None:
         with self.ctx.session_factory() as session:
@@ -347,6 +360,11 @@ class RunOrchestrator:
             sites = list(
                 session.scalars(select(RoundSite).where(RoundSite.run_id == run_id, RoundSite.round == round_index))
             )
+            # before the tasks leave, so that it precedes their epoch events (a re-dispatch after a crash repeats it)
+            started = RunEvent(
+                kind="round_started", run_id=run_id, round=round_index, sites=sorted(s.site for s in sites)
+            )
+            self.ctx.progress.publish(started)
             for rs in sites:
                 task = training_pb2.TrainingRoundTask(
                     run_id=run.id,
@@ -597,6 +615,15 @@ class RunOrchestrator:
             run.current_round = r + 1
             duration = (_aware(rnd.closed_at) - _aware(rnd.started_at)).total_seconds()
             epsilon = rnd.epsilon
+            aggregated = RunEvent(
+                kind="round_aggregated",
+                run_id=run_id,
+                round=r,
+                participants=len(delivered),
+                val_dice=evaluation.get("val_dice_mean"),
+                epsilon=epsilon,
+            )
+        self.ctx.progress.publish(aggregated)
         agg_metrics.rounds_aggregated_total.inc()
         agg_metrics.round_participants.observe(len(delivered))
         agg_metrics.round_duration_seconds.observe(max(duration, 0.0))

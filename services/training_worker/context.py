@@ -8,6 +8,7 @@ from functools import cached_property
 from celery import Celery
 
 from services.training_worker.settings import TrainingWorkerSettings
+from shared.contracts.progress import ProgressPublisher
 from shared.contracts.tasks import training_queue
 from shared.service_context import ServiceContext
 from shared.tasks import create_celery_app
@@ -29,3 +30,8 @@ class TrainingWorkerContext(ServiceContext):
         app.conf.task_default_queue = self.queue
         app.conf.broker_transport_options = {"visibility_timeout": self.settings.visibility_timeout_seconds}
         return app
+
+    @cached_property
+    def progress(self) -> ProgressPublisher:
+        """Per-epoch progress for the run's event stream (read by the aggregation API, shared.contracts.progress)."""
+        return ProgressPublisher(self.settings.broker_url)

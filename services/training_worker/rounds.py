@@ -27,6 +27,7 @@ from services.training_worker import metrics
 from services.training_worker.context import TrainingWorkerContext
 from shared.contracts import layout, messages
 from shared.contracts.codec import state_from_bytes, state_to_bytes
+from shared.contracts.progress import RunEvent
 from shared.privacy import clip_update
 from shared.proto.voxelflow.v1 import training_pb2
 from shared.storage import ObjectNotFoundError
@@ -176,6 +177,19 @@ def run_round(
         if record.val_dice is not None:
             metrics.val_dice.labels(*labels).set(record.val_dice)
         report({"epoch": record.epoch, "epochs": epochs, "loss": record.train_loss, "val_dice": record.val_dice})
+        ctx.progress.publish(
+            RunEvent(
+                kind="epoch",
+                run_id=task.run_id,
+                round=task.round,
+                site=site,
+                epoch=record.epoch,
+                epochs=epochs,
+                loss=record.train_loss,
+                val_dice=record.val_dice,
+                seconds=record.seconds,
+            )
+        )
 
     try:
         result = train_local(

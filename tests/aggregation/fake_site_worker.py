@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from celery import Celery
 
 from services.aggregation import federated_storage as fs
 from shared.contracts import messages
+from shared.contracts.progress import ProgressPublisher, RunEvent
 from shared.privacy import clip_update
 from shared.proto.voxelflow.v1 import training_pb2
 from shared.storage import open_object_store
@@ -52,6 +54,8 @@ class Behaviour:
     weights: dict[tuple[str, int | None], dict[str, np.ndarray]] = field(default_factory=dict)
     calls: list[tuple[str, int, str]] = field(default_factory=list)
     tasks: list[dict[str, Any]] = field(default_factory=list)  # every TrainingRoundTask as received
+    #: the site waits for this event before it trains (a test holds a round open while it watches the run)
+    hold: dict[tuple[str, int | None], threading.Event] = field(default_factory=dict)
 
     def _get(self, table: Any, site: str, round_index: int) -> Any:
         for key in ((site, round_index), (site, None)):
@@ -66,6 +70,7 @@ class Behaviour:
         self.after_close.clear()
         self.ignore_clip.clear()
         self.weights.clear()
+        self.hold.clear()
         self.calls.clear()
         self.tasks.clear()
 
@@ -113,6 +118,7 @@ def write_update(
 def make_app(broker_url: str, database_url: str, storage_url: str) -> Celery:
     app = create_celery_app("fake-training", broker_url, database_url)
     store = open_object_store(storage_url)
+    progress = ProgressPublisher(broker_url)
 
     @app.task(name="training.train_round", bind=True, max_retries=0)
     def train_round(self: Any, task: dict[str, Any]) -> str:
@@ -133,6 +139,24 @@ def make_app(broker_url: str, database_url: str, storage_url: str) -> Celery:
             deadline = time.monotonic() + 120
             while not store.exists(next_global) and time.monotonic() < deadline:
                 time.sleep(0.2)
+        hold = behaviour._get(behaviour.hold, site, round_index)
+        if hold is not None and not hold.wait(timeout=120):
+            raise PermanentTaskError(f"{site}: round {round_index} was held for 120 s and never released")
+        epochs = int(task.get("local_epochs") or 1)
+        for epoch in range(1, epochs + 1):  # the per-epoch events the real worker publishes, with made-up values
+            progress.publish(
+                RunEvent(
+                    kind="epoch",
+                    run_id=run_id,
+                    round=round_index,
+                    site=site,
+                    epoch=epoch,
+                    epochs=epochs,
+                    loss=1.0 / (round_index * epochs + epoch),
+                    val_dice=0.5 + 0.1 * round_index,
+                    seconds=0.5 + SITE_FACTOR[site],
+                )
+            )
         started = time.monotonic()
         write_update(
             store,

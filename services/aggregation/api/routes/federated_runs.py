@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 
@@ -26,6 +30,8 @@ from services.aggregation.models import (
 )
 from services.aggregation.privacy import PrivacyConfig
 from services.aggregation.strategies import ServerOptimizerConfig, Strategy
+from shared.contracts import progress
+from shared.contracts.progress import RunEvent
 from shared.db.base import utcnow
 from shared.http import add_audit_uids
 from shared.training.config import TrainingConfig
@@ -368,4 +374,110 @@ def cancel_run(run_id: ResourceId, ctx: ContextDep, session: SessionDep, princip
     session.commit()
     if pending:
         ctx.celery.control.revoke(pending)
+    ctx.progress.publish(
+        RunEvent(kind="run_finished", run_id=run_id, round=run.current_round, status=run.status, error=run.error)
+    )
     return _detail(session, run)
+
+
+STREAM_ID = r"^[0-9]{1,20}-[0-9]{1,20}$"
+#: how long one read of the stream waits for new events before the run's status is looked at again
+EVENTS_BLOCK_MS = 1000
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    first, second = entry_id.split("-")
+    return int(first), int(second)
+
+
+def _sse(event: RunEvent, entry_id: str | None, extra: dict[str, Any]) -> bytes:
+    data = json.dumps({**event.model_dump(exclude_none=True), **extra})
+    head = f"id: {entry_id}\n" if entry_id else ""
+    return f"{head}event: {event.kind}\ndata: {data}\n\n".encode()
+
+
+def _status(ctx: Any, run_id: str) -> tuple[str, str | None, int]:
+    with ctx.session_factory() as session:
+        run = session.get(FederatedRun, run_id)
+        assert run is not None  # runs are never deleted
+        return run.status, run.error, run.current_round
+
+
+async def follow_events(
+    ctx: Any, run_id: str, rounds: int, after: str | None, block_ms: int = EVENTS_BLOCK_MS
+) -> AsyncIterator[bytes]:
+    """The run's events as SSE: every event after ``after`` (all of them without it), then the live ones, until
+    the run has finished. Epoch events get ``eta_seconds`` (that site's time left if it trains every remaining
+    round, from its recent epoch durations); the stream is always read from its start so that the ETA of a
+    reconnected client has the same history."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(ctx.settings.broker_url, socket_timeout=block_ms / 1000 + 5)
+    key, cursor = progress.stream_key(run_id), "0-0"
+    resume_after = _stream_id(after) if after else (0, 0)
+    durations: dict[str, list[float]] = defaultdict(list)
+    try:
+        while True:
+            reply = await client.xread({key: cursor}, count=500, block=block_ms)
+            entries = reply[0][1] if reply else []
+            for raw_id, fields in entries:
+                cursor = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                try:
+                    event = progress.decode(fields)
+                except ValueError:
+                    continue  # an entry of an incompatible writer: skipped, not fatal to the stream
+                extra: dict[str, Any] = {}
+                if event.kind == "epoch" and event.site and event.seconds is not None:
+                    durations[event.site].append(event.seconds)
+                    left = progress.site_epochs_left(rounds, event.epochs or 0, event.round or 0, event.epoch or 0)
+                    extra["eta_seconds"] = progress.eta_seconds(durations[event.site], left)
+                if _stream_id(cursor) > resume_after:
+                    yield _sse(event, cursor, extra)
+                if event.kind == "run_finished":
+                    return
+            if not entries:
+                status, error, current_round = await anyio.to_thread.run_sync(_status, ctx, run_id)
+                if status in TERMINAL_STATUSES:  # its run_finished event was lost (Redis down when it was sent)
+                    final = RunEvent(kind="run_finished", run_id=run_id, round=current_round, status=status)
+                    yield _sse(final.model_copy(update={"error": error}), None, {})
+                    return
+                yield b": waiting\n\n"  # a comment: keeps proxies from timing the connection out
+    finally:
+        await client.aclose()
+
+
+@router.get(
+    "/{run_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "Server-Sent Events: epoch, round_started, round_aggregated, run_finished (the last).",
+        },
+        404: {"description": "no such run"},
+    },
+)
+async def run_events(
+    run_id: ResourceId,
+    ctx: ContextDep,
+    principal: RunCaller,
+    last_event_id: Annotated[
+        str | None,
+        Header(pattern=STREAM_ID, description="Resume after this event id (sent by EventSource on reconnect)."),
+    ] = None,
+) -> StreamingResponse:
+    """The run's progress live (docs/federated.md): per-epoch loss, val Dice and ETA of every site, round
+    starts and aggregations with the global val Dice and ε, and the end of the run; past events first."""
+
+    def load() -> FederatedRun | None:
+        with ctx.session_factory() as session:
+            return session.get(FederatedRun, run_id)
+
+    run = await anyio.to_thread.run_sync(load)
+    if run is None:
+        raise HTTPException(404, f"no federated run {run_id}")
+    return StreamingResponse(
+        follow_events(ctx, run_id, run.rounds, last_event_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
