@@ -7,14 +7,14 @@ PY := $(VENV)/bin/python
 HELM := .tools/bin/helm
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install install-system install-python test lint lint-ruff lint-format lint-types lint-imports lint-chart
+.PHONY: install install-system install-python install-ohif test lint lint-ruff lint-format lint-types lint-imports lint-chart
 .PHONY: up down status stack-env demo bench-ingest proto proto-check
 
-install: install-system install-python ## everything a fresh Debian machine lacks
+install: install-system install-python install-ohif ## everything a fresh Debian machine lacks
 
 # Silent and instant (one dpkg-query) when everything is there; installs as root or through `sudo -n`,
 # otherwise prints the one command to run as root and fails.
-install-system: ## Debian packages: Orthanc + DICOMweb plugin (the PACS), dcmtk, PostgreSQL, Redis, python3-venv, dcm2niix
+install-system: ## Debian packages: Orthanc + DICOMweb plugin (the PACS), dcmtk, PostgreSQL, Redis, python3-venv, dcm2niix, chromium
 	@ci/install-system.sh
 
 install-python: $(VENV)/.installed ## the services' virtual environment, with voxelflow itself (the `voxelflow` command)
@@ -25,6 +25,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml | insta
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+# The prebuilt OHIF viewer (npm @ohif/app, pinned version and integrity) in .tools/ohif: the viewer check of the
+# inference service's DICOM SEG (tests/inference/test_viewer_ohif.py) opens it in headless Chromium.
+install-ohif: | install-system ## the prebuilt OHIF v3 viewer for the SEG viewer test (ci/install-ohif.sh)
+	@ci/install-ohif.sh
 
 test: install ## the whole suite against real servers it starts itself
 	$(PY) -m pytest -q

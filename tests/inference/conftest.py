@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 import torch
 
@@ -35,6 +36,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+HIPPO_CROP = "tcia_brain_tumor_progression_mr/Study1/13_HCropVolume"
+
+
+@pytest.fixture(scope="module")
+def pacs_series(orthanc: Any, shared_data: Path) -> dict[str, Any]:
+    """The TCIA HippoCrop series, stored in Orthanc through its REST API."""
+    files = sorted((shared_data / HIPPO_CROP).glob("*.dcm"))
+    for path in files:
+        response = httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), timeout=30)
+        assert response.status_code == 200, response.text
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    positions = {
+        str(ds.SOPInstanceUID): [float(v) for v in ds.ImagePositionPatient]
+        for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in files)
+    }
+    return {
+        "study": str(first.StudyInstanceUID),
+        "series": str(first.SeriesInstanceUID),
+        "positions": positions,
+        "root": f"{orthanc.url}/dicom-web",
+    }
 
 
 @dataclass
