@@ -68,15 +68,21 @@ down: ## stop everything `make up` started
 status: ## each component of the local stack with its URL and state
 	$(PY) -m shared.stack status
 
+up-images: ## `make up` with every voxelflow API and worker run from its image (podman; `make images` first)
+	VOXELFLOW_STACK_IMAGES=1 $(PY) -m shared.stack up --with-services $(STACK_ARGS)
+
 stack-env: ## print the VOXELFLOW_* variables of the running stack
 	$(PY) -m shared.stack env
 
 demo: install ## the end-to-end story on the bundled data (see README)
 	$(VENV)/bin/voxelflow demo $(DEMO_ARGS)
 
+demo-images: install ## `make demo` against the services run from their images (`make images` first)
+	VOXELFLOW_STACK_IMAGES=1 $(VENV)/bin/voxelflow demo $(DEMO_ARGS)
+
 # Real images with podman (not part of `make test` or CI: a cold build takes minutes and GBs). The base image
 # comes from Debian packages (mmdebstrap + podman import); IMAGES="ingest mlflow" builds only those.
-.PHONY: images images-smoke
+.PHONY: images images-smoke up-images demo-images
 IMAGES ?=
 images: ## build every service image and mlflow with podman from the project's Dockerfiles (ci/build-images.sh)
 	ci/build-images.sh $(IMAGES)

@@ -35,6 +35,8 @@ class ProcessSpec:
     health_path: str | None
     requires: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
+    #: the module the row runs (``services.ingest.main:app``): names the image in container mode
+    target: str = ""
 
 
 def table_path() -> Path:
@@ -125,6 +127,7 @@ def expand(
                     health_path=row.get("health"),
                     requires=requires,
                     env={key: fill(str(value), site) for key, value in row.get("env", {}).items()},
+                    target=target,
                 )
             )
     return specs

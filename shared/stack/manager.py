@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +31,17 @@ if TYPE_CHECKING:
 
 from shared.contracts.tasks import training_queue
 from shared.stack.components import dicom_modalities, expand, load_table
+from shared.stack.containers import (
+    CONTAINER_UID,
+    ContainerMode,
+    container_command,
+    container_env,
+    container_name,
+    env_file_text,
+    image_for,
+    podman_remove_argv,
+    podman_run_argv,
+)
 from shared.stack.process import Component, ProcessTable, StackError, http_ok, port_in_use
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +86,8 @@ class StackConfig:
     ephemeral: bool = False
     #: federated sites simulated on this machine: one training worker (queue ``training.<site>``) each
     training_sites: tuple[str, ...] = ("site-1", "site-2", "site-3")
+    #: run voxelflow's own processes from their images (``VOXELFLOW_STACK_IMAGES=1``, ``make up-images``)
+    images: ContainerMode | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> StackConfig:
@@ -100,6 +114,7 @@ class StackConfig:
             training_sites=tuple(
                 site.strip() for site in env.get("VOXELFLOW_STACK_SITES", "site-1,site-2,site-3").split(",") if site
             ),
+            images=ContainerMode.from_env(env, REPO_ROOT),
         )
 
     def port(self, offset: int) -> int:
@@ -328,6 +343,7 @@ class Stack:
                 continue
             if self.procs.stop(component.name, component.stop_signal):
                 self.log(f"stack: stopped {component.name}")
+            self._remove_container(component.name)
         self.env_file.unlink(missing_ok=True)
         if purge:
             pg_root = self._pg_root()
@@ -894,18 +910,21 @@ class Stack:
         port: int | None = None,
         health_path: str | None = None,
         env: dict[str, str] | None = None,
+        target: str = "",
     ) -> Component:
         """A voxelflow service process; started only by ``up --with-services`` (or ``--only NAME``).
 
         It gets the variables of the components it requires (as ``stack.env`` would give them) and runs
         from the repository root. Without a health path, "running" means "the process is alive".
+        In container mode (:attr:`StackConfig.images`) the process is a foreground ``podman run`` of the
+        image of ``target``'s service (:meth:`_containerised`).
         """
         health = (
             http_ok(f"http://127.0.0.1:{port}{health_path}")
             if port is not None and health_path
             else (lambda: self.procs.running_pid(name) is not None)
         )
-        return Component(
+        component = Component(
             name=name,
             argv=argv,
             url=(f"http://127.0.0.1:{port}" if health_path else f"tcp://127.0.0.1:{port}")
@@ -919,6 +938,79 @@ class Stack:
             ready_timeout=60,
             optional_group=SERVICES_GROUP,
         )
+        if self.config.images is not None and target:
+            return self._containerised(component, self.config.images, target)
+        return component
+
+    def _container_marker(self, name: str) -> Path:
+        """``run/<name>.container``: the container's name and podman binary, for ``down`` in any mode."""
+        return self.procs.run_dir / f"{name}.container"
+
+    def _containerised(self, component: Component, mode: ContainerMode, target: str) -> Component:
+        """The component as ``podman run`` of its service's image, configured as the host process would be.
+
+        The container gets (in a 0600 env file, not on the command line: it holds secrets) the host's
+        service variables, the stack's variables for what it requires and the row's own. The state
+        directory is mounted at its own path, because the stack's variables name files in it (the
+        de-identification key, Triton's model repository); as root the stack hands the directory and the
+        model repository to UID 10001 so that the non-root container can write them."""
+        name = component.name
+        env_file = self.procs.run_dir / f"{name}.env"
+        cname = container_name(self.state_dir, name)
+        image = image_for(target, mode.tag)
+
+        def prepare() -> None:
+            self.procs.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.is_root:
+                for path in (self.state_dir, self.triton_model_repository):
+                    path.mkdir(parents=True, exist_ok=True)
+                    os.chown(path, CONTAINER_UID, CONTAINER_UID)
+            text = env_file_text(container_env(os.environ, self.env_vars(component.requires), component.env))
+            env_file.write_text(text)
+            env_file.chmod(0o600)
+            self._container_marker(name).write_text(f"{cname} {mode.podman}\n")
+
+        host_env = {"CONTAINERS_CONF": str(mode.containers_conf)} if mode.containers_conf else {}
+        return Component(
+            name=name,
+            argv=podman_run_argv(
+                mode,
+                name=cname,
+                image=image,
+                command=container_command(component.argv),
+                env_file=env_file,
+                mounts=[self.state_dir],
+            ),
+            url=component.url,
+            health=component.health,
+            ports=component.ports,
+            env=host_env,
+            cwd=REPO_ROOT,
+            requires=component.requires,
+            prepare=prepare,
+            ready_timeout=180,  # container start and imports on a shared CPU
+            optional_group=SERVICES_GROUP,
+        )
+
+    def _remove_container(self, name: str) -> None:
+        """Remove the container a containerised component left (its ``podman run`` may have been killed)."""
+        marker = self._container_marker(name)
+        try:
+            cname, podman = marker.read_text().split()
+        except (FileNotFoundError, ValueError):
+            return
+        mode = ContainerMode(podman=podman)
+        env = dict(os.environ)
+        default_conf = REPO_ROOT / ".voxelflow" / "images" / "containers.conf"
+        if "CONTAINERS_CONF" not in env and default_conf.exists():
+            env["CONTAINERS_CONF"] = str(default_conf)
+        try:
+            subprocess.run(podman_remove_argv(mode, cname), env=env, capture_output=True, timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.log(f"stack: could not remove container {cname}: {exc}")
+            return
+        marker.unlink(missing_ok=True)
+        (self.procs.run_dir / f"{name}.env").unlink(missing_ok=True)
 
     def _services(self) -> list[Component]:
         """voxelflow's own processes, from the services' table (``services/stack.toml``), ports and URLs filled in."""
@@ -940,5 +1032,6 @@ class Stack:
             worker_argv=celery_worker_argv,
         )
         return [
-            self.service(spec.name, spec.argv, spec.requires, spec.port, spec.health_path, spec.env) for spec in specs
+            self.service(spec.name, spec.argv, spec.requires, spec.port, spec.health_path, spec.env, spec.target)
+            for spec in specs
         ]
