@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -73,6 +73,8 @@ def decode(fields: dict[Any, Any]) -> RunEvent:
     raw = fields.get(b"event", fields.get("event"))
     if isinstance(raw, bytes):
         raw = raw.decode()
+    if not isinstance(raw, str):
+        raise ValueError("stream entry has no 'event' field")
     return RunEvent.model_validate(json.loads(raw))
 
 
@@ -91,7 +93,7 @@ class ProgressPublisher:
         key = stream_key(event.run_id)
         try:
             with self._redis.pipeline() as pipe:
-                pipe.xadd(key, encode(event), maxlen=STREAM_MAXLEN, approximate=True)
+                pipe.xadd(key, cast(Any, encode(event)), maxlen=STREAM_MAXLEN, approximate=True)
                 pipe.expire(key, STREAM_TTL_SECONDS)
                 entry_id, _ = pipe.execute()
         except redis.RedisError as exc:

@@ -418,8 +418,8 @@ async def follow_events(
     durations: dict[str, list[float]] = defaultdict(list)
     try:
         while True:
-            reply = await client.xread({key: cursor}, count=500, block=block_ms)
-            entries = reply[0][1] if reply else []
+            reply: Any = await client.xread({key: cursor}, count=500, block=block_ms)
+            entries: list[Any] = reply[0][1] if reply else []
             for raw_id, fields in entries:
                 cursor = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
                 try:
