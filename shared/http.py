@@ -100,10 +100,15 @@ class ObservedRequestMiddleware:
         status_holder = {"status": 500, "sent": False}
         received = 0
         body_deadline: float | None = None
+        body_complete = False
         metrics.http_requests_in_progress.labels(self.service).inc()
 
         async def limited_receive() -> Message:
-            nonlocal received, body_deadline
+            nonlocal received, body_deadline, body_complete
+            if body_complete:
+                # The body is in: what is left to receive is the client's disconnect, which a streaming
+                # response (server-sent events) listens for as long as it runs; no deadline applies to it.
+                return await receive()
             declared = headers.get("content-length")
             if received == 0 and declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
                 # Decided when the body is first read, so after authentication (AuthenticateFirstMiddleware).
@@ -119,6 +124,7 @@ class ObservedRequestMiddleware:
                 raise RequestBodyTimeoutError from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
                 if received > self.max_request_bytes:
                     await answer_and_stop(413, f"request body exceeds the {self.max_request_bytes}-byte limit")
                     raise RequestTooLargeError

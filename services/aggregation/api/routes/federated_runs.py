@@ -380,7 +380,9 @@ def cancel_run(run_id: ResourceId, ctx: ContextDep, session: SessionDep, princip
     return _detail(session, run)
 
 
-STREAM_ID = r"^[0-9]{1,20}-[0-9]{1,20}$"
+# A Redis stream id, or empty (no resume). A plain string rather than `str | None`: an optional header's
+# `null` schema branch has no wire form, so clients (and schemathesis) would send the text "null".
+STREAM_ID = r"^(?:[0-9]{1,20}-[0-9]{1,20})?$"
 #: how long one read of the stream waits for new events before the run's status is looked at again
 EVENTS_BLOCK_MS = 1000
 
@@ -462,9 +464,9 @@ async def run_events(
     ctx: ContextDep,
     principal: RunCaller,
     last_event_id: Annotated[
-        str | None,
+        str,
         Header(pattern=STREAM_ID, description="Resume after this event id (sent by EventSource on reconnect)."),
-    ] = None,
+    ] = "",
 ) -> StreamingResponse:
     """The run's progress live (docs/federated.md): per-epoch loss, val Dice and ETA of every site, round
     starts and aggregations with the global val Dice and ε, and the end of the run; past events first."""
@@ -477,7 +479,7 @@ async def run_events(
     if run is None:
         raise HTTPException(404, f"no federated run {run_id}")
     return StreamingResponse(
-        follow_events(ctx, run_id, run.rounds, last_event_id),
+        follow_events(ctx, run_id, run.rounds, last_event_id or None),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
