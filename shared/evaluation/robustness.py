@@ -52,6 +52,8 @@ from monai.transforms import (
     RandSimulateLowResolution,
 )
 
+from shared.contracts import artifacts
+
 LEVELS = (1, 2, 3, 4, 5)
 NOISE_STD = (0.05, 0.1, 0.2, 0.3, 0.5)
 BIAS_COEFF = (0.02, 0.05, 0.1, 0.15, 0.2)
@@ -250,7 +252,7 @@ def write_robustness(folder: Any, summary: Mapping[str, Any]) -> list[Any]:
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "robustness.json"
+    json_path = out / artifacts.ROBUSTNESS_FILE
     json_path.write_text(json.dumps(summary, indent=2, default=str))
     figure, axes = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["corruption"] for r in summary["rows"]):
@@ -261,7 +263,7 @@ def write_robustness(folder: Any, summary: Mapping[str, Any]) -> list[Any]:
     axes.set_ylabel("mean Dice")
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7)
-    png_path = out / "robustness.png"
+    png_path = out / artifacts.ROBUSTNESS_PLOT_FILE
     figure.savefig(png_path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return [json_path, png_path]
