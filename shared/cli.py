@@ -20,6 +20,7 @@ from typing import Any
 from pydantic_settings import BaseSettings
 
 from shared.client import ApiError, ServiceClient, build_dataset, export_model, import_msd_folder
+from shared.contracts import artifacts
 from shared.settings import VoxelflowSettings
 
 #: each service declares its settings class under this entry-point group (pyproject.toml), so that the
@@ -302,6 +303,8 @@ def robustness_report(args: argparse.Namespace, model: Any, pairs: list, roi_siz
     print(f"mean drop {summary['mean_drop']:.4f} over {len(summary['rows'])} corruption levels, {len(cases)} cases")
     summary["model"] = {"uri": model.uri, "run_id": model.version.run_id}
     summary["cases"] = len(cases)
+    # the promotion gate's robustness option compares two reports only when they name the same cases
+    summary["case_ids"] = [Path(image).name.removesuffix(".gz").removesuffix(".nii") for image, _ in cases]
     out = Path(args.robustness_out)
     paths = write_robustness(out, summary)
     for path in paths:
@@ -309,9 +312,9 @@ def robustness_report(args: argparse.Namespace, model: Any, pairs: list, roi_siz
     if not args.no_log:
         registry = open_registry()
         points = [(f"robustness/{r['corruption']}/{r['level']}/dice", r["dice"], 0) for r in summary["rows"]]
-        points += [("robustness/clean/dice", clean, 0), ("robustness_mean_drop", summary["mean_drop"], 0)]
+        points += [("robustness/clean/dice", clean, 0), (artifacts.ROBUSTNESS_MEAN_DROP, summary["mean_drop"], 0)]
         registry.log_metrics(model.version.run_id, points)
-        registry.log_artifacts(model.version.run_id, out, "robustness")
+        registry.log_artifacts(model.version.run_id, out, artifacts.ROBUSTNESS_DIR)
         print(f"logged robustness to run {model.version.run_id}", file=sys.stderr)
 
 

@@ -33,6 +33,7 @@ class ModelRegistryContext(ServiceContext):
             alpha=self.settings.promotion_alpha,
             min_cases=self.settings.promotion_min_cases,
             margin=self.settings.promotion_margin,
+            max_robustness_drop=self.settings.promotion_max_robustness_drop,
         )
 
     @property

@@ -32,3 +32,11 @@ class ModelRegistrySettings(VoxelflowSettings):
     promotion_margin: float = Field(
         default=0.0, ge=0, lt=1, description="Promotion gate: non-inferiority margin in Dice (0 = plain 'not worse')."
     )
+    promotion_max_robustness_drop: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Promotion gate: how much larger a candidate's robustness_mean_drop (Dice lost under synthetic "
+        "corruptions, `voxelflow evaluate --robustness`) may be than the champion's; a candidate without one is "
+        "refused. Unset = robustness is not checked.",
+    )

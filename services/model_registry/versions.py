@@ -129,7 +129,10 @@ def promote(
     champion_cases = registry.per_case_dice(champion) if champion is not None else None
     if champion is not None and champion_cases is None:
         champion_cases = {}  # a champion without evaluation: the gate reports "too few paired cases"
-    decision = decide_promotion(registry.per_case_dice(mv), champion_cases, gate)
+    reports: list[dict[str, Any] | None] = [None, None]
+    if gate.max_robustness_drop is not None:  # read only when the option is on: two artifact downloads
+        reports = [registry.robustness_report(v) if v is not None else None for v in (mv, champion)]
+    decision = decide_promotion(registry.per_case_dice(mv), champion_cases, gate, *reports)
     if not decision.promote and not force:
         return PromotionOutcome(decision, previous, promoted=False, forced=False)
     registry.set_alias(name, CHAMPION, mv.version)

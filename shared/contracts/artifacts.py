@@ -34,6 +34,14 @@ TORCHSCRIPT = f"{TORCHSCRIPT_DIR}/{TORCHSCRIPT_FILE}"
 #: per-case held-out Dice, logged at registration; what the promotion gate compares
 PER_CASE = "evaluation/per_case.json"
 PLOTS_DIR = "plots"
+#: written by `voxelflow evaluate --robustness` on the version's run: the report (rows of corruption, level, Dice,
+#: drop; the case ids) that the promotion gate's robustness option compares, and the plot beside it
+ROBUSTNESS_DIR = "robustness"
+ROBUSTNESS_FILE = "robustness.json"
+ROBUSTNESS_PLOT_FILE = "robustness.png"
+ROBUSTNESS_REPORT = f"{ROBUSTNESS_DIR}/{ROBUSTNESS_FILE}"
+#: the report's mean drop as a run metric, for the MLflow UI (the gate reads the report, not this)
+ROBUSTNESS_MEAN_DROP = "robustness_mean_drop"
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"

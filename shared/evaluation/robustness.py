@@ -17,6 +17,10 @@ kspace_spike   KSpaceSpikeNoise                    one spike at a fixed k-space 
 gibbs          GibbsNoise                          alpha (0.3, 0.45, 0.6, 0.75, 0.9): k-space truncation
 low_res        RandSimulateLowResolution (prob 1)  zoom (0.8, 0.6, 0.5, 0.4, 0.3): down- then up-sample
 contrast       AdjustContrast                      gamma (0.8, 1.25, 0.6, 1.6, 2.0) over the image range
+ghosting       k-space (torch.fft; MONAI has none)  every 4th phase-encoding plane scaled by 1 - (0.2, 0.4,
+                                                   0.6, 0.8, 1.0): periodic ghosts along that axis
+motion         k-space (torch.fft; MONAI has none)  the last (0.1, 0.2, 0.3, 0.4, 0.5) of k-space from the
+                                                   volume translated (1, 2, 3, 4, 6) voxels: one movement
 fgsm           torch autograd, one step            L∞ eps (0.01, 0.02, 0.05, 0.1, 0.2)
 pgd            torch autograd, 5 steps of eps/4    L∞ eps (0.01, 0.02, 0.05, 0.1, 0.2), projected
 =============  ==================================  =========================================================
@@ -52,6 +56,8 @@ from monai.transforms import (
     RandSimulateLowResolution,
 )
 
+from shared.contracts import artifacts
+
 LEVELS = (1, 2, 3, 4, 5)
 NOISE_STD = (0.05, 0.1, 0.2, 0.3, 0.5)
 BIAS_COEFF = (0.02, 0.05, 0.1, 0.15, 0.2)
@@ -59,6 +65,10 @@ SPIKE_LOG_INTENSITY = (8.0, 9.0, 10.0, 11.0, 12.0)
 GIBBS_ALPHA = (0.3, 0.45, 0.6, 0.75, 0.9)
 LOW_RES_ZOOM = (0.8, 0.6, 0.5, 0.4, 0.3)
 CONTRAST_GAMMA = (0.8, 1.25, 0.6, 1.6, 2.0)
+GHOST_INTENSITY = (0.2, 0.4, 0.6, 0.8, 1.0)
+GHOST_PERIOD = 4
+MOTION_SHIFT = (1.0, 2.0, 3.0, 4.0, 6.0)
+MOTION_FRACTION = (0.1, 0.2, 0.3, 0.4, 0.5)
 ADVERSARIAL_EPS = (0.01, 0.02, 0.05, 0.1, 0.2)
 PGD_STEPS = 5
 
@@ -120,6 +130,62 @@ def low_resolution(image: torch.Tensor, level: int, seed: int) -> torch.Tensor:
 
 def contrast(image: torch.Tensor, level: int, seed: int) -> torch.Tensor:
     return _as_tensor(AdjustContrast(gamma=_level(CONTRAST_GAMMA, level))(image), image)
+
+
+def _kspace(image: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(1, image.ndim))
+    return torch.fft.fftshift(torch.fft.fftn(image.to(torch.float32), dim=dims), dim=dims)
+
+
+def _image_of(kspace: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(1, kspace.ndim))
+    return torch.fft.ifftn(torch.fft.ifftshift(kspace, dim=dims), dim=dims).real.to(like.dtype)
+
+
+def ghosting(image: torch.Tensor, level: int, seed: int) -> torch.Tensor:
+    """Periodic ghosts along a phase-encoding axis: every ``GHOST_PERIOD``-th k-space plane (the centre
+    kept) scaled by ``1 - intensity``, as an inconsistency repeating each TR (pulsation, Nyquist ghost) does.
+
+    Why k-space by hand: MONAI has spikes and Gibbs but no ghosting or motion transform (TorchIO's
+    RandomGhosting is the model; not a dependency). The axis is drawn per case from the seed."""
+    intensity = _level(GHOST_INTENSITY, level)
+    axis = 1 + int(np.random.default_rng(seed).integers(image.ndim - 1))
+    k = _kspace(image)
+    size = k.shape[axis]
+    weights = torch.ones(size)
+    weights[::GHOST_PERIOD] = 1.0 - intensity
+    weights[size // 2] = 1.0  # the centre line carries the image's contrast: kept, as scanners sample it
+    shape = [1] * k.ndim
+    shape[axis] = size
+    return _image_of(k * weights.reshape(shape), image)
+
+
+def motion(image: torch.Tensor, level: int, seed: int) -> torch.Tensor:
+    """Rigid motion during the acquisition: the last ``MOTION_FRACTION`` of the k-space planes of a
+    phase-encoding axis (sequential order) come from the volume translated by ``MOTION_SHIFT`` voxels in a
+    random direction, a translation being a linear phase ramp in k-space. The result shows the ghosting and
+    blurring along that axis of a patient who moved once. Why both grow with the level: a larger movement
+    alone saturates (the phase error is bounded), a movement earlier in the scan corrupts more of k-space."""
+    shift, fraction = _level(MOTION_SHIFT, level), _level(MOTION_FRACTION, level)
+    rng = np.random.default_rng(seed)
+    axis = 1 + int(rng.integers(image.ndim - 1))
+    direction = rng.normal(size=image.ndim - 1)
+    direction = direction / np.linalg.norm(direction) * shift
+    k = _kspace(image)
+    spatial = k.shape[1:]
+    ramp = torch.zeros(spatial, dtype=torch.float64)
+    for dim, (size, d) in enumerate(zip(spatial, direction, strict=True)):
+        freq = torch.fft.fftshift(torch.fft.fftfreq(size, dtype=torch.float64))
+        view = [1] * len(spatial)
+        view[dim] = size
+        ramp = ramp + (freq * float(d)).reshape(view)
+    moved = k * torch.exp(-2j * torch.pi * ramp).to(k.dtype)[None]
+    size = spatial[axis - 1]
+    start = size - max(1, round(size * fraction))
+    index = [slice(None)] * k.ndim
+    index[axis] = slice(start, None)
+    k[tuple(index)] = moved[tuple(index)]
+    return _image_of(k, image)
 
 
 @dataclass(frozen=True)
@@ -185,6 +251,8 @@ CORRUPTIONS: dict[str, tuple[Perturbation, str]] = {
     "gibbs": (gibbs, f"alpha {GIBBS_ALPHA}"),
     "low_res": (low_resolution, f"zoom {LOW_RES_ZOOM}"),
     "contrast": (contrast, f"gamma {CONTRAST_GAMMA}"),
+    "ghosting": (ghosting, f"every {GHOST_PERIOD}th k-space plane scaled by 1 - {GHOST_INTENSITY}"),
+    "motion": (motion, f"translation in voxels {MOTION_SHIFT} for the last fraction {MOTION_FRACTION} of k-space"),
 }
 ADVERSARIAL = ("fgsm", "pgd")
 
@@ -250,7 +318,7 @@ def write_robustness(folder: Any, summary: Mapping[str, Any]) -> list[Any]:
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "robustness.json"
+    json_path = out / artifacts.ROBUSTNESS_FILE
     json_path.write_text(json.dumps(summary, indent=2, default=str))
     figure, axes = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["corruption"] for r in summary["rows"]):
@@ -261,7 +329,7 @@ def write_robustness(folder: Any, summary: Mapping[str, Any]) -> list[Any]:
     axes.set_ylabel("mean Dice")
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7)
-    png_path = out / "robustness.png"
+    png_path = out / artifacts.ROBUSTNESS_PLOT_FILE
     figure.savefig(png_path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return [json_path, png_path]

@@ -494,6 +494,23 @@ class ModelRegistry(abc.ABC):
             data = json.loads(self.download_artifacts(run_id, lineage.PER_CASE, tmp).read_text())
         return {str(k): float(v) for k, v in data["cases"].items()}
 
+    def robustness_report(self, model_version: RegisteredVersion) -> dict[str, Any] | None:
+        """The version's ``robustness/robustness.json`` (``voxelflow evaluate --robustness``), or None if it has none.
+
+        A file that is not a JSON object comes back as ``{"error": ...}``: the gate then refuses the candidate
+        with that reason instead of the API answering 500."""
+        run_id = run_id_of(model_version)
+        if artifacts.ROBUSTNESS_REPORT not in self.list_artifacts(run_id, artifacts.ROBUSTNESS_DIR):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                data = json.loads(self.download_artifacts(run_id, artifacts.ROBUSTNESS_REPORT, tmp).read_text())
+            except (ValueError, UnicodeDecodeError):
+                data = None
+        if not isinstance(data, dict):
+            return {"error": f"{artifacts.ROBUSTNESS_REPORT} is not a JSON object"}
+        return data
+
     def attach_artifact(self, model_name: str, version: int | str, local_path: str | Path, artifact_path: str) -> str:
         """Add a file or directory to a version's run (exports: ``model/onnx``, ``model/torchscript``); returns
         the artifact path it now has. Why the run: a version's files are its run's ``model/`` directory."""

@@ -35,6 +35,18 @@ def test_corruptions_are_deterministic_and_graded(name: str) -> None:
         perturb(image, 6, 7)
 
 
+def test_kspace_artefacts_keep_the_mean_and_act_along_one_axis() -> None:
+    image = _image()
+    for perturb in (CORRUPTIONS["ghosting"][0], CORRUPTIONS["motion"][0]):
+        corrupted = perturb(image, 3, 11)
+        # the k-space centre (DC) is untouched: the mean intensity stays, the artefact is structure
+        assert float(corrupted.mean()) == pytest.approx(float(image.mean()), abs=1e-5)
+        assert not torch.allclose(corrupted, image, atol=1e-3)
+    # ghosting of a constant volume is nothing (all its energy is at the centre of k-space)
+    flat = torch.full((1, 8, 8, 8), 3.0)
+    assert torch.allclose(CORRUPTIONS["ghosting"][0](flat, 5, 0), flat, atol=1e-5)
+
+
 def test_attacks_stay_in_the_ball_and_raise_the_loss() -> None:
     torch.manual_seed(0)
     network = UNet(3, 1, 3, (4, 8), (2,), num_res_units=0).eval()
@@ -106,6 +118,7 @@ def test_evaluate_robustness_cli(
         ("fgsm", 5),
     }
     assert report["cases"] == 1 and 0.0 <= report["clean_dice"] <= 1.0
+    assert len(report["case_ids"]) == 1  # what the promotion gate checks two reports share
     assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
     metrics = client.get_run(run_id).data.metrics
     assert metrics["robustness_mean_drop"] == pytest.approx(report["mean_drop"])

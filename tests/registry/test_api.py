@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from mlflow import MlflowClient
 from sqlalchemy import create_engine, text
 
+from shared.contracts import artifacts
 from shared.registry import CHAMPION, register_model_version
 from tests.registry.conftest import RegistryService, log_tiny_model, per_case_records, unique_name
 
@@ -98,3 +101,55 @@ def test_list_detail_and_compare(registry_service: RegistryService, mlflow_clien
     assert client.get("/models/no-such-model/versions").status_code == 404
     assert client.get(f"/models/{name}/versions/0").status_code == 422
     assert registry_service.client("pacs").get("/models").status_code == 403
+
+
+def test_the_robustness_gate_option_reads_the_robustness_report_artifact(
+    registry_service: RegistryService, mlflow_client: MlflowClient, postgres_url: str, mlflow_uri: str
+) -> None:
+    from services.model_registry.main import create_app
+    from services.model_registry.settings import ModelRegistrySettings
+    from tests.service_harness import serving
+
+    settings = ModelRegistrySettings(
+        database_url=postgres_url,
+        mlflow_tracking_uri=mlflow_uri,
+        log_json=False,
+        promotion_min_dice=0.7,
+        promotion_max_robustness_drop=0.05,
+    )
+    name = unique_name("robust")
+
+    def version(seed: int, drop: float | None, text: str | None = None) -> int:
+        run_id = log_tiny_model(mlflow_client, seed=seed)
+        if drop is not None:  # as `voxelflow evaluate --robustness` writes it
+            levels = [(c, lv) for c in ("noise", "fgsm") for lv in (1, 5)]
+            rows = [{"corruption": c, "level": lv, "dice": 0.8 - drop, "drop": drop} for c, lv in levels]
+            text = json.dumps({"clean_dice": 0.8, "rows": rows, "mean_drop": drop, "case_ids": ["c1", "c2"]})
+            mlflow_client.log_metric(run_id, artifacts.ROBUSTNESS_MEAN_DROP, 0.0, step=0)  # the gate ignores it
+        if text is not None:
+            mlflow_client.log_text(run_id, text, artifacts.ROBUSTNESS_REPORT)
+        return register_model_version(run_id, name, per_case=per_case_records(GOOD))
+
+    champion, fragile, unmeasured = version(10, 0.10), version(11, 0.25), version(12, None)
+    broken, robust = version(14, None, text="not json"), version(13, 0.12)
+    with serving(create_app(settings), "model-registry-robust") as url:
+        operator = RegistryService(url, registry_service.tokens).client("operator")
+        assert operator.post(f"/models/{name}/versions/{champion}/promote").status_code == 200
+
+        refused = operator.post(f"/models/{name}/versions/{fragile}/promote")
+        assert refused.status_code == 409 and "less robust than the champion" in refused.json()["reasons"][0]
+        stats = refused.json()["statistics"]["robustness"]
+        assert stats["paired_candidate_drop"] == 0.25 and stats["paired_champion_drop"] == 0.10
+        assert stats["levels_compared"] == 4
+
+        missing = operator.post(f"/models/{name}/versions/{unmeasured}/promote")
+        assert missing.status_code == 409 and "no robustness report" in missing.json()["reasons"][0]
+        unreadable = operator.post(f"/models/{name}/versions/{broken}/promote")
+        assert unreadable.status_code == 409 and "not a JSON object" in unreadable.json()["reasons"][0]
+        assert int(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == champion
+
+        assert operator.post(f"/models/{name}/versions/{robust}/promote").status_code == 200
+    assert int(mlflow_client.get_model_version_by_alias(name, CHAMPION).version) == robust
+    # the session's service has the option off: the same fragile version would pass there
+    off = registry_service.client("operator").post(f"/models/{name}/versions/{fragile}/promote")
+    assert off.status_code == 200 and "robustness" not in off.json()["statistics"]

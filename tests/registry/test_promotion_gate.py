@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -24,7 +26,8 @@ def test_no_champion_only_the_threshold_applies() -> None:
 
 
 def test_never_evaluated_candidate_is_refused() -> None:
-    for candidate in (None, {}):
+    empty: list[dict[str, float] | None] = [None, {}]
+    for candidate in empty:
         decision = decide_promotion(candidate, None, GATE)
         assert not decision.promote and "per-case Dice" in decision.reasons[0]
     assert not decide_promotion(cases([0.9, float("nan")]), None, GATE).promote
@@ -97,3 +100,81 @@ def test_champion_never_evaluated_refuses_and_the_decision_is_valid_json() -> No
     assert not decision.promote and "at least 5 are needed" in decision.reasons[0]
     encoded = json.dumps(decision.to_dict(), allow_nan=False)
     assert json.loads(encoded)["statistics"]["champion_mean_dice"] is None
+
+
+ROBUST = GateConfig(min_dice=0.7, alpha=0.05, min_cases=5, max_robustness_drop=0.05)
+GOOD_CASES = cases([0.8, 0.82, 0.85, 0.79, 0.88, 0.9])
+
+
+def report(drops: dict[tuple[str, int], float], case_ids: list[str] | None = None) -> dict:
+    """A robustness report as `voxelflow evaluate --robustness` writes it (robustness/robustness.json)."""
+    rows = [{"corruption": c, "level": lv, "dice": 0.8 - d, "drop": d} for (c, lv), d in drops.items()]
+    out: dict = {"clean_dice": 0.8, "rows": rows, "mean_drop": sum(drops.values()) / len(drops)}
+    if case_ids is not None:
+        out["case_ids"] = case_ids
+    return out
+
+
+def uniform(drop: float) -> dict:
+    return report({("noise", 1): drop, ("noise", 5): drop, ("fgsm", 5): drop})
+
+
+def test_robustness_gate_refuses_a_much_less_robust_candidate() -> None:
+    refused = decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, uniform(0.20), uniform(0.10))
+    assert not refused.promote and "less robust than the champion" in refused.reasons[0]
+    stats = refused.statistics["robustness"]
+    assert stats["compared"] is True and stats["levels_compared"] == 3
+    assert stats["paired_candidate_drop"] == pytest.approx(0.20) and stats["paired_champion_drop"] == pytest.approx(
+        0.10
+    )
+    # within the allowance (+0.04 <= 0.05), or more robust: the other conditions decide
+    assert decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, uniform(0.14), uniform(0.10)).promote
+    assert decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, uniform(0.01), uniform(0.10)).promote
+    # off: the same reports are not looked at
+    off = decide_promotion(GOOD_CASES, dict(GOOD_CASES), GATE, uniform(0.20), uniform(0.10))
+    assert off.promote and "robustness" not in off.statistics
+    # a robustness refusal and a Dice refusal are both reported
+    worse = {k: v - 0.05 for k, v in GOOD_CASES.items()}
+    both = decide_promotion(worse, dict(GOOD_CASES), ROBUST, uniform(0.20), uniform(0.10))
+    assert len(both.reasons) == 2
+
+
+def test_robustness_gate_compares_the_shared_levels_only() -> None:
+    # the candidate also ran a harsh extra corruption: its overall mean is much worse, but on the champion's
+    # levels it is as robust, so it passes
+    champion = uniform(0.10)
+    candidate = report({("noise", 1): 0.10, ("noise", 5): 0.10, ("fgsm", 5): 0.10, ("pgd", 5): 0.9})
+    passed = decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, candidate, champion)
+    assert passed.promote and passed.statistics["robustness"]["candidate_mean_drop"] > 0.25
+    # measured only on the easiest corruption: refused, the missing levels named
+    easy = report({("noise", 1): 0.0})
+    refused = decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, easy, champion)
+    assert not refused.promote and "lacks 2 corruption level(s)" in refused.reasons[0]
+    assert "fgsm 5" in refused.reasons[0]
+    # different cases: refused; the same cases in another order: compared
+    a = report({("noise", 1): 0.1}, ["c1", "c2"])
+    assert (
+        "different cases"
+        in decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, a, report({("noise", 1): 0.1}, ["c3", "c2"])).reasons[
+            0
+        ]
+    )
+    assert decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, a, report({("noise", 1): 0.1}, ["c2", "c1"])).promote
+
+
+def test_robustness_gate_needs_the_candidates_report_but_not_the_champions() -> None:
+    for champion in (dict(GOOD_CASES), None):
+        missing = decide_promotion(GOOD_CASES, champion, ROBUST, None, uniform(0.10))
+        assert not missing.promote and "no robustness report" in missing.reasons[0]
+    for broken in ({"error": "robustness/robustness.json is not a JSON object"}, {"rows": [{"corruption": "noise"}]}):
+        unusable = decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, broken, uniform(0.10))
+        assert not unusable.promote and "robustness report is unusable" in unusable.reasons[0]
+    nan = report({("noise", 1): float("nan")})
+    assert not decide_promotion(GOOD_CASES, None, ROBUST, nan, None).promote
+    uncompared = decide_promotion(GOOD_CASES, dict(GOOD_CASES), ROBUST, uniform(0.30), None)
+    assert uncompared.promote and uncompared.statistics["robustness"]["compared"] is False
+    assert decide_promotion(GOOD_CASES, None, ROBUST, uniform(0.30), None).promote  # no champion: nothing to compare
+    assert (
+        json.loads(json.dumps(uncompared.to_dict(), allow_nan=False))["statistics"]["robustness"]["champion_mean_drop"]
+        is None
+    )

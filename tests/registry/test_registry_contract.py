@@ -101,6 +101,23 @@ def test_a_version_without_evaluation_has_no_per_case_dice(registry: ModelRegist
     assert registry.get_version(name, version).tags.get("test_dice", "") == ""  # no held-out score
 
 
+def test_the_robustness_report_is_read_from_its_artifact(registry: ModelRegistry, tmp_path: Path) -> None:
+    """What the gate's robustness option reads: None without a report, the report, an error for a bad file."""
+    from shared.contracts import artifacts
+
+    name = unique_name("contract-robust")
+    versions = [registry.register_version(log_tiny_model(registry, experiment=unique_name("c")), name) for _ in "ab"]
+    measured, broken = (registry.get_version(name, v) for v in versions)
+    assert registry.robustness_report(measured) is None
+    report = {"clean_dice": 0.8, "rows": [{"corruption": "noise", "level": 1, "dice": 0.7, "drop": 0.1}]}
+    registry.log_dict(measured.run_id, report, artifacts.ROBUSTNESS_REPORT)
+    assert registry.robustness_report(measured) == report
+    bad = tmp_path / artifacts.ROBUSTNESS_FILE
+    bad.write_text("[1, 2")
+    registry.log_artifacts(broken.run_id, bad, artifacts.ROBUSTNESS_DIR)
+    assert "not a JSON object" in (registry.robustness_report(broken) or {})["error"]
+
+
 def test_a_run_without_model_files_is_refused(registry: ModelRegistry) -> None:
     run_id = registry.create_run(unique_name("contract"))
     with pytest.raises(RegistryError, match="lacks"):

@@ -52,14 +52,16 @@ def write_dataset(store: Any, root: Path, case_ids: list[str]) -> str:
 
 
 def write_split_dataset(
-    store: Any, root: Path, parts: dict[str, dict[str, list[str]]], name: str = "test-sites"
+    store: Any, root: Path, parts: dict[str, dict[str, list[str]]], name: str = "test-sites", loso: bool = False
 ) -> str:
     """A dataset version with ``parts[site][part] = [case ids]`` (part: train/val/test) as ``holdout``,
-    preprocessed with mr_hippocampus into the cache (shared.datasets.preprocess_cases). Returns its id."""
+    preprocessed with mr_hippocampus into the cache (shared.datasets.preprocess_cases). ``loso``: also the
+    ``loso-{site}`` splits the preprocessing service makes (its own ``leave_one_site_out``). Returns its id."""
     from shared.datasets import preprocess_cases
 
     spec = load_spec("mr_hippocampus")
-    records, splits = [], {"train": [], "val": [], "test": []}
+    records: list[CaseRecord] = []
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for site, by_part in parts.items():
         for part, case_ids in by_part.items():
             for case_id in case_ids:
@@ -71,9 +73,13 @@ def write_split_dataset(
                                source=f"msd:{case_id}")
                 )  # fmt: skip
                 splits[part].append(case_id)
-    manifest = DatasetManifest.create(
-        name, records, {"holdout": splits}, spec, labels={0: "bg", 1: "anterior", 2: "posterior"}
-    )
+    all_splits: dict[str, dict[str, list[str]]] = {"holdout": splits}
+    if loso:
+        from services.preprocessing.splits import SplitCase, leave_one_site_out
+
+        cases = [SplitCase(r.case_id, r.patient, r.site) for r in records]
+        all_splits.update(leave_one_site_out(cases, splits))
+    manifest = DatasetManifest.create(name, records, all_splits, spec, labels={0: "bg", 1: "anterior", 2: "posterior"})
     save_manifest(store, manifest)
     result = preprocess_cases(store, records, spec, workers=2)
     assert not result.failed, result.failed

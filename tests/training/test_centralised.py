@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from shared.cli import main as cli_main
 from shared.storage import open_object_store
 from shared.training import build_network, load_config
@@ -103,3 +105,45 @@ def test_voxelflow_train_register_evaluates_holdout_test(
     run = client.get_run(registered["run_id"])
     assert run.data.metrics["test/dice_mean"] == summary["test"]["test/dice_mean"]
     assert "test/anterior/dice_ci_low" in run.data.metrics
+    # the test Dice per site: site-a's one test case, site-b's two
+    per_site = summary["test_per_site"]
+    assert {s: r["cases"] for s, r in per_site.items()} == {"site-a": 1, "site-b": 2}
+    assert run.data.metrics["test/site/site-b/dice_mean"] == per_site["site-b"]["dice_mean"]
+
+
+def test_voxelflow_train_loso_reports_each_held_out_site(
+    tmp_path: Path, hippocampus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--loso: one training per loso-{site} split, each scored on the site it never saw, in loso.json."""
+
+    from tests.training.datasets import write_split_dataset
+
+    url = (tmp_path / "objects").as_uri()
+    parts = {
+        "site-a": {"train": CASE_IDS[:2], "val": [CASE_IDS[2]]},
+        "site-b": {"train": [CASE_IDS[3], CASE_IDS[5]], "val": [CASE_IDS[4]]},
+    }
+    store = open_object_store(url)
+    version = write_split_dataset(store, hippocampus_dir, parts, name="loso", loso=True)
+    out = tmp_path / "loso"
+    args = ["train", "--dataset", version, "--storage-url", url, "--epochs", "1", "--threads", "1"]
+    cli_main([*args, "--out", str(out), "--loso"])
+    report = json.loads((out / "loso.json").read_text())
+    assert set(report["sites"]) == {"site-a", "site-b"} and report["runs"]["site-a"]["split"] == "loso-site-a"
+    assert report["sites"]["site-a"]["cases"] == 3 and report["sites"]["site-b"]["cases"] == 3
+    dice = {site: row["dice_mean"] for site, row in report["sites"].items()}
+    assert all(0.0 <= d <= 1.0 for d in dice.values())
+    assert report["worst_dice"] == min(dice.values()) and report["mean_over_sites"] == pytest.approx(
+        sum(dice.values()) / 2
+    )
+    # each run trained on the other site only and was tested on the held-out one
+    run_a = json.loads((out / "loso-site-a" / "metrics.json").read_text())
+    assert run_a["num_samples"] == 2 and set(run_a["test_per_site"]) == {"site-a"}
+    tested = {r["case_id"] for r in json.loads((out / "loso-site-a" / "test-per-case.json").read_text())["records"]}
+    assert tested == set(CASE_IDS[:3])
+    assert "held-out site" in capsys.readouterr().out
+
+    # a dataset of one site has no LOSO splits: a one-line message, not a traceback
+    single = write_split_dataset(store, hippocampus_dir, {"site-a": parts["site-a"]}, name="one-site", loso=True)
+    with pytest.raises(SystemExit, match="no leave-one-site-out splits"):
+        cli_main([*args[:2], single, *args[3:], "--out", str(tmp_path / "one"), "--loso"])
