@@ -21,7 +21,7 @@ def tiny_config(**overrides: Any) -> TrainingConfig:
 
 
 def test_training_lowers_the_loss_and_reports_each_epoch(hippo_cases: list[dict]) -> None:
-    seen = []
+    seen: list[Any] = []
     result = train_local(tiny_config(), hippo_cases[:6], hippo_cases[6:], None, epochs=3, progress=seen.append)
     losses = [h.train_loss for h in result.history]
     assert [r.epoch for r in seen] == [1, 2, 3]
