@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import select
 
@@ -94,7 +96,7 @@ def test_auth_roles_and_audit(api, agg_ctx, dataset, initial_weights):
     assert any(e.outcome == "denied" and e.role == "pacs" for e in events)
 
 
-def _store_fingerprint(store, version_id: str) -> None:
+def _store_fingerprint(store: Any, version_id: str) -> None:
     """A fingerprint for ``version_id`` as the preprocessing service stores it: four 1 mm cases of up to
     40 x 56 x 44 voxels with two labels."""
     import numpy as np
@@ -111,7 +113,9 @@ def _store_fingerprint(store, version_id: str) -> None:
     save_version_fingerprint(store, version_id, fingerprint)
 
 
-def test_a_run_takes_the_fields_its_request_leaves_out_from_the_versions_plan(api, agg_ctx, initial_weights):
+def test_a_run_takes_the_fields_its_request_leaves_out_from_the_versions_plan(
+    api: Any, agg_ctx: Any, initial_weights: str
+) -> None:
     from tests.aggregation.conftest import write_manifest
 
     version = write_manifest(agg_ctx.store, {"site-a": 3, "site-b": 2, "site-c": 2})  # a version of its own

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -165,11 +166,11 @@ def test_dataset_version_through_the_service(
     assert means["site-1"][0] <= means["site-2"][1] and means["site-2"][0] <= means["site-3"][1]
     # the same request again is the same content-addressed version
     assert _build(preprocessing_service, {**body})["version_id"] == version_id
-    _check_fingerprint_and_plan(preprocessing_service, body, version_id, hippocampus_dir)
+    _check_fingerprint_and_plan(preprocessing_service, dict(body), str(version_id), hippocampus_dir)
 
 
 def _check_fingerprint_and_plan(
-    service: PreprocessingService, body: dict[str, object], version_id: str, hippocampus_dir: Path
+    service: PreprocessingService, body: dict[str, Any], version_id: str, hippocampus_dir: Path
 ) -> None:
     """The build stored the version's fingerprint once; GET /datasets/{id}/plan derives the plan from it."""
     from sqlalchemy import select
