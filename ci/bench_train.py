@@ -4,8 +4,10 @@ Arms, each in its own process (so each reports its own peak memory), on the bund
 the platform's own patient-level holdout split (``services.preprocessing.splits.holdout_split``):
 
 - ``platform``: ``train_local`` (the loop every site worker and ``voxelflow train`` run) with the
-  bundled config (default ``hippocampus_unet``) and the spec's augmentation; the weights kept by
-  validation, post-processing chosen on validation, test-time mirroring as stored with the model;
+  bundled config (default ``hippocampus_unet``) and the spec's augmentation (``--spec``, default
+  ``mr_hippocampus``); the weights kept by validation, post-processing chosen on validation, test-time
+  mirroring as stored with the model; ``--compare-spec NAME`` adds a row ``platform[NAME]``: the same arm,
+  config and epochs with that spec's augmentation (the deterministic steps of both must be the same);
 - ``federated``: FedAvg over 3 IID sites (``services.preprocessing.sites.assign_iid``) at equal compute
   (rounds x local epochs = the platform's epochs, each site on its third of the training cases), with the
   same local loop, the schedule spanning the whole run and the round of the best global validation Dice;
@@ -78,7 +80,7 @@ def arm_platform(args: argparse.Namespace, cases: dict[str, list[dict[str, Any]]
     from shared.training import load_config, train_local
 
     config = load_config(args.config)
-    spec = load_spec("mr_hippocampus")
+    spec = load_spec(args.spec)
     curve: list[dict[str, float]] = []
     started = time.perf_counter()
 
@@ -188,6 +190,10 @@ def main() -> None:
     parser.add_argument("--config", default="hippocampus_unet", help="the platform arm's training config")
     parser.add_argument("--epochs", type=int, default=None, help="platform epochs (default: the config's)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--spec", default="mr_hippocampus", help="the platform arm's spec (its augmentation)")
+    parser.add_argument(
+        "--compare-spec", default=None, help="also run the platform arm with this spec's augmentation (own row)"
+    )
     parser.add_argument("--target-dice", type=float, default=0.85)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench-train.json")
     parser.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)
@@ -206,33 +212,43 @@ def main() -> None:
     if args.threads:
         common += ["--threads", str(args.threads)]
     arms: dict[str, Any] = {}
-    for arm in ("platform", "baseline"):
+    runs = [("platform", "platform", args.spec)]
+    if args.compare_spec:
+        from shared.preprocessing import load_spec
+
+        if load_spec(args.compare_spec).hash != load_spec(args.spec).hash:
+            sys.exit(f"--compare-spec {args.compare_spec}: its deterministic steps differ from {args.spec}'s")
+        runs.append((f"platform[{args.compare_spec}]", "platform", args.compare_spec))
+    runs.append(("baseline", "baseline", args.spec))
+    for name, arm, spec in runs:
         extra = ["--epochs", str(args.epochs)] if arm == "platform" and args.epochs else []
         if arm == "baseline":  # the same wall time the platform took: equal compute on the same machine
             extra = ["--seconds", str(arms["platform"]["train_seconds"])]
-        out = args.out.with_name(f"bench-train-{arm}.json")
-        subprocess.run([*common, "--arm", arm, "--arm-out", str(out), *extra], check=True, cwd=REPO)
-        arms[arm] = json.loads(out.read_text())
-        reached = [p["seconds"] for p in arms[arm]["curve"] if (p.get("val_dice") or 0) >= args.target_dice]
-        arms[arm]["seconds_to_target_val_dice"] = reached[0] if reached else None
+        out = args.out.with_name(f"bench-train-{name.replace('[', '-').rstrip(']')}.json")
+        command = [*common, "--spec", spec, "--arm", arm, "--arm-out", str(out), *extra]
+        subprocess.run(command, check=True, cwd=REPO)
+        arms[name] = json.loads(out.read_text())
+        reached = [p["seconds"] for p in arms[name]["curve"] if (p.get("val_dice") or 0) >= args.target_dice]
+        arms[name]["seconds_to_target_val_dice"] = reached[0] if reached else None
     report = {
         "host": platform.node(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": args.threads or torch.get_num_threads(),
         "config": args.config,
+        "spec": args.spec,
         "target_val_dice": args.target_dice,
         "arms": arms,
     }
     args.out.write_text(json.dumps(report, indent=2))
     plot(report, args.out.with_suffix(".png"))
     print(
-        f"\n{'arm':10} {'test Dice':>9} {'anterior':>9} {'posterior':>9} {'train s':>8} {'epochs':>6} "
+        f"\n{'arm':32} {'test Dice':>9} {'anterior':>9} {'posterior':>9} {'train s':>8} {'epochs':>6} "
         f"{'s to val ' + str(args.target_dice):>12} {'peak GiB':>8}"
     )
     for arm, r in arms.items():
         to_target = r["seconds_to_target_val_dice"]
         print(
-            f"{arm:10} {r['test_dice']:9.4f} {r['test_dice_per_label']['anterior']:9.4f} "
+            f"{arm:32} {r['test_dice']:9.4f} {r['test_dice_per_label']['anterior']:9.4f} "
             f"{r['test_dice_per_label']['posterior']:9.4f} {r['train_seconds']:8.0f} {r['epochs']:6d} "
             f"{'-' if to_target is None else f'{to_target:.0f}':>12} {r['peak_rss_gib']:8.2f}"
         )

@@ -496,8 +496,10 @@ def main(argv: list[str] | None = None) -> None:
         default=3,
         help="Triton versions kept in the repository besides the aliased ones (a polling Triton serves them all)",
     )
-    plan_parser = commands.add_parser("plan", help="the nnU-Net-style training plan of an MSD folder (YAML)")
-    plan_parser.add_argument("dataset", type=Path, help="an MSD folder (dataset version ids: not yet)")
+    plan_parser = commands.add_parser(
+        "plan", help="the nnU-Net-style training plan of an MSD folder or a dataset version (YAML)"
+    )
+    plan_parser.add_argument("dataset", help="an MSD folder, or a dataset version id (ds-…: the preprocessing API)")
     plan_parser.add_argument("--memory-budget-gib", type=float, default=8.0, help="activation memory per step")
     train_parser = commands.add_parser(
         "train", help="centralised training on a dataset version (python -m shared.training.centralised)"
@@ -543,19 +545,36 @@ def user_error(exc: BaseException) -> str | None:
 
 
 def print_plan(args: argparse.Namespace) -> None:
-    """Fingerprint the MSD folder and print its plan as YAML (the fields ``apply_plan`` would fill first)."""
+    """Print a plan as YAML (the fields ``apply_plan`` would fill first, then the whole plan): of an MSD folder,
+    fingerprinted here, or of a dataset version, planned by the preprocessing API from its stored fingerprint."""
+    import re
+
     import yaml
 
-    from shared.datasets.fingerprint import fingerprint_msd_folder
-    from shared.training.plans import plan_from_fingerprint
+    from shared.validation import DATASET_VERSION_PATTERN
 
-    if not Path(args.dataset).is_dir():
-        raise UsageError(f"{args.dataset} is not an MSD folder (dataset version ids are not supported yet)")
-    plan = plan_from_fingerprint(fingerprint_msd_folder(args.dataset), memory_budget_gib=args.memory_budget_gib)
+    target = str(args.dataset)
+    if re.fullmatch(DATASET_VERSION_PATTERN, target) and not Path(target).exists():
+        with ServiceClient("preprocessing") as api:
+            try:
+                planned = api.get(f"/datasets/{target}/plan", params={"memory_budget_gib": args.memory_budget_gib})
+            except ApiError as exc:
+                if exc.status == 404:
+                    raise UsageError(str(exc)) from None
+                raise
+        fields, whole = planned["config"], planned["plan"]
+    else:
+        from shared.datasets.fingerprint import fingerprint_msd_folder
+        from shared.training.plans import plan_from_fingerprint
+
+        if not Path(target).is_dir():
+            raise UsageError(f"{target} is neither an MSD folder nor a dataset version id (ds- and 16 hex digits)")
+        plan = plan_from_fingerprint(fingerprint_msd_folder(Path(target)), memory_budget_gib=args.memory_budget_gib)
+        fields, whole = plan.config_values(), plan.model_dump(mode="json")
     print("# training config fields the plan fills where a config leaves them unset")
-    print(yaml.safe_dump(plan.config_values(), sort_keys=False, default_flow_style=None), end="")
+    print(yaml.safe_dump(fields, sort_keys=False, default_flow_style=None), end="")
     print("# the whole plan")
-    print(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False, default_flow_style=None), end="")
+    print(yaml.safe_dump(whole, sort_keys=False, default_flow_style=None), end="")
 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> None:

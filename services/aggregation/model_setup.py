@@ -4,6 +4,9 @@ It comes from ``shared.training`` (owned by the training service) so that the ag
 build the same network from the same ``TrainingConfig`` (the API validates it as that model). A run may
 instead start from given weights (``initial_weights_key``: a warm start from an earlier run or a registered
 model's ``weights.pt``).
+
+:func:`resolve_training_config` is where a run's ``TrainingConfig`` is decided, once, when the run is created:
+the fields the request leaves unset come from the dataset version's plan (its stored fingerprint).
 """
 
 from __future__ import annotations
@@ -15,6 +18,21 @@ import numpy as np
 from services.aggregation import federated_storage as fs
 from shared.storage import ObjectStore
 from shared.tasks import PermanentTaskError
+
+
+def resolve_training_config(
+    store: ObjectStore, dataset_version: str, config: Any, use_plan: bool
+) -> tuple[Any, list[str]]:
+    """The run's config (a ``TrainingConfig`` as the request gave it, so its set fields are known) with the
+    version's plan applied unless ``use_plan`` is false, and the fields taken from the plan. Without
+    ``shared.training`` (an aggregator image without torch) or a stored fingerprint, the config is as given."""
+    if not use_plan:
+        return config, []
+    try:
+        from shared.training.plans import plan_for_version
+    except ImportError:
+        return config, []
+    return plan_for_version(store, dataset_version, config)
 
 
 def initial_weights(store: ObjectStore, run: Any) -> dict[str, np.ndarray]:

@@ -67,6 +67,8 @@ class FederatedRun(Base):
     best_round: Mapped[int | None] = mapped_column(Integer, default=None)
     #: the chosen model on holdout.test: {"pooled": {...}, "sites": {site: {...}}} (see evaluation.summarise_test)
     test_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    #: the training_config fields taken from the dataset version's plan when the run was created
+    plan_fields: Mapped[list[str]] = mapped_column(JSON, default=list)
 
 
 def chosen_round(run: FederatedRun) -> int:

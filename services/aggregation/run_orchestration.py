@@ -317,6 +317,7 @@ class RunOrchestrator:
             "seed": run.seed,
             "privacy": json.dumps(run.privacy) if run.privacy else "off",
             "training_config": json.dumps(run.training_config, sort_keys=True),
+            "plan_fields": ",".join(run.plan_fields or []) or "none",
             "keep_optimizer_state": run.keep_optimizer_state,
             "local_norm_layers": run.local_norm_layers,
             "early_stopping": json.dumps(run.early_stopping) if run.early_stopping else "off",

@@ -1,5 +1,7 @@
 """Build an immutable dataset version: cases + site assignment + splits + preprocessing spec + QC →
-``datasets/{version_id}/manifest.json`` (via :mod:`shared.datasets`) and its index rows in the database.
+``datasets/{version_id}/manifest.json`` (via :mod:`shared.datasets`), its fingerprint
+(``datasets/{version_id}/fingerprint.json``, what a training plan is derived from) and its index rows in
+the database.
 
 The version ID is a content hash (docs/contracts.md), so building the same request over the same cases
 twice yields the same version: a redelivered build task finds its version and only marks the build done.
@@ -22,6 +24,7 @@ from services.preprocessing.case_pool import select_cases
 from services.preprocessing.models import Case, DatasetBuild, DatasetVersion, DatasetVersionCase
 from services.preprocessing.sites import assign_sites, parse_site_manifest
 from services.preprocessing.splits import SplitCase, make_splits, split_violations
+from shared.contracts.layout import fingerprint_key
 from shared.db.base import session_scope, utcnow
 from shared.storage import ObjectStore
 from shared.validation import SAFE_TEXT_PATTERN, SafeText
@@ -165,6 +168,14 @@ def build_version(
                 raise BuildError(f"{len(missing)} requested case(s) not found or unlabelled: {missing[:10]}")
         say(f"building {request.name!r} from {len(cases)} cases")
         written = write_manifest(store, cases, request, request.spec or default_spec, say)
+        write_fingerprint(
+            store,
+            written.version_id,
+            request.name,
+            [c for c in cases if c.case_id not in written.excluded],
+            written.labels,
+            say,
+        )
         _record_version(session_factory, written, cases, request, requested_by)
     except Exception as exc:
         with session_scope(session_factory) as session:
@@ -181,6 +192,39 @@ def build_version(
     metrics.qc_excluded_total.inc(len(written.excluded))
     say(f"dataset version {written.version_id}: {len(cases)} cases, {len(written.excluded)} excluded by QC")
     return written.version_id
+
+
+def write_fingerprint(
+    store: ObjectStore,
+    version_id: str,
+    name: str,
+    cases: Sequence[Case],
+    labels: dict[int, str],
+    say: Callable[[str], None] = lambda _: None,
+) -> str | None:
+    """Store the version's fingerprint over its labelled, QC-passed cases, unless it is already there: the
+    version is content-addressed, so an existing fingerprint is this one (a redelivered or repeated build
+    reads no case twice). Returns its key, or None for a version without labelled cases (no plan then).
+
+    Also how a version built before fingerprints were stored gets one: the same build request again."""
+    from shared.datasets.fingerprint import fingerprint_stored_cases, save_version_fingerprint
+
+    key = fingerprint_key(version_id)
+    if store.exists(key):
+        return key
+    modalities = sorted({c.modality for c in cases if c.label_key})
+    fingerprint = fingerprint_stored_cases(
+        store,
+        [(c.image_key, c.label_key) for c in cases],
+        name=name,
+        modality="+".join(modalities) or "OT",
+        labels=labels or {0: "background"},
+    )
+    if fingerprint is None:
+        say(f"{version_id} has no labelled cases: no fingerprint")
+        return None
+    say(f"fingerprint of {fingerprint.case_count} labelled cases written")
+    return save_version_fingerprint(store, version_id, fingerprint)
 
 
 def _record_version(

@@ -3,7 +3,8 @@
 The series volumes (``volumes/…``) also fix here, once, what a 4-D volume is (see :func:`volume_key`).
 
 Writers and readers both build keys with these functions, so the layout is written once. Other keys with a
-single home stay there: ``datasets/{version}/manifest.json`` (:func:`shared.datasets.manifest_key`),
+single home stay there: ``datasets/{version}/manifest.json`` (:func:`shared.datasets.manifest_key`; its
+fingerprint, read by the preprocessing API and by training, is here: :func:`fingerprint_key`),
 ``cases/sha256/…`` and ``preprocessed/{pipeline}/{case}.pt`` (``shared.datasets``).
 """
 
@@ -15,6 +16,7 @@ import re
 SITE_PATTERN = r"[a-z0-9](?:[a-z0-9-]{0,62})"
 
 VOLUMES_PREFIX = "volumes"
+DATASETS_PREFIX = "datasets"
 FEDERATED_PREFIX = "federated"
 #: what a site keeps for itself: never listed nor read by the aggregator (a deployment can deny it the prefix)
 SITE_PRIVATE_PREFIX = "site-private"
@@ -51,6 +53,16 @@ def volume_bval_key(series_uid: str, generation: int, name: str) -> str:
 def volume_bvec_key(series_uid: str, generation: int, name: str) -> str:
     """The b-vectors of a diffusion volume (FSL ``.bvec``), beside :func:`volume_key`."""
     return f"{VOLUMES_PREFIX}/{series_uid}/g{generation}/{name}.bvec"
+
+
+# --- dataset versions: the preprocessing service writes them, training and the aggregator read them ---
+
+
+def fingerprint_key(version_id: str) -> str:
+    """``datasets/{version}/fingerprint.json``: the version's ``shared.datasets.fingerprint.DatasetFingerprint``
+    (spacings, shapes, foreground intensities, label sizes of its labelled cases), written when it is built;
+    what a training plan is derived from."""
+    return f"{DATASETS_PREFIX}/{version_id}/fingerprint.json"
 
 
 # --- federated runs: aggregation writes the run's config and global weights, the sites their updates ---

@@ -1,12 +1,15 @@
-"""A dataset's fingerprint: what an nnU-Net-style planner needs to know about its cases (issue 11: the
-planner that turns it into target spacing, patch, topology and normalisation is the next step).
+"""A dataset's fingerprint: what an nnU-Net-style planner needs to know about its cases (issue 11; the
+planner that turns it into target spacing, patch, topology and normalisation is ``shared.training.plans``).
 
 Per case: voxel spacing (mm) and shape. Per modality (image channel): intensity statistics over the
 foreground voxels of every case pooled (as nnU-Net does, so CT clipping follows the tissue, not the air).
 Per label: its share of all voxels, and the median size over the cases that contain it, in voxels and mL.
 
 The statistics are pure functions of arrays (:func:`case_fingerprint`, :func:`combine`); only
-:func:`fingerprint_msd_folder` reads files. The result is a pydantic model saved as JSON.
+:func:`fingerprint_msd_folder` (an MSD folder) and :func:`fingerprint_stored_cases` (a dataset version's
+raw case files in object storage) read files. The result is a pydantic model saved as JSON; a dataset
+version's is stored at :func:`shared.contracts.layout.fingerprint_key` (:func:`save_version_fingerprint`,
+:func:`load_version_fingerprint`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.contracts.layout import fingerprint_key
 from shared.datasets.msd import MODALITY_CODES, MsdFormatError, read_msd_index
+from shared.storage import ObjectNotFoundError, ObjectStore
 
 Spacing = tuple[float, float, float]
 Shape = tuple[int, int, int]
@@ -178,8 +183,6 @@ def fingerprint_msd_folder(folder: Path, *, limit: int | None = None) -> Dataset
     spacing from the NIfTI header, arrays in file order; a 4-D image has its channels last, as MSD writes."""
     import json
 
-    import nibabel as nib
-
     index = read_msd_index(folder)
     pairs = [(image, label) for image, label in index.pairs if label is not None][: limit or None]
     if not pairs:
@@ -187,13 +190,60 @@ def fingerprint_msd_folder(folder: Path, *, limit: int | None = None) -> Dataset
     raw = json.loads((index.root / "dataset.json").read_text())
     names = [str(v) for _, v in sorted(dict(raw.get("modality", {})).items(), key=lambda kv: int(kv[0]))]
     modalities = [MODALITY_CODES.get(m.upper(), m.upper()) for m in names] or ["OT"]
-    cases = []
-    for image_path, label_path in pairs:
-        img: Any = nib.load(str(image_path))  # a NIfTI image (nibabel types it as the file-based base)
-        image = np.asanyarray(img.dataobj)
-        if image.ndim == 4:
-            image = np.moveaxis(image, -1, 0)
-        seg: Any = nib.load(str(label_path))
-        label = np.asanyarray(seg.dataobj)
-        cases.append(case_fingerprint(image, label, [float(z) for z in img.header.get_zooms()[:3]]))
+    cases = [_read_case(image_path, label_path) for image_path, label_path in pairs]
     return combine(cases, name=index.name, modalities=modalities, labels=index.labels)
+
+
+def _read_case(image_path: Path, label_path: Path) -> CaseFingerprint:
+    import nibabel as nib
+
+    img: Any = nib.load(str(image_path))  # a NIfTI image (nibabel types it as the file-based base)
+    image = np.asanyarray(img.dataobj)
+    if image.ndim == 4:
+        image = np.moveaxis(image, -1, 0)
+    seg: Any = nib.load(str(label_path))
+    return case_fingerprint(image, np.asanyarray(seg.dataobj), [float(z) for z in img.header.get_zooms()[:3]])
+
+
+def fingerprint_stored_cases(
+    store: ObjectStore,
+    cases: Iterable[tuple[str, str | None]],
+    *,
+    name: str,
+    modality: str,
+    labels: Mapping[int, str],
+) -> DatasetFingerprint | None:
+    """The fingerprint of raw case files in ``store``: ``cases`` are ``(image_key, label_key)`` pairs (as a
+    manifest's records hold them); unlabelled ones are skipped, and None is returned when none is labelled
+    (a fingerprint's statistics are over foreground voxels). Every channel of a multi-channel image is
+    reported under ``modality``: a case records one modality code."""
+    import tempfile
+
+    pairs = [(image, label) for image, label in cases if label]
+    if not pairs:
+        return None
+    fingerprints = []
+    with tempfile.TemporaryDirectory(prefix="vf-fingerprint-") as workdir:
+        image_path, label_path = Path(workdir) / "image.nii.gz", Path(workdir) / "label.nii.gz"
+        for image_key, label_key in pairs:
+            store.download_file(image_key, str(image_path))
+            store.download_file(str(label_key), str(label_path))
+            fingerprints.append(_read_case(image_path, label_path))
+    channels = len(fingerprints[0].foreground)
+    return combine(fingerprints, name=name, modalities=[modality] * channels, labels=labels)
+
+
+def save_version_fingerprint(store: ObjectStore, version_id: str, fingerprint: DatasetFingerprint) -> str:
+    """Write the version's fingerprint at :func:`~shared.contracts.layout.fingerprint_key`; returns the key."""
+    key = fingerprint_key(version_id)
+    store.put_bytes(key, fingerprint.to_json().encode(), content_type="application/json")
+    return key
+
+
+def load_version_fingerprint(store: ObjectStore, version_id: str) -> DatasetFingerprint | None:
+    """The stored fingerprint of a dataset version, or None for a version built without one (before
+    fingerprints were stored, or without labelled cases)."""
+    try:
+        return DatasetFingerprint.from_json(store.get_bytes(fingerprint_key(version_id)))
+    except ObjectNotFoundError:
+        return None

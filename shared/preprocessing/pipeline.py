@@ -7,7 +7,11 @@ stages without edits:
 
 * intensity transforms (MONAI's ``monai.transforms.intensity`` module and voxelflow's) touch the image only;
 * spatial transforms touch image and label; interpolating ones get the configured ``mode`` for the image
-  and ``nearest`` for the label, so a label never acquires values between classes.
+  and ``nearest`` for the label, so a label never acquires values between classes;
+* except the few MONAI files under spatial that only degrade the image in place
+  (:data:`IMAGE_ONLY_SPATIAL`: ``RandSimulateLowResolutiond`` down- and up-samples the image back to its own
+  grid, nnU-Net's low-resolution simulation): applied to a label they would blur its classes, while the
+  image's geometry, and so the label's, is unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ VOXELFLOW_TRANSFORMS: dict[str, type[MapTransform]] = {
 INTERPOLATING = frozenset(
     {"Spacingd", "Resized", "Rotated", "Zoomd", "Affined", "RandRotated", "RandZoomd", "RandAffined", "Rand3DElasticd"}
 )
+#: Spatial by MONAI's module, but they leave the grid as it is and only degrade the image: image only.
+IMAGE_ONLY_SPATIAL = frozenset({"RandSimulateLowResolutiond"})
 #: Added by build_transforms itself, or meaningless in a stored definition.
 RESERVED_NAMES = frozenset({"LoadImaged", "EnsureChannelFirstd", "Compose", "Invertd", "SaveImaged"})
 RESERVED_ARGS = frozenset({"keys", "allow_missing_keys"})
@@ -72,7 +78,11 @@ def resolve_step(name: str) -> ResolvedStep:
         )
     if not issubclass(cls, MapTransform):
         raise SpecError(f"transform {name!r} is not a dictionary transform; use its 'd' variant (e.g. {name}d)")
-    image_only = name in VOXELFLOW_TRANSFORMS or cls.__module__.startswith("monai.transforms.intensity")
+    image_only = (
+        name in VOXELFLOW_TRANSFORMS
+        or name in IMAGE_ONLY_SPATIAL
+        or cls.__module__.startswith("monai.transforms.intensity")
+    )
     return ResolvedStep(
         name=name,
         cls=cls,

@@ -39,6 +39,7 @@ from shared.storage import open_object_store
 from shared.training.config import load_config
 from shared.training.data import UnknownDatasetVersion, load_site_data
 from shared.training.local import EpochRecord, train_local
+from shared.training.plans import plan_for_version
 from shared.training.state import state_from_bytes, state_to_bytes
 
 log = logging.getLogger("voxelflow.training.centralised")
@@ -51,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out/centralised"), help="output directory")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--storage-url", default=None, help="object store (default: VOXELFLOW_STORAGE_URL)")
+    parser.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="do not fill the fields the config leaves unset from the version's plan (`voxelflow plan ds-…`)",
+    )
     parser.add_argument("--split", default="holdout")
     parser.add_argument(
         "--loso",
@@ -72,6 +78,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     config = load_config(args.config)
     store = open_object_store(args.storage_url or VoxelflowSettings().storage_url)
+    plan_fields: list[str] = []
+    if not args.no_plan:  # the fields the config leaves unset come from the version's plan
+        config, plan_fields = plan_for_version(store, args.dataset, config)
+        if plan_fields:
+            log.info("from the plan of %s: %s", args.dataset, ", ".join(plan_fields))
     data = load_site_data(store, args.dataset, None, args.split)
     rank = int(os.environ.get("RANK", "0"))
     out: Path = args.out
@@ -104,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "dataset": args.dataset,
         "config": config.model_dump(mode="json"),
+        "plan_fields": plan_fields,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "num_samples": result.num_samples,
         "metrics": result.metrics,
@@ -122,12 +134,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["test_per_site"] = per_site_summary(records, {c.case_id: c.site for c in data.manifest.cases})
         write_json(out / "test-per-case.json", {"records": records})
         if args.register:
-            summary["registered"] = register(args, config, data.manifest, result, records)
+            summary["registered"] = register(args, config, data.manifest, result, records, plan_fields)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def register(args: argparse.Namespace, config: Any, manifest: Any, result: Any, records: list[dict[str, Any]]) -> dict:
+def register(
+    args: argparse.Namespace,
+    config: Any,
+    manifest: Any,
+    result: Any,
+    records: list[dict[str, Any]],
+    plan_fields: list[str] | None = None,
+) -> dict:
     """Log the trained model to MLflow and register it with the lineage of a federated version."""
     from shared.registry import MetricPoint, open_registry
 
@@ -148,7 +167,12 @@ def register(args: argparse.Namespace, config: Any, manifest: Any, result: Any, 
         preprocessing_hash=manifest.preprocessing_hash,
         labels=label_names(manifest.labels, config.num_classes),
         dataset_version=manifest.version_id,
-        params={"training": config.model_dump(mode="json"), "split": args.split, "world_size": _world_size()},
+        params={
+            "training": config.model_dump(mode="json"),
+            "split": args.split,
+            "world_size": _world_size(),
+            "plan_fields": ",".join(plan_fields or []) or "none",
+        },
         metrics=points,
         tags={"strategy": "centralised", "federated_run_id": ""},
     )

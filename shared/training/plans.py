@@ -17,7 +17,9 @@ The rules, all pure functions of a :class:`~shared.datasets.fingerprint.DatasetF
 * normalisation per modality: CT is clipped to the fingerprint's foreground 0.5 / 99.5 percentiles and
   z-scored with its foreground mean / std; every other modality is z-scored per image over nonzero voxels.
 
-:func:`apply_plan` fills the fields of a :class:`TrainingConfig` that its YAML did not set.
+:func:`apply_plan` fills the fields of a :class:`TrainingConfig` that its YAML did not set;
+:func:`plan_for_version` does it with a dataset version's stored fingerprint (what ``voxelflow train`` and
+the aggregator's run setup call).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.datasets.fingerprint import DatasetFingerprint
+from shared.datasets.fingerprint import DatasetFingerprint, load_version_fingerprint
+from shared.storage import ObjectStore
 from shared.training.config import TrainingConfig
 from shared.training.networks import dynunet_topology, stride_product
 
@@ -251,3 +254,18 @@ def _apply(config: TrainingConfig, plan: TrainingPlan) -> tuple[TrainingConfig, 
     filled: list[str] = []
     merged = _merge_under(explicit, planned, "", filled)
     return TrainingConfig.model_validate(merged), filled
+
+
+def plan_for_version(
+    store: ObjectStore, version_id: str, config: TrainingConfig, *, memory_budget_gib: float = 8.0
+) -> tuple[TrainingConfig, list[str]]:
+    """``config`` with the plan of dataset version ``version_id`` applied (:func:`apply_plan`) and the dotted
+    fields the plan filled. A version without a stored fingerprint (built before fingerprints were stored, or
+    without labelled cases) leaves ``config`` as it is: ``(config, [])``.
+
+    ``config`` must still know which fields its author set (``model_fields_set``: validated from the YAML or
+    request body, not from a ``model_dump`` of every field), else nothing is planned."""
+    fingerprint = load_version_fingerprint(store, version_id)
+    if fingerprint is None:
+        return config, []
+    return _apply(config, plan_from_fingerprint(fingerprint, memory_budget_gib=memory_budget_gib))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import select
 
@@ -92,3 +94,49 @@ def test_auth_roles_and_audit(api, agg_ctx, dataset, initial_weights):
         events = list(session.scalars(select(AuditEvent).where(AuditEvent.service == "aggregation")))
     assert any(run_id in e.object_uids and e.method == "POST" and e.outcome == "success" for e in events)
     assert any(e.outcome == "denied" and e.role == "pacs" for e in events)
+
+
+def _store_fingerprint(store: Any, version_id: str) -> None:
+    """A fingerprint for ``version_id`` as the preprocessing service stores it: four 1 mm cases of up to
+    40 x 56 x 44 voxels with two labels."""
+    import numpy as np
+
+    from shared.datasets.fingerprint import case_fingerprint, combine, save_version_fingerprint
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for shape in [(36, 50, 40), (40, 56, 44), (38, 52, 42), (34, 48, 40)]:
+        label = np.zeros(shape, dtype=np.int16)
+        label[10:20, 10:20, 10:20], label[20:26, 20:26, 20:26] = 1, 2
+        cases.append(case_fingerprint(rng.normal(100, 20, shape), label, (1.0, 1.0, 1.0)))
+    fingerprint = combine(cases, name="planned", modalities=["MR"], labels={0: "bg", 1: "a", 2: "b"})
+    save_version_fingerprint(store, version_id, fingerprint)
+
+
+def test_a_run_takes_the_fields_its_request_leaves_out_from_the_versions_plan(
+    api: Any, agg_ctx: Any, initial_weights: str
+) -> None:
+    from tests.aggregation.conftest import write_manifest
+
+    version = write_manifest(agg_ctx.store, {"site-a": 3, "site-b": 2, "site-c": 2})  # a version of its own
+    request = body(version, initial_weights, training_config={"epochs": 1, "patch": {"size": [32, 32, 32]}})
+    no_fingerprint = api.create(**request)
+    assert no_fingerprint.status_code == 201, no_fingerprint.text
+    assert no_fingerprint.json()["plan_fields"] == []  # a version built before fingerprints: config as given
+    _store_fingerprint(agg_ctx.store, version)
+    planned = api.create(**request)
+    assert planned.status_code == 201, planned.text
+    run = planned.json()
+    assert {"batch_size", "patch.sampler", "patch.divisible", "network.name", "validation.roi_size"} <= set(
+        run["plan_fields"]
+    )
+    assert "patch.size" not in run["plan_fields"] and "epochs" not in run["plan_fields"]
+    config = run["training_config"]
+    assert config["patch"]["size"] == [32, 32, 32] and config["patch"]["sampler"] == "whole"  # explicit wins
+    assert config["network"]["name"] == "dynunet" and config["validation"]["roi_size"] == [40, 56, 48]
+    assert api.get(run["id"])["plan_fields"] == run["plan_fields"]  # persisted
+    opted_out = api.create(**{**request, "use_plan": False})
+    assert opted_out.status_code == 201 and opted_out.json()["plan_fields"] == []
+    assert opted_out.json()["training_config"]["network"]["name"] == "unet"
+    for response in (no_fingerprint, planned, opted_out):
+        api.client.post(f"/federated-runs/{response.json()['id']}/cancel", headers=api.headers())

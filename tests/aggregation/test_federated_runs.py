@@ -89,6 +89,7 @@ def test_fedavg_run_weights_progress_and_mlflow(api, agg_ctx, dataset, initial_w
     mlrun = client.get_run(run["mlflow_run_id"])
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.params["strategy"] == "fedavg" and mlrun.data.params["dataset_version"] == dataset
+    assert mlrun.data.params["plan_fields"] == "none"  # this version has no stored fingerprint
     assert mlrun.data.tags["git_sha"] == "test-sha" and mlrun.data.tags["preprocessing_hash"] == "a" * 64
     history = client.get_metric_history(mlrun.info.run_id, "site/site-b/num_samples")
     assert [(m.step, m.value) for m in history] == [(0, 30.0), (1, 30.0)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -20,7 +21,7 @@ from tests.preprocessing.service_fixtures import (  # noqa: F401  (fixtures)
     preprocessing_service,
     preprocessing_worker,
 )
-from tests.service_harness import wait_for
+from tests.service_harness import patched_environ, wait_for
 
 torch.set_num_threads(1)
 
@@ -103,7 +104,10 @@ def test_bad_msd_case_is_reported_and_the_rest_imported(
 
 
 def test_dataset_version_through_the_service(
-    preprocessing_service: PreprocessingService, preprocessing_worker: object, imported: dict[str, object]
+    preprocessing_service: PreprocessingService,
+    preprocessing_worker: object,
+    imported: dict[str, object],
+    hippocampus_dir: Path,
 ) -> None:
     body = {
         "name": "hippocampus-3sites",
@@ -162,6 +166,75 @@ def test_dataset_version_through_the_service(
     assert means["site-1"][0] <= means["site-2"][1] and means["site-2"][0] <= means["site-3"][1]
     # the same request again is the same content-addressed version
     assert _build(preprocessing_service, {**body})["version_id"] == version_id
+    _check_fingerprint_and_plan(preprocessing_service, dict(body), str(version_id), hippocampus_dir)
+
+
+def _check_fingerprint_and_plan(
+    service: PreprocessingService, body: dict[str, Any], version_id: str, hippocampus_dir: Path
+) -> None:
+    """The build stored the version's fingerprint once; GET /datasets/{id}/plan derives the plan from it."""
+    from sqlalchemy import select
+
+    from shared.contracts.layout import fingerprint_key
+    from shared.datasets.fingerprint import DatasetFingerprint, fingerprint_msd_folder
+    from shared.db.models import AuditEvent
+
+    store = service.ctx.store  # type: ignore[attr-defined]
+    key = fingerprint_key(version_id)
+    stored = DatasetFingerprint.from_json(store.get_bytes(key))
+    assert stored.case_count == 208 and stored.modalities == ["MR"]
+    assert stored.labels == {0: "background", 1: "Anterior", 2: "Posterior"}
+    assert set(stored.label_stats) == {1, 2} and all(s.cases_present == 208 for s in stored.label_stats.values())
+    # the same statistics as fingerprinting the MSD folder itself (cases in the version's order)
+    assert sorted(stored.shapes) == sorted(fingerprint_msd_folder(hippocampus_dir).shapes)
+    # idempotent: a rebuild finds the stored fingerprint and reads no case (a marker put there survives it);
+    # a version without one (built before fingerprints were stored) gets it on a rebuild
+    marker = stored.model_copy(update={"name": "marker"})
+    store.put_bytes(key, marker.to_json().encode())
+    assert _build(service, {**body})["version_id"] == version_id
+    assert DatasetFingerprint.from_json(store.get_bytes(key)).name == "marker"
+    store.delete(key)
+    assert _build(service, {**body})["version_id"] == version_id
+    assert DatasetFingerprint.from_json(store.get_bytes(key)) == stored
+    with service.client() as client:
+        response = client.get(f"/datasets/{version_id}/plan")
+        assert response.status_code == 200, response.text
+        planned = response.json()
+        assert planned["fingerprint_key"] == key
+        assert planned["config"]["patch"] == {"sampler": "whole", "size": [48, 64, 48], "divisible": 8}
+        assert planned["plan"]["target_spacing"] == [1.0, 1.0, 1.0]
+        small = client.get(f"/datasets/{version_id}/plan", params={"memory_budget_gib": 0.01}).json()
+        assert small["plan"]["memory_budget_gib"] == 0.01 and small["plan"]["batch_size"] == 2  # the floor
+        assert client.get(f"/datasets/{version_id}/plan", params={"memory_budget_gib": 0}).status_code == 422
+        assert client.get(f"/datasets/{version_id}/plan", params={"memory_budget_gib": "x"}).status_code == 422
+        assert client.get("/datasets/ds-0000000000000000/plan").status_code == 404
+        assert client.get(f"/datasets/{version_id}/plan", headers={"Authorization": ""}).status_code == 401
+        pacs = {"Authorization": f"Bearer {service.tokens['pacs']}"}
+        assert client.get(f"/datasets/{version_id}/plan", headers=pacs).status_code == 403
+
+    def audited() -> list[AuditEvent] | None:  # the middleware writes the row once the response is sent
+        with service.ctx.session_factory() as session:  # type: ignore[attr-defined]
+            rows = list(session.scalars(select(AuditEvent).where(AuditEvent.path == f"/datasets/{version_id}/plan")))
+        seen = {(e.status_code, e.outcome) for e in rows}
+        return rows if seen >= {(200, "success"), (401, "denied"), (403, "denied")} else None
+
+    events = wait_for(audited, timeout=30, what="audit rows of the plan requests")
+    assert any(version_id in e.object_uids and e.status_code == 200 for e in events)
+    # `voxelflow plan ds-…` prints the same plan through the API
+    import io
+    from contextlib import redirect_stdout
+
+    import yaml
+
+    from shared.cli import main
+
+    out = io.StringIO()
+    env = {"VOXELFLOW_PREPROCESSING_API_URL": service.url, "VOXELFLOW_TOKEN": service.tokens["researcher"]}
+    with patched_environ(env), redirect_stdout(out):
+        main(["plan", version_id])
+    assert yaml.safe_load(out.getvalue().split("# the whole plan")[0]) == planned["config"]
+    with patched_environ(env), pytest.raises(SystemExit, match="no dataset version ds-0000000000000000"):
+        main(["plan", "ds-0000000000000000"])
 
 
 def test_quality_control_excludes_failing_cases_with_their_reasons(

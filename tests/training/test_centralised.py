@@ -147,3 +147,41 @@ def test_voxelflow_train_loso_reports_each_held_out_site(
     single = write_split_dataset(store, hippocampus_dir, {"site-a": parts["site-a"]}, name="one-site", loso=True)
     with pytest.raises(SystemExit, match="no leave-one-site-out splits"):
         cli_main([*args[:2], single, *args[3:], "--out", str(tmp_path / "one"), "--loso"])
+
+
+def test_voxelflow_train_fills_unset_fields_from_the_versions_plan(tmp_path: Path, hippocampus_dir: Path) -> None:
+    """With the version's fingerprint stored (as the preprocessing service does when it builds a version), the
+    fields a config leaves out come from the plan and metrics.json lists them; --no-plan and a config that
+    sets them all (the bundled default) take nothing from it."""
+    import yaml
+
+    from shared.datasets import load_manifest
+    from shared.datasets.fingerprint import fingerprint_stored_cases, save_version_fingerprint
+    from shared.training.plans import plan_from_fingerprint
+
+    url, version = make_store(tmp_path, hippocampus_dir)
+    store = open_object_store(url)
+    manifest = load_manifest(store, version)
+    fingerprint = fingerprint_stored_cases(
+        store, [(c.image_key, c.label_key) for c in manifest.cases], name="test", modality="MR", labels=manifest.labels
+    )
+    assert fingerprint is not None and fingerprint.case_count == 5
+    save_version_fingerprint(store, version, fingerprint)
+    plan = plan_from_fingerprint(fingerprint)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump({"network": {"name": "unet"}, "epochs": 1, "validation": {"every": 1}}))
+    base = ["train", "--dataset", version, "--storage-url", url, "--epochs", "1", "--config", str(partial)]
+    cli_main([*base, "--out", str(tmp_path / "planned")])
+    summary = json.loads((tmp_path / "planned" / "metrics.json").read_text())
+    assert set(summary["plan_fields"]) == {
+        "batch_size", "patch.sampler", "patch.size", "patch.divisible", "validation.roi_size"
+    }  # fmt: skip
+    assert summary["config"]["patch"]["size"] == list(plan.patch_size)
+    assert summary["config"]["batch_size"] == plan.batch_size
+    assert summary["config"]["network"]["name"] == "unet"  # chosen in the YAML: the plan's DynUNet is not used
+    cli_main([*base, "--no-plan", "--out", str(tmp_path / "unplanned")])
+    unplanned = json.loads((tmp_path / "unplanned" / "metrics.json").read_text())
+    assert unplanned["plan_fields"] == [] and unplanned["config"]["patch"] != summary["config"]["patch"]
+    default = ["train", "--dataset", version, "--storage-url", url, "--epochs", "1", "--out", str(tmp_path / "d")]
+    cli_main(default)
+    assert json.loads((tmp_path / "d" / "metrics.json").read_text())["plan_fields"] == []

@@ -21,7 +21,7 @@ def tiny_config(**overrides: Any) -> TrainingConfig:
 
 
 def test_training_lowers_the_loss_and_reports_each_epoch(hippo_cases: list[dict]) -> None:
-    seen = []
+    seen: list[Any] = []
     result = train_local(tiny_config(), hippo_cases[:6], hippo_cases[6:], None, epochs=3, progress=seen.append)
     losses = [h.train_loss for h in result.history]
     assert [r.epoch for r in seen] == [1, 2, 3]
@@ -132,3 +132,41 @@ def test_the_weights_of_the_best_validation_epoch_are_kept(hippo_cases: list[dic
     assert result.kept_state("last") is result.state_dict
     if result.best_epoch != len(dices):  # best and last differ: the kept weights must be the best epoch's
         assert any(not torch.equal(kept[k], result.state_dict[k]) for k in kept)
+
+
+def test_resume_is_bit_identical_with_every_nnunet_augmentation_family_on(hippo_cases: list[dict]) -> None:
+    """The nnaug spec's families (noise, blur, contrast, low resolution, inverted gamma, and the elastic
+    option) draw only from the seed train_local sets per epoch: a run killed after epoch 1 and resumed
+    ends with the uninterrupted run's weights."""
+    from shared.preprocessing import PreprocessingSpec, StepSpec, build_transforms, load_spec
+
+    spec = load_spec("mr_hippocampus_nnaug")
+    steps = [s.model_copy(update={"args": {**s.args, "prob": 1.0}}) for s in spec.augmentation]
+    elastic = StepSpec(
+        name="Rand3DElasticd",
+        args={"prob": 1.0, "sigma_range": [9, 13], "magnitude_range": [0, 900], "padding_mode": "zeros"},
+    )
+    forced = PreprocessingSpec.model_validate({**spec.model_dump(), "augmentation": [elastic, *steps]})
+    config = tiny_config(batch_size=2)
+    train, val = hippo_cases[:2], hippo_cases[6:7]
+
+    def augment() -> Any:
+        return build_transforms(forced, "augment")  # each run builds its own, as a restarted worker does
+
+    uninterrupted = train_local(config, train, val, None, epochs=2, augment=augment())
+    saved: list[dict] = []
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(checkpoint: dict) -> None:
+        saved.append(copy.deepcopy(checkpoint))
+        raise Killed
+
+    with pytest.raises(Killed):
+        train_local(config, train, val, None, epochs=2, augment=augment(), save_checkpoint=save_then_die)
+    resumed = train_local(config, train, val, None, epochs=2, augment=augment(), load_checkpoint=lambda: saved[-1])
+    assert resumed.resumed_from_epoch == 1
+    for key, value in uninterrupted.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), key
+    assert resumed.history[-1].train_loss == uninterrupted.history[-1].train_loss

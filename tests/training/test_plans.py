@@ -132,5 +132,5 @@ def test_voxelflow_plan_prints_the_hippocampus_plan(hippocampus_dir: Path, capsy
 def test_voxelflow_plan_refuses_a_missing_folder(tmp_path: Path) -> None:
     from shared.cli import main
 
-    with pytest.raises(SystemExit, match="not an MSD folder"):
+    with pytest.raises(SystemExit, match="neither an MSD folder nor a dataset version id"):
         main(["plan", str(tmp_path / "nope")])

@@ -19,7 +19,7 @@ from services.aggregation import federated_storage as fs
 from services.aggregation.api.deps import ContextDep, RunCaller, SessionDep
 from services.aggregation.dataset_check import DatasetProblem, check_sites
 from services.aggregation.evaluation import evaluation_available
-from services.aggregation.model_setup import check_federated_training
+from services.aggregation.model_setup import check_federated_training, resolve_training_config
 from services.aggregation.models import (
     TERMINAL_STATUSES,
     FederatedRound,
@@ -97,7 +97,14 @@ class FederatedRunCreate(BaseModel):
     round_timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     privacy: PrivacyIn | None = Field(default=None, description="Update clipping + Gaussian noise; off by default.")
     training_config: TrainingConfig = Field(
-        default_factory=TrainingConfig, description="What each site trains (shared.training.TrainingConfig)."
+        default_factory=TrainingConfig,
+        description="What each site trains (shared.training.TrainingConfig); the fields left out come from the "
+        "dataset version's plan (GET /datasets/{id}/plan of the preprocessing API) unless use_plan is false.",
+    )
+    use_plan: bool = Field(
+        default=True,
+        description="Fill the training_config fields the request leaves out from the dataset version's plan "
+        "(nnU-Net-style: patch, batch size, network topology); the run's plan_fields lists them.",
     )
     initial_weights_key: str | None = Field(
         default=None,
@@ -203,6 +210,7 @@ class RunDetail(RunSummary):
     round_timeout_seconds: float
     privacy: dict[str, float] | None
     training_config: dict[str, Any]
+    plan_fields: list[str] = Field(description="training_config fields taken from the dataset version's plan.")
     evaluate: bool
     seed: int
     keep_optimizer_state: bool
@@ -256,6 +264,7 @@ def _detail(session: SessionDep, run: FederatedRun) -> RunDetail:
         round_timeout_seconds=run.round_timeout_seconds,
         privacy=run.privacy,
         training_config=run.training_config,
+        plan_fields=run.plan_fields or [],
         evaluate=run.evaluate,
         seed=run.seed,
         keep_optimizer_state=run.keep_optimizer_state,
@@ -290,7 +299,10 @@ async def create_run(
         raise HTTPException(404, f"initial_weights_key {body.initial_weights_key!r} does not exist in object storage")
     if body.evaluate and (problem := evaluation_available()):
         raise HTTPException(422, f"{problem}; create the run with evaluate=false")
-    training_config = body.training_config.model_dump(mode="json")
+    resolved, plan_fields = await anyio.to_thread.run_sync(
+        resolve_training_config, ctx.store, body.dataset_version, body.training_config, body.use_plan
+    )
+    training_config = resolved.model_dump(mode="json")
     try:
         check_federated_training(training_config, body.rounds, body.local_epochs, body.local_norm_layers)
         if body.privacy:
@@ -315,6 +327,7 @@ async def create_run(
         round_timeout_seconds=body.round_timeout_seconds or ctx.settings.default_round_timeout_seconds,
         privacy=body.privacy.model_dump() if body.privacy else None,
         training_config=training_config,
+        plan_fields=plan_fields,
         initial_weights_key=body.initial_weights_key,
         evaluate=body.evaluate,
         seed=body.seed,

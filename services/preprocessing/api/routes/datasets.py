@@ -1,5 +1,5 @@
-"""Dataset versions: request a build, follow it, list and inspect versions, their splits and QC report,
-and request the precomputation of their preprocessed cases."""
+"""Dataset versions: request a build, follow it, list and inspect versions, their splits, QC report and
+training plan, and request the precomputation of their preprocessed cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
@@ -169,6 +169,52 @@ def get_qc(version_id: ResourceId, request: Request, ctx: ContextDep, session: S
     version = _version(session, version_id)
     manifest = load_manifest(ctx.store, version_id)
     return {"version_id": version_id, "excluded": manifest.qc.get("excluded", {}), "report": version.qc_report}
+
+
+class PlanOut(BaseModel):
+    version_id: str
+    config: dict[str, Any] = Field(
+        description="The TrainingConfig fields the plan fills where a config leaves them unset (as YAML nests them)."
+    )
+    plan: dict[str, Any] = Field(description="The whole shared.training.plans.TrainingPlan.")
+    fingerprint_key: str
+
+
+@router.get(
+    "/datasets/{version_id}/plan",
+    response_model=PlanOut,
+    summary="The nnU-Net-style training plan derived from the version's stored fingerprint",
+    responses={404: {"description": "no such version, or it has no fingerprint (no labelled cases)"}},
+)
+def get_plan(
+    version_id: ResourceId,
+    request: Request,
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: ReadCaller,
+    memory_budget_gib: float = Query(default=8.0, gt=0, le=1024, description="Activation memory per step."),
+) -> PlanOut:
+    # planned here, not stored: the rules may improve, the fingerprint (the version's facts) does not change
+    from shared.contracts.layout import fingerprint_key
+    from shared.datasets.fingerprint import load_version_fingerprint
+    from shared.training.plans import plan_from_fingerprint
+
+    add_audit_uids(request, version_id)
+    _version(session, version_id)
+    fingerprint = load_version_fingerprint(ctx.store, version_id)
+    if fingerprint is None:
+        raise HTTPException(
+            404,
+            f"dataset version {version_id} has no fingerprint: it has no labelled cases, or it was built before "
+            "fingerprints were stored (POST the same build request again to add it)",
+        )
+    plan = plan_from_fingerprint(fingerprint, memory_budget_gib=memory_budget_gib)
+    return PlanOut(
+        version_id=version_id,
+        config=plan.config_values(),
+        plan=plan.model_dump(mode="json"),
+        fingerprint_key=fingerprint_key(version_id),
+    )
 
 
 @router.post(
