@@ -25,6 +25,11 @@ class Rule:
     site: str | None = None
 
 
+def with_criterion(criterion: str, value: str) -> Rule:
+    changes: dict[str, object] = {criterion: value}
+    return replace(Rule(1), **changes)  # type: ignore[arg-type]  # the criterion is one of Rule's str fields
+
+
 SERIES = SeriesFacts(
     series_instance_uid="2.25.1",
     modality="MR",
@@ -54,10 +59,10 @@ def test_a_rule_without_criteria_matches_every_volume_and_disabled_rules_none() 
     ],
 )
 def test_each_criterion_alone_decides(criterion: str, matching: str, other: str) -> None:
-    assert rule_matches(SERIES, Rule(1, **{criterion: matching}))
-    assert not rule_matches(SERIES, Rule(1, **{criterion: other}))
+    assert rule_matches(SERIES, with_criterion(criterion, matching))
+    assert not rule_matches(SERIES, with_criterion(criterion, other))
     # an empty criterion is "any", not "empty value"
-    assert rule_matches(SERIES, Rule(1, **{criterion: ""}))
+    assert rule_matches(SERIES, with_criterion(criterion, ""))
 
 
 def test_every_criterion_must_hold() -> None:
