@@ -89,3 +89,27 @@ def test_only_operators_and_admin_manage_rules(service: InferenceService) -> Non
         assert created.status_code == 201, created.text
         assert client.delete(f"/v1/routing-rules/{created.json()['id']}").status_code == 204
         assert client.get("/v1/routing-rules/0").status_code == 422  # IDs start at 1
+
+
+def test_cli_creates_lists_and_deletes_rules(
+    service: InferenceService, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared.cli import main
+
+    monkeypatch.setenv("VOXELFLOW_INFERENCE_API_URL", service.url)
+    monkeypatch.setenv("VOXELFLOW_TOKEN", service.tokens["operator"])
+    argv = ["routing-rules", "create", "--name", "cli-rule", "--modality", "CT", "--site", "routing-api-test-site"]
+    main([*argv, "--description-pattern", "(?i)abdomen", "--destination", "http://127.0.0.1:9/dicom-web"])
+    rule_id = int(capsys.readouterr().out.strip())
+    main(["routing-rules", "list"])
+    line = next(row for row in capsys.readouterr().out.splitlines() if "cli-rule" in row)
+    assert line.split()[0] == str(rule_id)
+    assert "modality=CT" in line and "description_pattern=(?i)abdomen" in line
+    assert "champion → http://127.0.0.1:9/dicom-web" in line
+    with pytest.raises(SystemExit) as refused:  # the service's reason in one line (SystemExit(str): exit status 1)
+        main(["routing-rules", "create", "--name", "cli-bad", "--description-pattern", "(unclosed"])
+    message = str(refused.value.code)
+    assert message.startswith("voxelflow routing-rules create: ") and "does not compile" in message
+    main(["routing-rules", "delete", str(rule_id)])
+    with service.client("operator") as client:
+        assert client.get(f"/v1/routing-rules/{rule_id}").status_code == 404
