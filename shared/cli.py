@@ -1,11 +1,12 @@
 """``voxelflow`` command line: tokens, configuration, the local stack, PACS pulls, datasets, training,
-federated runs (watch), evaluation, models, the demo.
+federated runs (watch), evaluation, models, routing rules, the demo.
 
-The CLI is a client of the platform, as a user's own script would be: ``pacs``, ``datasets`` and ``models`` call
-the services' HTTP APIs (:mod:`shared.client`; ``VOXELFLOW_TOKEN`` and ``VOXELFLOW_<SERVICE>_API_URL``, or
-the local stack's ports). ``tokens`` writes the database named by ``VOXELFLOW_DATABASE_URL``; ``train`` and
-``evaluate`` run the shared training and evaluation library in this process. Everything a user can get
-wrong ends in one line that says what to do, and a non-zero exit status, never a traceback.
+The CLI is a client of the platform, as a user's own script would be: ``pacs``, ``datasets``, ``models`` and
+``routing-rules`` call the services' HTTP APIs (:mod:`shared.client`; ``VOXELFLOW_TOKEN`` and
+``VOXELFLOW_<SERVICE>_API_URL``, or the local stack's ports). ``tokens`` writes the database named by
+``VOXELFLOW_DATABASE_URL``; ``train`` and ``evaluate`` run the shared training and evaluation library in this
+process. Everything a user can get wrong ends in one line that says what to do, and a non-zero exit status,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -407,6 +408,48 @@ def models(args: argparse.Namespace) -> None:
         print(f"  pruned Triton versions {result['pruned_versions']} (neither among the newest nor aliased)")
 
 
+ROUTING_CRITERIA = (
+    ("modality", "modality"),
+    ("body_part", "body_part_examined"),
+    ("description_pattern", "series_description_pattern"),
+    ("sop_class", "sop_class_uid"),
+    ("calling_ae", "calling_ae_title"),
+    ("site", "site"),
+)
+
+
+def routing_rules(args: argparse.Namespace) -> None:
+    """``voxelflow routing-rules``: list, create or delete the inference service's routing rules (operator
+    token). The service validates each rule (pattern, alias, destination) and says why it refuses one."""
+    with ServiceClient("inference") as api:
+        try:
+            if args.action == "list":
+                rules = api.get("/v1/routing-rules")
+                print(f"{'id':>4}  {'name':<24} {'on':<3} {'criteria':<56} model → destination")
+                for rule in rules:
+                    criteria = " ".join(f"{short}={rule[key]}" for short, key in ROUTING_CRITERIA if rule[key]) or "any"
+                    destination = rule["destination"] or "(pacs_url)"
+                    print(
+                        f"{rule['id']:>4}  {rule['name']:<24} {'yes' if rule['enabled'] else 'no':<3} "
+                        f"{criteria:<56} {rule['model_alias']} → {destination}"
+                    )
+            elif args.action == "create":
+                body: dict[str, Any] = {
+                    "name": args.name,
+                    "model_alias": args.model_alias,
+                    "enabled": not args.disabled,
+                }
+                body.update({key: getattr(args, short) for short, key in ROUTING_CRITERIA if getattr(args, short)})
+                if args.destination:
+                    body["destination"] = args.destination
+                rule = api.post("/v1/routing-rules", json=body, expected=(201,))
+                print(rule["id"])
+            else:
+                api.request("DELETE", f"/v1/routing-rules/{args.id}", expected=(204,))
+        except ApiError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="voxelflow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"voxelflow {version()}")
@@ -496,6 +539,22 @@ def main(argv: list[str] | None = None) -> None:
         default=3,
         help="Triton versions kept in the repository besides the aliased ones (a polling Triton serves them all)",
     )
+    rr = commands.add_parser("routing-rules", help="series segmented automatically: list, create, delete rules")
+    rr_actions = rr.add_subparsers(dest="action", required=True)
+    rr_actions.add_parser("list", help="every rule: criteria, model alias, destination")
+    rr_create = rr_actions.add_parser("create", help="a rule (empty criteria match any series); prints its id")
+    rr_create.add_argument("--name", required=True)
+    rr_create.add_argument("--model-alias", default="champion", help="a registry alias this service serves")
+    rr_create.add_argument("--modality", help="e.g. MR")
+    rr_create.add_argument("--body-part", help="BodyPartExamined, e.g. BRAIN")
+    rr_create.add_argument("--description-pattern", help="regular expression searched in SeriesDescription")
+    rr_create.add_argument("--sop-class", help="SOP Class UID")
+    rr_create.add_argument("--calling-ae", help="AE title that C-STOREd the series")
+    rr_create.add_argument("--site", help="site the series was received at")
+    rr_create.add_argument("--destination", help="http(s)://DICOMweb root or dicom://AET@host:port (default pacs_url)")
+    rr_create.add_argument("--disabled", action="store_true", help="create it switched off")
+    rr_delete = rr_actions.add_parser("delete", help="delete a rule (requests it made keep running)")
+    rr_delete.add_argument("id", type=int)
     plan_parser = commands.add_parser(
         "plan", help="the nnU-Net-style training plan of an MSD folder or a dataset version (YAML)"
     )
@@ -601,6 +660,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         pacs(args)
     elif args.command == "runs":
         runs(args)
+    elif args.command == "routing-rules":
+        routing_rules(args)
     elif args.command == "config":
         print_config()
     elif args.command == "plan":

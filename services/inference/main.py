@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.inference.api.routes import model_exports, segmentations
+from services.inference.api.routes import model_exports, routing_rules, segmentations
 from services.inference.context import SERVICE, InferenceContext
 from services.inference.metrics import register_nvml_collector
 from services.inference.model_server import ModelSource
@@ -25,7 +25,7 @@ def create_app(settings: InferenceSettings | None = None, model_source: ModelSou
         title="voxelflow inference",
         description="Segmentations from the registry's champion model (canary: candidate), as NIfTI, DICOM SEG "
         "and findings; DICOM SEG back to the PACS on request. Every request needs 'Authorization: Bearer <token>'.",
-        routers=[segmentations.router, model_exports.router],
+        routers=[segmentations.router, model_exports.router, routing_rules.router],
         extra_readiness_checks={"model": ctx.check_model},
         queues=[INFERENCE_QUEUE],
         # load + warm up before /readyz (the models are built on first use, not here); the watcher keeps polling

@@ -38,6 +38,12 @@ windows_total = Counter(
     "Sliding windows inferred (rate() = windows/s), by model version.",
     ["route", "model_version"],
 )
+routing_series_total = Counter(
+    "voxelflow_routing_series_total",
+    "Series routed automatically by a routing rule, by rule name and outcome: routed (a segmentation request "
+    "made), succeeded (segmented and sent to the destination), failed (given up: permanent error or retries spent).",
+    ["rule", "outcome"],
+)
 queue_depth = Gauge(
     "voxelflow_inference_queue_depth", "Synchronous requests admitted and not finished (running + waiting)."
 )

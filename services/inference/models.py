@@ -6,7 +6,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.contracts import layout
@@ -68,3 +68,26 @@ class ModelExport(Base):
     created_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class RoutingRule(Base):
+    """An operator's routing rule (:mod:`services.inference.routing`): which completed series are segmented
+    automatically (every criterion optional: empty = any), by which model alias, sent to which destination
+    (empty: the service's ``pacs_url``)."""
+
+    __tablename__ = "inference_routing_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description_pattern: Mapped[str | None] = mapped_column(String(256))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    site: Mapped[str | None] = mapped_column(String(128))
+    model_alias: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str | None] = mapped_column(String(512))
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

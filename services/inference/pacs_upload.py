@@ -13,8 +13,11 @@ class PacsRefusedError(RuntimeError):
 
 
 def stow(pacs_url: str, datasets: Sequence[Dataset], headers: dict[str, str] | None = None) -> list[str]:
-    """Store instances; return the stored SOP Instance UIDs. Network errors propagate (the task retries)."""
+    """Store instances; return the stored SOP Instance UIDs. Network errors propagate at once (the task retries)."""
     client = DICOMwebClient(pacs_url, headers=headers or None, timeout=120)
+    # one retry layer, the task's (backoff, then a dead letter): dicomweb-client's own would retry an unreachable
+    # PACS 5 times with 30 s of waits inside every task attempt, multiplying the delays without telling anyone
+    client.set_http_retry_params(retry=False)
     response = client.store_instances(list(datasets))
     failed = response.get("FailedSOPSequence") or []
     if failed:

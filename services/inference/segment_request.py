@@ -28,6 +28,7 @@ from services.inference.dicom_sr import build_measurement_report, structure_volu
 from services.inference.model_lifecycle import ModelUnavailableError
 from services.inference.models import SegmentationRequest
 from services.inference.pacs_upload import PacsRefusedError
+from services.inference.routing_steps import record_step
 from services.inference.segmentation import segment_volume
 from services.inference.sources import (
     SourceError,
@@ -164,9 +165,15 @@ def run_request(ctx: InferenceContext, request_id: str, mode: str) -> Segmentati
         metrics.inference_duration_seconds.labels(route, version).observe(result.model_seconds)
         metrics.windows_total.labels(route, version).inc(result.windows)
         keys = _store_outputs(ctx, request_id, volume, result.mask, result.findings, labels, algorithm)
+        step: dict[str, Any] = {"request_id": request_id, "options": row.options, "series_uid": row.source_ref}
+        record_step(ctx, "SEGMENTED", **step, detail=f"{algorithm.model_name} v{algorithm.model_version}")
         pacs_status = None
         if row.options.get("send_to_pacs") and "seg" in keys:
-            pacs_status = _send_to_pacs(ctx, [keys["seg"], keys["sr"]])
+            destination = row.options.get("destination") or ctx.settings.pacs_url
+            pacs_status = _send_to_pacs(ctx, [keys["seg"], keys["sr"]], destination)
+            record_step(ctx, "SENT", **step, detail=str(destination))
+        elif row.options.get("rule_id") is not None:  # a routed series must reach its destination: say why not
+            raise ValueError("the source is not DICOM, so there is no DICOM SEG to send")
         elapsed = time.perf_counter() - started
         done = _update(
             ctx,
@@ -255,13 +262,15 @@ def _store_outputs(
     return keys
 
 
-def _send_to_pacs(ctx: InferenceContext, keys: list[str]) -> str:
-    """SEG and SR together, to the destination ``pacs_url`` names (STOW-RS or C-STORE by its scheme)."""
+def _send_to_pacs(ctx: InferenceContext, keys: list[str], url: str | None) -> str:
+    """SEG and SR together, to ``url`` (``pacs_url``, or a routing rule's destination): STOW-RS or C-STORE by
+    its scheme. The PACS credentials go to ``pacs_url`` only, never to another destination."""
     import pydicom
 
-    if not ctx.settings.pacs_url:
+    if not url:
         raise SourceError("send_to_pacs asked but no PACS is configured (VOXELFLOW_PACS_URL)")
     datasets = [pydicom.dcmread(io.BytesIO(ctx.store.get_bytes(key))) for key in keys]
-    destination = destination_for(ctx.settings.pacs_url, ctx.pacs_headers(), ctx.settings.dicom_calling_aet)
+    headers = ctx.pacs_headers() if url == ctx.settings.pacs_url else {}
+    destination = destination_for(url, headers, ctx.settings.dicom_calling_aet)
     destination.send(datasets)
     return "sent"

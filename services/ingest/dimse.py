@@ -103,7 +103,9 @@ def make_store_handler(ctx: IngestContext) -> Callable[[Any], int]:
             dataset.file_meta = event.file_meta
             buffer = io.BytesIO()
             dcmwrite(buffer, dataset, enforce_file_format=True)
-            received = ctx.receiver.receive_dataset(dataset, buffer.tell(), source="dimse")
+            received = ctx.receiver.receive_dataset(
+                dataset, buffer.tell(), source="dimse", calling_ae_title=event.assoc.requestor.ae_title
+            )
         except InstanceRejectedError as exc:
             log.warning("C-STORE refused: %s", exc.message, extra={"reason": exc.reason.value})
             auditor(event, "C-STORE", exc.failure_status, [exc.sop_instance_uid or affected], admitted=True)

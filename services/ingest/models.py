@@ -50,6 +50,9 @@ class Series(Base):
     modality: Mapped[str | None] = mapped_column(String(16), index=True)
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str | None] = mapped_column(String(256))
+    #: the SeriesDescription as the sender sent it, which de-identification removes (PS3.15 basic profile):
+    #: kept for inference's routing rules only (the routing offer), never in the catalogue's answers
+    routing_description: Mapped[str | None] = mapped_column(String(256), default=None)
     manufacturer: Mapped[str | None] = mapped_column(String(128))
     site: Mapped[str] = mapped_column(String(128))
     # receiving → volume | flagged | failed; back to receiving when a new instance arrives.
@@ -78,6 +81,8 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     content_hash: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(16))
+    #: the AE title that C-STOREd the instance (routing rules match on it); NULL for STOW-RS and WADO pulls
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16), default=None)
     # pending: row claimed, blob being written; stored: blob durable. A pending row is completed by the
     # next delivery of the same content, so a crash between the two steps loses nothing.
     state: Mapped[str] = mapped_column(String(16), default="pending")

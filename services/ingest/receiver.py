@@ -127,17 +127,26 @@ class InstanceReceiver:
             metrics.instances_rejected_total.labels(source, exc.reason.value).inc()
             raise
 
-    def receive_dataset(self, dataset: Dataset, size: int, source: str) -> ReceivedInstance:
-        """Receive an already-parsed dataset (C-STORE, WADO-RS pull)."""
+    def receive_dataset(
+        self, dataset: Dataset, size: int, source: str, calling_ae_title: str | None = None
+    ) -> ReceivedInstance:
+        """Receive an already-parsed dataset (C-STORE, WADO-RS pull); ``calling_ae_title``: the C-STORE's sender."""
         try:
             if size > self.max_instance_bytes:
                 raise InstanceRejectedError(RejectReason.TOO_LARGE, f"instance of {size} bytes exceeds the limit")
-            return self._receive(dataset, size, source, None)
+            return self._receive(dataset, size, source, None, calling_ae_title)
         except InstanceRejectedError as exc:
             metrics.instances_rejected_total.labels(source, exc.reason.value).inc()
             raise
 
-    def _receive(self, dataset: Dataset, size: int, source: str, expected_study_uid: str | None) -> ReceivedInstance:
+    def _receive(
+        self,
+        dataset: Dataset,
+        size: int,
+        source: str,
+        expected_study_uid: str | None,
+        calling_ae_title: str | None = None,
+    ) -> ReceivedInstance:
         validate_instance(dataset)
         original_sop_uid = str(dataset.SOPInstanceUID)
         sop_class_uid = str(dataset.SOPClassUID)
@@ -151,6 +160,8 @@ class InstanceReceiver:
                 sop_class_uid,
                 original_sop_uid,
             )
+        # what the sender called the series, before the profile removes it: only routing rules read it
+        routing_description = _text(dataset, "SeriesDescription", 256)
         try:  # malformed values that validation let through surface here: the sender's fault, not a 500
             result = self.deidentifier.deidentify(dataset)
             clean = result.dataset
@@ -189,6 +200,21 @@ class InstanceReceiver:
                 state, series_started = self._claim_row(
                     session, clean, result, header, digest, key, encoded_size, source, original_sop_uid
                 )
+                if routing_description:
+                    session.execute(
+                        update(Series)
+                        .where(
+                            Series.series_instance_uid == series_uid,
+                            Series.routing_description.is_(None),
+                        )
+                        .values(routing_description=routing_description)
+                    )
+                if calling_ae_title and state == "pending":
+                    session.execute(
+                        update(Instance)
+                        .where(Instance.sop_instance_uid == str(clean.SOPInstanceUID))
+                        .values(calling_ae_title=calling_ae_title.strip()[:16])
+                    )
             if state == "stored":
                 metrics.instances_received_total.labels(source).inc()
                 return dataclasses.replace(outcome, duplicate=True)

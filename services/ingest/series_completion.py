@@ -1,6 +1,8 @@
 """A series is complete once no instance arrived for the stable age (DICOM has no end-of-series
 signal; Orthanc's "stable series" works the same way). Then it is rebuilt into a volume, or flagged
-with the reason it is not one, and announced to preprocessing with a ``SeriesIngested`` message.
+with the reason it is not one, and announced to preprocessing with a ``SeriesIngested`` message. The same
+message is offered to inference's routing rules (``inference.route_series`` on ``routing_queue``), with what a
+rule matches on: description, body part, SOP class, the AE that sent it, the site.
 
 Idempotent: the outcome is written only if the series is still in the generation that was examined,
 so a redelivered task, or one racing a late instance, never announces a stale or double result.
@@ -11,8 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import tempfile
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -22,7 +27,7 @@ from services.ingest.models import Instance, Series
 from services.ingest.pixels import undecodable_series_reason
 from services.ingest.volume import NonVolumetricSeriesError, SeriesVolume, reconstruct_series
 from shared.contracts import layout, messages
-from shared.contracts.tasks import SERIES_READY_TASK
+from shared.contracts.tasks import ROUTE_SERIES_TASK, SERIES_READY_TASK
 from shared.db.base import session_scope, utcnow
 from shared.proto.voxelflow.v1.ingest_pb2 import SeriesIngested
 
@@ -49,12 +54,20 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
         if quiet_for < ctx.settings.series_stable_seconds:
             return FinalizeOutcome("not_stable", ctx.settings.series_stable_seconds - quiet_for)
         generation = series.generation
-        keys = list(
-            session.scalars(
-                select(Instance.object_key).where(Instance.series_id == series.id, Instance.state == "stored")
-            )
+        stored = session.execute(
+            select(Instance.object_key, Instance.sop_class_uid, Instance.calling_ae_title)
+            .where(Instance.series_id == series.id, Instance.state == "stored")
+            .order_by(Instance.id)
+        ).all()
+        keys = [row.object_key for row in stored]
+        first_header = session.scalar(
+            select(Instance.dicom_json)
+            .where(Instance.series_id == series.id, Instance.state == "stored")
+            .order_by(Instance.id)
+            .limit(1)
         )
         study_uid = series.study.study_instance_uid
+        routing_description = series.routing_description
         message = SeriesIngested(
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
@@ -63,6 +76,10 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
             site=series.site,
             instance_count=len(keys),
             received_at=last.isoformat(),
+            series_description=series.series_description or "",
+            body_part_examined=_header_text(first_header, "00180015"),
+            sop_class_uid=_most_common(row.sop_class_uid for row in stored),
+            calling_ae_title=_most_common(row.calling_ae_title for row in stored),
         )
 
     volumes: list[dict[str, object]] = []
@@ -116,8 +133,31 @@ def finalize_series(ctx: IngestContext, series_uid: str, now: dt.datetime | None
         queue=ctx.settings.preprocessing_queue,
         task_id=f"series-ready-{series_uid}-g{generation}",
     )
+    if ctx.settings.routing_queue:  # offered to inference's routing rules; they decide whether to segment it
+        offer = SeriesIngested()
+        offer.CopyFrom(message)
+        # the description as sent goes to the routing decision only, never to the research side
+        offer.series_description = routing_description or message.series_description
+        ctx.celery.send_task(
+            ROUTE_SERIES_TASK,
+            args=[messages.to_dict(offer)],
+            queue=ctx.settings.routing_queue,
+            task_id=f"route-series-{series_uid}-g{generation}",
+        )
     log.info("series %s finalised: %s", series_uid, status, extra={"series_uid": series_uid, "status": status})
     return FinalizeOutcome(status, message=message)
+
+
+def _most_common(values: Iterable[str | None]) -> str:
+    """The value most instances carry (a series is one SOP class and one sender, but need not be), "" if none."""
+    counts = Counter(v for v in values if v)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def _header_text(header: dict[str, Any] | None, tag: str) -> str:
+    """A text attribute of a DICOM JSON header (the catalogue's ``dicom_json``), "" when absent or empty."""
+    values = ((header or {}).get(tag) or {}).get("Value") or []
+    return str(values[0]).strip() if values and values[0] is not None else ""
 
 
 def _store_volume(

@@ -91,3 +91,9 @@ class IngestSettings(PseudonymSettings):
     preprocessing_queue: str = Field(
         default="preprocessing", description="Queue that receives 'series ready' messages."
     )
+    routing_queue: str = Field(
+        default="inference",
+        max_length=200,
+        description="Queue of inference's routing rules (task inference.route_series): every completed series is "
+        "offered there. Empty: series are not offered, so no routing rule ever fires.",
+    )

@@ -48,6 +48,8 @@ TRAIN_ROUND = TaskContract("training.train_round", None, 5 * HOUR + 30 * MINUTE,
 ADVANCE_RUN = TaskContract("aggregation.advance_run", AGGREGATION_QUEUE, 30 * MINUTE, 35 * MINUTE)
 # inference: one segmentation (sliding window on CPU at worst)
 SEGMENT = TaskContract("inference.segment", INFERENCE_QUEUE, 30 * MINUTE, 35 * MINUTE)
+# inference: routing a completed series against the rules only reads rules and queues segmentations
+ROUTE_SERIES = TaskContract("inference.route_series", INFERENCE_QUEUE, 2 * MINUTE, 3 * MINUTE)
 # inference: an export rebuilds the network, runs the parity gate on a few cases, writes ONNX/TorchScript
 EXPORT_MODEL = TaskContract("inference.export_model", INFERENCE_QUEUE, 30 * MINUTE, 32 * MINUTE)
 
@@ -60,6 +62,7 @@ ALL_TASKS = (
     TRAIN_ROUND,
     ADVANCE_RUN,
     SEGMENT,
+    ROUTE_SERIES,
     EXPORT_MODEL,
 )
 
@@ -72,6 +75,7 @@ PRECOMPUTE_TASK = PRECOMPUTE.name
 TRAIN_ROUND_TASK = TRAIN_ROUND.name
 ADVANCE_RUN_TASK = ADVANCE_RUN.name
 SEGMENT_TASK = SEGMENT.name
+ROUTE_SERIES_TASK = ROUTE_SERIES.name
 EXPORT_MODEL_TASK = EXPORT_MODEL.name
 
 

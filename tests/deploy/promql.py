@@ -39,6 +39,7 @@ PLATFORM_COUNTERS = {
     "voxelflow_inference_rejected_total",
     "voxelflow_inference_model_swaps_total",
     "voxelflow_inference_model_load_failures_total",
+    "voxelflow_routing_series_total",
     # services/model_registry/metrics.py
     "voxelflow_registry_promotions_total",
     # services/aggregation/metrics.py

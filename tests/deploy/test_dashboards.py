@@ -78,6 +78,7 @@ def test_dashboards_cover_the_platform(rendered):
         "voxelflow_inference_queue_depth",
         "voxelflow_inference_windows_total",
         "voxelflow_inference_model_info",
+        "voxelflow_routing_series_total",
         "voxelflow_training_rounds_total",
         "voxelflow_training_loss",
         "voxelflow_training_val_dice",

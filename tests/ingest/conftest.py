@@ -11,6 +11,8 @@ import pytest
 
 from tests.service_harness import free_port, patched_environ, serving, tokens_for_every_role
 
+ROUTING_TEST_QUEUE = "routing-tests"
+
 
 @dataclass
 class IngestService:
@@ -39,6 +41,9 @@ def ingest_env(
         "VOXELFLOW_PROJECT": "tests",
         "VOXELFLOW_SITE": "test-site",
         "VOXELFLOW_SERIES_STABLE_SECONDS": "1",
+        # routing offers go to a queue of their own: only the routing end-to-end test consumes it (on "inference"
+        # they would pile up behind the inference tests' job-queue bound)
+        "VOXELFLOW_ROUTING_QUEUE": ROUTING_TEST_QUEUE,
         "VOXELFLOW_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "VOXELFLOW_LOG_JSON": "false",
         "VOXELFLOW_API_MAX_REQUEST_BYTES": str(64 * 1024**2),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19voxelflow/v1/ingest.proto\x12\x0cvoxelflow.v1\"\x87\x02\n\x0eSeriesIngested\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x19\n\x11patient_pseudonym\x18\x03 \x01(\t\x12\x10\n\x08modality\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x16\n\x0einstance_count\x18\x06 \x01(\x05\x12\x12\n\nvolume_uri\x18\x07 \x01(\t\x12\r\n\x05shape\x18\x08 \x03(\x05\x12\x12\n\nspacing_mm\x18\t \x03(\x01\x12\x1d\n\x15non_volumetric_reason\x18\n \x01(\t\x12\x13\n\x0breceived_at\x18\x0b \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19voxelflow/v1/ingest.proto\x12\x0cvoxelflow.v1\"\xf0\x02\n\x0eSeriesIngested\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x19\n\x11patient_pseudonym\x18\x03 \x01(\t\x12\x10\n\x08modality\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x16\n\x0einstance_count\x18\x06 \x01(\x05\x12\x12\n\nvolume_uri\x18\x07 \x01(\t\x12\r\n\x05shape\x18\x08 \x03(\x05\x12\x12\n\nspacing_mm\x18\t \x03(\x01\x12\x1d\n\x15non_volumetric_reason\x18\n \x01(\t\x12\x13\n\x0breceived_at\x18\x0b \x01(\t\x12\x1a\n\x12series_description\x18\x0c \x01(\t\x12\x1a\n\x12\x62ody_part_examined\x18\r \x01(\t\x12\x15\n\rsop_class_uid\x18\x0e \x01(\t\x12\x18\n\x10\x63\x61lling_ae_title\x18\x0f \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxelflow.v1.ingest_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERIESINGESTED']._serialized_start=44
-  _globals['_SERIESINGESTED']._serialized_end=307
+  _globals['_SERIESINGESTED']._serialized_end=412
 # @@protoc_insertion_point(module_scope)
