@@ -19,7 +19,8 @@ Printed side by side: test AUC with DeLong's 95 % interval, sensitivity/specific
 validation threshold, ECE (10 bins), and the paired DeLong test of platform vs baseline on the same test
 cases; MedMNIST v2's published AdrenalMNIST3D figures are a reference line only (official test split, 28^3,
 GPU-length training: not the same test set). Writes out/bench-classify.json. Timing is meaningful only on
-an otherwise idle machine; the default (2 epochs) is sized for a few minutes on 2 CPU cores.
+an otherwise idle machine. The default (all cases, 2 epochs) is meant for a few minutes on 2 idle CPU
+cores; that is an estimate from the reduced run in docs/classification.md, not a measurement.
 """
 
 from __future__ import annotations
