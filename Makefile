@@ -119,6 +119,10 @@ bench-preprocess: ## cases/s: cached preprocessing (first build, rerun) vs plain
 bench-train: ## the training recipe vs a plain MONAI script, same split and wall time: test Dice, curve PNG, peak memory (out/bench-train.*)
 	$(PY) ci/bench_train.py $(BENCH_ARGS)
 
+.PHONY: bench-classify
+bench-classify: ## classification recipe vs plain MONAI DenseNet121, same split and wall time: test AUC + DeLong CI, sens/spec, ECE, paired DeLong p (out/bench-classify.json)
+	$(PY) ci/bench_classify.py $(BENCH_ARGS)
+
 # --- end training ------------------------------------------------------------------------------------
 
 # ---- inference: the Triton environment and the inference benchmark (docs/inference-backends.md) ----------

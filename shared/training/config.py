@@ -26,15 +26,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Task = Literal["segmentation", "classification", "detection"]
+
+SEGMENTATION_NETWORKS = ("unet", "dynunet", "segresnet", "swinunetr")
+CLASSIFICATION_NETWORKS = ("densenet121", "resnet18")
+CLASSIFICATION_LOSSES = ("bce", "ce")
+
+
 class NetworkConfig(_Strict):
-    name: Literal["unet", "dynunet", "segresnet", "swinunetr"] = "unet"
+    name: Literal["unet", "dynunet", "segresnet", "swinunetr", "densenet121", "resnet18"] = "unet"
     args: dict[str, Any] = Field(
         default_factory=dict, description="Constructor arguments of the MONAI network, over voxelflow's defaults."
     )
 
 
 class LossConfig(_Strict):
-    name: Literal["dice_ce"] = "dice_ce"
+    name: Literal["dice_ce", "bce", "ce"] = Field(
+        default="dice_ce",
+        description="dice_ce: segmentation; bce (one logit, binary) or ce (num_classes logits): classification.",
+    )
+    pos_weight: PositiveFloat | None = Field(
+        default=None,
+        description="bce only: the weight of positive cases (torch's pos_weight); None = 1. The share of "
+        "negatives over positives balances a rare finding.",
+    )
     lambda_dice: float = Field(default=1.0, ge=0)
     lambda_ce: float = Field(default=1.0, ge=0)
     include_background: bool = False
@@ -110,6 +125,27 @@ class InferenceConfig(_Strict):
         return self
 
 
+class ClassificationConfig(_Strict):
+    """What a classification training needs besides the network (``task: classification``)."""
+
+    input_size: Triple | None = Field(
+        default=None,
+        description="Volumes are resized (area averaging) to this grid once, before training and inference; "
+        "None = as stored. MedMNIST's published 3-D baselines are at 28^3.",
+    )
+    threshold: Literal["youden", "sensitivity"] = Field(
+        default="youden",
+        description="How the operating point is chosen on the validation cases after training "
+        "(shared.evaluation.classification.choose_threshold).",
+    )
+    target_sensitivity: float = Field(default=0.9, gt=0, le=1, description="threshold = sensitivity only.")
+    augment: bool = Field(
+        default=True,
+        description="MONAI dictionary augmentation during training: flips on every axis, a small affine "
+        "(rotation up to 0.2 rad, scale 10 %), intensity scale and shift (shared.training.classification).",
+    )
+
+
 class EarlyStoppingConfig(_Strict):
     patience: PositiveInt | None = Field(
         default=None, description="Stop after this many validations without a val Dice gain; None = never."
@@ -126,6 +162,11 @@ class DivergenceConfig(_Strict):
 class TrainingConfig(_Strict):
     """Everything :func:`shared.training.local.train_local` needs besides data and starting weights."""
 
+    task: Task = Field(
+        default="segmentation",
+        description="segmentation (voxel labels), classification (one label per volume) or detection (boxes; "
+        "metrics only so far, no training). The default keeps every earlier config valid.",
+    )
     network: NetworkConfig = NetworkConfig()
     num_classes: int = Field(default=3, ge=2, description="Output channels including background.")
     in_channels: PositiveInt = 1
@@ -147,6 +188,7 @@ class TrainingConfig(_Strict):
         "last local weights; the aggregator keeps the round of the best global validation Dice.",
     )
     inference: InferenceConfig = InferenceConfig()
+    classification: ClassificationConfig = ClassificationConfig()
     divergence: DivergenceConfig = DivergenceConfig()
     deep_supervision: int = Field(
         default=0,
@@ -157,8 +199,32 @@ class TrainingConfig(_Strict):
         "only that in eval mode).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """``task: classification`` alone is a working config: its network, loss and class count default to
+        the classification ones (DenseNet121, BCE on one logit, 2 classes) instead of the segmentation
+        ones, which it could not use."""
+        if isinstance(data, dict) and data.get("task") == "classification":
+            data = dict(data)
+            data.setdefault("network", {"name": "densenet121"})
+            data.setdefault("loss", {"name": "bce"})
+            data.setdefault("num_classes", 2)
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
+        classifying = self.task == "classification"
+        if classifying != (self.network.name in CLASSIFICATION_NETWORKS):
+            networks = CLASSIFICATION_NETWORKS if classifying else SEGMENTATION_NETWORKS
+            raise ValueError(f"task {self.task} needs a network among {networks}, not {self.network.name}")
+        if classifying != (self.loss.name in CLASSIFICATION_LOSSES):
+            losses = CLASSIFICATION_LOSSES if classifying else ("dice_ce",)
+            raise ValueError(f"task {self.task} needs a loss among {losses}, not {self.loss.name}")
+        if self.loss.name == "bce" and self.num_classes != 2:
+            raise ValueError("loss bce is binary (one logit): num_classes must be 2; use ce for more classes")
+        if self.loss.pos_weight is not None and self.loss.name != "bce":
+            raise ValueError("loss.pos_weight applies to bce only")
         if self.deep_supervision:
             if self.network.name != "dynunet":
                 raise ValueError(f"deep_supervision needs network dynunet, not {self.network.name}")

@@ -35,7 +35,7 @@ from monai.transforms import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
-from shared.training.config import TrainingConfig
+from shared.training.config import ConfigError, TrainingConfig
 from shared.training.networks import build_network
 from shared.training.schedule import lr_factor
 
@@ -75,6 +75,7 @@ class EpochRecord:
     samples_per_second: float
     val_dice_per_class: list[float] | None = None
     samples: int = 0  # samples (patches) seen in the epoch, summed over all ranks
+    val_auc: float | None = None  # classification (shared.training.classification): validation ROC AUC
 
 
 @dataclass
@@ -317,7 +318,35 @@ def train_local(
     starts at and ``schedule_total`` the whole schedule's length (defaults 0 and ``epochs``: the call is the
     whole training); the learning rate and every per-epoch seed follow the global epoch. ``optimizer_state``
     (an earlier call's ``LocalResult.optimizer_state``) continues its moments instead of fresh ones.
+
+    ``config.task`` chooses the loop: classification goes to
+    :func:`shared.training.classification.train_classifier` (same arguments, same result type, the
+    validation AUC instead of Dice); detection has no training yet and raises ConfigError.
     """
+    if config.task == "classification":
+        from shared.training.classification import train_classifier
+
+        return cast(
+            LocalResult,
+            train_classifier(
+                config,
+                train_cases,
+                val_cases,
+                initial_state,
+                epochs=epochs,
+                fedprox_mu=fedprox_mu,
+                augment=augment,
+                load_checkpoint=load_checkpoint,
+                save_checkpoint=save_checkpoint,
+                progress=progress,
+                device=device,
+                schedule_offset=schedule_offset,
+                schedule_total=schedule_total,
+                optimizer_state=optimizer_state,
+            ),
+        )
+    if config.task == "detection":
+        raise ConfigError("detection training is not implemented yet (docs/classification.md): only its metrics are")
     if len(train_cases) == 0:
         raise ValueError("no training cases: the site has nothing to train on")
     if fedprox_mu < 0:

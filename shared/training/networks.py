@@ -1,4 +1,5 @@
-"""The segmentation networks a :class:`TrainingConfig` can name, built from MONAI with small defaults.
+"""The networks a :class:`TrainingConfig` can name, built from MONAI with small defaults: segmentation
+(UNet, DynUNet, SegResNet, SwinUNETR) and classification (DenseNet121, ResNet-18, both 3-D).
 
 Defaults are sized for 1 mm hippocampus crops on a CPU; the YAML ``network.args`` override any of them
 (for real GPU training: wider channels, deep supervision, larger Swin features).
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from monai.networks.nets import DynUNet, SegResNet, SwinUNETR, UNet
+from monai.networks.nets import DenseNet121, DynUNet, SegResNet, SwinUNETR, UNet, resnet18
 
 from shared.training.config import TrainingConfig
 
@@ -72,10 +73,29 @@ def check_divisible(patch_size: Sequence[int], strides: Sequence[Sequence[int]])
         raise ValueError(f"patch {tuple(patch_size)} is not divisible by the strides' product {divisor}")
 
 
+def classifier_outputs(config: TrainingConfig) -> int:
+    """Logits a classifier emits: one for BCE (the positive class), ``num_classes`` for CE."""
+    return 1 if config.loss.name == "bce" else config.num_classes
+
+
 def build_network(config: TrainingConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
-    """A freshly initialised network (seed the RNG first for reproducible weights)."""
+    """A freshly initialised network (seed the RNG first for reproducible weights).
+
+    A classification network emits :func:`classifier_outputs` logits whatever ``out_channels`` says (a
+    caller passing ``num_classes`` gets the one BCE logit), so every builder of a config's network agrees.
+    """
     name = config.network.name
     args: dict[str, Any] = dict(config.network.args)
+    if name == "densenet121":
+        # MONAI's DenseNet121 (growth 32, blocks 6-12-24-16): the issue's plain baseline network
+        return DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=classifier_outputs(config), **args)
+    if name == "resnet18":
+        # MONAI's 3-D ResNet-18 (Hara et al.; MedMNIST v2's 3-D baseline family). widen_factor 0.25 (16-128
+        # channels) by default: the full width costs 16x the compute, which a 2-core CPU cannot spend
+        widths: dict[str, Any] = {"widen_factor": 0.25, "shortcut_type": "B"}
+        return resnet18(
+            spatial_dims=3, n_input_channels=in_channels, num_classes=classifier_outputs(config), **{**widths, **args}
+        )
     if name == "unet":
         defaults: dict[str, Any] = {"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "num_res_units": 1}
         return UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **{**defaults, **args})
