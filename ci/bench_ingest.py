@@ -48,6 +48,11 @@ DATASET = "tcia_brain_tumor_progression_mr"
 BOUNDARY = "vfbenchboundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 INFRA_NEEDED = ("postgres", "redis", "s3", "orthanc")
+MIGRATE = (
+    "from services.ingest.context import IngestContext\n"
+    "from services.ingest.settings import IngestSettings\n"
+    "IngestContext(IngestSettings()).migrate()\n"
+)
 
 
 def log(message: str) -> None:
@@ -279,7 +284,7 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
 class Servers:
     """The private stack plus the ingest API process; a context manager that always tears down."""
 
-    def __init__(self, state_dir: Path, fsync: bool, profile: Path | None) -> None:
+    def __init__(self, state_dir: Path, fsync: bool, profile: Path | None, workers: int = 1) -> None:
         from shared.stack import Stack, StackConfig
 
         self.state_dir = state_dir
@@ -288,6 +293,7 @@ class Servers:
         self.ingest_port = self.stack.components["ingest-api"].ports[0]
         self.ingest_url = f"http://127.0.0.1:{self.ingest_port}"
         self.profile = profile
+        self.workers = 1 if profile is not None else workers
         self.proc: subprocess.Popen[bytes] | None = None
         self.token = ""
 
@@ -320,8 +326,13 @@ class Servers:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # Migrations once, before the workers start (each worker's startup migration is then a no-op):
+        # several processes creating the same tables at once would race.
+        subprocess.run([sys.executable, "-c", MIGRATE], cwd=REPO_ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         uvicorn_args = [
             "services.ingest.main:app",
+            "--workers",
+            str(self.workers),
             "--host",
             "127.0.0.1",
             "--port",
@@ -337,7 +348,7 @@ class Servers:
         else:
             argv = [sys.executable, "-m", "uvicorn", *uvicorn_args]
         log_path = self.state_dir / "ingest.log"
-        log(f"starting ingest API on {self.ingest_url} (log: {log_path})")
+        log(f"starting ingest API on {self.ingest_url}, {self.workers} worker process(es) (log: {log_path})")
         with log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(
                 argv,
@@ -438,7 +449,13 @@ def summarise(rows: list[Row]) -> list[Row]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent clients, comma-separated")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(2, os.cpu_count() or 1),
+        help="uvicorn worker processes of the ingest API (default: the CPU count, at least 2)",
+    )
     parser.add_argument("--batch", type=int, default=10, help="instances per STOW-RS request (default 10)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per (server, clients) (default 1)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N files (default: all 283)")
@@ -457,8 +474,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "out" / "bench-ingest.json")
     args = parser.parse_args(argv)
     args.client_counts = [int(c) for c in str(args.clients).split(",") if c.strip()]
-    if not args.client_counts or min(args.client_counts) < 1 or args.batch < 1 or args.repeat < 1:
-        parser.error("--clients, --batch and --repeat must be positive")
+    if not args.client_counts or min(args.client_counts) < 1 or min(args.batch, args.repeat, args.workers) < 1:
+        parser.error("--clients, --batch, --repeat and --workers must be positive")
     return args
 
 
@@ -486,7 +503,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="vf-bench-") as tmp,
-        Servers(Path(tmp), args.fsync, args.profile) as servers,
+        Servers(Path(tmp), args.fsync, args.profile, args.workers) as servers,
     ):
         targets = {
             "voxelflow": Target(
@@ -511,7 +528,8 @@ def main(argv: list[str]) -> int:
     summary = summarise(rows)
     print()
     print(
-        f"STOW-RS throughput, {DATASET}, batch {args.batch}, repeat {args.repeat} "
+        f"STOW-RS throughput, {DATASET}, batch {args.batch}, repeat {args.repeat}, "
+        f"{servers.workers} ingest API worker(s), PostgreSQL fsync {'on' if args.fsync else 'off'} "
         f"(MB = 10^6 bytes of DICOM; ratio = inst/s / Orthanc's at the same client count)"
     )
     print(table(summary))
@@ -522,6 +540,7 @@ def main(argv: list[str]) -> int:
         "batch": args.batch,
         "clients": args.client_counts,
         "repeat": args.repeat,
+        "api_workers": servers.workers,
         "postgres_fsync": args.fsync,
         "cpus": os.cpu_count(),
         "wall_seconds": round(time.monotonic() - started, 1),

@@ -291,34 +291,37 @@ class InstanceReceiver:
         try:  # malformed values that validation let through surface here: the sender's fault, not a 500
             result = self.deidentifier.deidentify(dataset, in_place=not copy_dataset)
             clean = result.dataset
-            header = header_json(clean)
-            digest = content_hash(header, clean)
         except InstanceRejectedError:
             raise
         except Exception as exc:
-            raise InstanceRejectedError(
-                RejectReason.UNPARSEABLE,
-                f"unreadable content: {type(exc).__name__}: {str(exc)[:300]}",
-                sop_class_uid,
-                original_sop_uid,
-            ) from exc
+            raise _unreadable(exc, sop_class_uid, original_sop_uid) from exc
         study_uid, series_uid, sop_uid = (
             str(clean.StudyInstanceUID),
             str(clean.SeriesInstanceUID),
             str(clean.SOPInstanceUID),
         )
         key = f"dicom/{study_uid}/{series_uid}/{sop_uid}.dcm"
+        # Encoded before the header is turned into JSON: the elements de-identification left as they were
+        # are still undecoded then and are copied byte for byte instead of being re-encoded.
         encoded = tempfile.SpooledTemporaryFile(max_size=ENCODED_SPOOL_BYTES)  # noqa: SIM115 (closed by the batch)
         try:
-            clean.save_as(encoded, enforce_file_format=True)
-        except Exception as exc:
+            try:
+                clean.save_as(encoded, enforce_file_format=True)
+            except Exception as exc:
+                raise InstanceRejectedError(
+                    RejectReason.UNPARSEABLE,
+                    f"cannot be written as a DICOM file: {type(exc).__name__}: {str(exc)[:300]}",
+                    sop_class_uid,
+                    original_sop_uid,
+                ) from exc
+            try:
+                header = header_json(clean)
+                digest = content_hash(header, clean)
+            except Exception as exc:
+                raise _unreadable(exc, sop_class_uid, original_sop_uid) from exc
+        except BaseException:
             encoded.close()
-            raise InstanceRejectedError(
-                RejectReason.UNPARSEABLE,
-                f"cannot be written as a DICOM file: {type(exc).__name__}: {str(exc)[:300]}",
-                sop_class_uid,
-                original_sop_uid,
-            ) from exc
+            raise
         encoded_size = encoded.tell()
         encoded.seek(0)
         reid = result.reidentification
@@ -540,6 +543,15 @@ def _one(outcomes: list[Outcome]) -> ReceivedInstance:
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
+
+
+def _unreadable(exc: Exception, sop_class_uid: str, sop_instance_uid: str) -> InstanceRejectedError:
+    return InstanceRejectedError(
+        RejectReason.UNPARSEABLE,
+        f"unreadable content: {type(exc).__name__}: {str(exc)[:300]}",
+        sop_class_uid,
+        sop_instance_uid,
+    )
 
 
 def _conflict(item: _Prepared) -> InstanceRejectedError:
