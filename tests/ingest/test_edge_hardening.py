@@ -277,7 +277,7 @@ def test_parts_of_one_stow_received_concurrently_are_reported_in_order_and_store
     assert stored == 12
 
 
-def test_one_stow_claims_its_rows_with_a_few_statements_not_a_few_per_instance(ingest_service: IngestService):
+def test_one_stow_claims_its_rows_with_a_few_statements_not_a_few_per_instance(ingest_service: IngestService) -> None:
     """The parts of a request are one batch: one multi-row INSERT per catalogue table, the Series row updated
     once for the request (not once per instance), one UPDATE marks the instances stored. The old way took
     ~10 statements and two commits per instance, and hit the hot Series row once per instance."""
@@ -309,7 +309,7 @@ def test_one_stow_claims_its_rows_with_a_few_statements_not_a_few_per_instance(i
     assert len(statements) <= 12, statements
 
 
-def test_same_uid_twice_in_one_stow_with_other_content_fails_alone(ingest_service: IngestService):
+def test_same_uid_twice_in_one_stow_with_other_content_fails_alone(ingest_service: IngestService) -> None:
     """Within one request as across requests: a later part with the UID of an earlier one and other content is a
     conflict (0x0111); an identical later copy is a success; the earlier part and the others are stored."""
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
