@@ -175,9 +175,10 @@ class InstanceReceiver:
     def receive_streams(
         self, items: Sequence[tuple[IO[bytes], int]], source: str, expected_study_uid: str | None = None
     ) -> list[Outcome]:
-        """Receive several Part-10 files ``(stream, size)`` as one batch (the parts of a STOW request): one
-        outcome per item, in order. Raises only when the catalogue itself cannot be reached (then nothing
-        of the batch was acknowledged); at most :data:`BATCH_MAX_INSTANCES` items."""
+        """Receive several Part-10 files ``(stream, size)`` as one batch (the parts of a STOW request), at most
+        :data:`BATCH_MAX_INSTANCES`: one outcome per item, in order, each the received instance or the
+        exception that refused it. Nothing raises for an instance: when the catalogue or object storage
+        cannot be reached, the instances it concerns carry that exception and none of them is acknowledged."""
         return self._receive_batch([(stream, None, size) for stream, size in items], source, expected_study_uid)
 
     # -- the batch ----------------------------------------------------------------------------------
@@ -216,10 +217,12 @@ class InstanceReceiver:
             if unique:
                 try:
                     self._store_unique(unique, outcomes, source)
-                except Exception as exc:  # the catalogue is unreachable: nothing of the batch was acknowledged
+                except Exception as exc:  # the catalogue (or broker) is unreachable: nothing new is acknowledged
                     log.exception("receiving a batch of %d instances failed", len(unique))
                     for item in unique:
-                        outcomes[item.index] = exc
+                        known = outcomes[item.index]  # a conflict or an already stored duplicate stays what it is
+                        if known is None or (isinstance(known, ReceivedInstance) and not known.duplicate):
+                            outcomes[item.index] = exc
             for item, earlier in followers:
                 outcomes[item.index] = outcomes[earlier.index]
         finally:
