@@ -14,7 +14,7 @@ install: install-system install-python install-ohif ## everything a fresh Debian
 
 # Silent and instant (one dpkg-query) when everything is there; installs as root or through `sudo -n`,
 # otherwise prints the one command to run as root and fails.
-install-system: ## Debian packages: Orthanc + DICOMweb plugin (the PACS), dcmtk, PostgreSQL, Redis, python3-venv, dcm2niix, chromium
+install-system: ## Debian packages: Orthanc + DICOMweb and PostgreSQL-index plugins (the PACS), dcmtk, PostgreSQL, Redis, python3-venv, dcm2niix, chromium
 	@ci/install-system.sh
 
 install-python: $(VENV)/.installed ## the services' virtual environment, with voxelflow itself (the `voxelflow` command)

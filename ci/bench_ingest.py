@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
 """STOW-RS throughput: voxelflow's ingest API next to Orthanc's own STOW-RS, same machine, same files.
 
-``make bench-ingest`` (or ``python ci/bench_ingest.py --clients 1,4 --batch 10 --repeat 1``):
+``make bench-ingest`` (or ``python ci/bench_ingest.py --clients 1,4,16 --batch 10 --repeat 1``):
 
-1. starts a private stack (PostgreSQL, Redis, SeaweedFS S3, Orthanc) through :mod:`shared.stack` on a free
-   port range in a temp state dir, and the ingest API as a separate ``uvicorn`` process on it;
+1. starts a private stack (PostgreSQL with fsync on, Redis, SeaweedFS S3, Orthanc) through :mod:`shared.stack`
+   on a free port range in a temp state dir, the ingest API as a separate ``uvicorn`` process with
+   ``--workers`` worker processes (default: the CPU count, at least 2; migrations run once before), and,
+   when Debian ``orthanc-postgresql`` is installed, a second Orthanc configured like the first but with its
+   index in PostgreSQL (the plugin, on the stack's PostgreSQL server, its own database);
 2. loads the DICOM files of ``tcia_brain_tumor_progression_mr`` and, for every timed run, rewrites their
-   Study/Series/SOP Instance UIDs in memory (fresh UIDs, so neither server can answer from what it already
+   Study/Series/SOP Instance UIDs in memory (fresh UIDs, so no server can answer from what it already
    holds) and pre-encodes the multipart bodies before the timer starts;
 3. sends them with N concurrent clients (threads, one HTTP connection each) to
    ``POST {ingest}/dicomweb/studies`` and ``POST {orthanc}/dicom-web/studies``; voxelflow additionally gets
    the bodies of its last run again ("voxelflow (duplicates)": idempotent re-sends);
-4. prints a table (inst/s, MB/s, ratio voxelflow/Orthanc at the same client count) and writes it to
-   ``out/bench-ingest.json``; stops everything it started, also on failure and Ctrl-C.
+4. prints a table (inst/s, MB/s, ratio voxelflow/Orthanc at the same client count for both Orthanc
+   configurations, and the CPU time all server processes spent per instance, read from /proc: on a machine
+   whose cores other jobs share, that says what an instance costs where the wall-clock rate cannot) and
+   writes it to ``out/bench-ingest.json`` (with the CPU split by process); stops everything it started,
+   also on failure and Ctrl-C.
 
 MB are 10^6 bytes of DICOM payload (the files, without multipart framing).
 """
@@ -31,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +55,14 @@ DATASET = "tcia_brain_tumor_progression_mr"
 BOUNDARY = "vfbenchboundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 INFRA_NEEDED = ("postgres", "redis", "s3", "orthanc")
+ORTHANC = "orthanc"
+ORTHANC_PG = "orthanc (PostgreSQL index)"
+PG_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")  # Debian orthanc-postgresql
+MIGRATE = (
+    "from services.ingest.context import IngestContext\n"
+    "from services.ingest.settings import IngestSettings\n"
+    "IngestContext(IngestSettings()).migrate()\n"
+)
 
 
 def log(message: str) -> None:
@@ -145,7 +160,12 @@ class Row:
     stored: int
     failed: int
     http_errors: int
-    ratio: float | None = None
+    ratio: float | None = None  # inst/s over Orthanc's (default SQLite index), same client count
+    ratio_pg: float | None = None  # inst/s over Orthanc's with the PostgreSQL index plugin
+    #: CPU time of the servers' processes (APIs, PostgreSQL, S3, Redis, Orthanc) per instance: how much work
+    #: an instance costs, which the wall-clock rate hides on a machine whose cores other jobs share
+    server_cpu_ms: float | None = None
+    cpu_by_process: dict[str, float] | None = None  # CPU seconds of the run, by process (tree)
 
 
 def _count(response: httpx.Response) -> tuple[int, int]:
@@ -213,9 +233,51 @@ def run_load(target: Target, work: Workload, clients: int, label: str) -> tuple[
     return seconds, totals["stored"], totals["failed"], totals["errors"]
 
 
-def measure(target: Target, name: str, work: Workload, clients: int, rep: int) -> Row:
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds of the process and its reaped children), from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        # after "pid (comm)": state ppid ... utime(11) stime(12) cutime(13) cstime(14)
+        out[int(entry)] = (int(fields[1]), sum(int(v) for v in fields[11:15]) / tick)
+    return out
+
+
+def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named process tree (root pid and every descendant)."""
+    if not Path("/proc/self/stat").exists():
+        return {}
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    totals: dict[str, float] = {}
+    for name, root in roots.items():
+        total, todo = 0.0, [root]
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                total += stats[pid][1]
+                todo.extend(children.get(pid, ()))
+        totals[name] = total
+    return totals
+
+
+def measure(
+    target: Target, name: str, work: Workload, clients: int, rep: int, processes: Callable[[], dict[str, int]]
+) -> Row:
     label = f"{name:<24} clients={clients} rep={rep}"
+    roots = processes()
+    before = cpu_seconds(roots)
     seconds, stored, failed, errors = run_load(target, work, clients, label)
+    after = cpu_seconds(roots)
+    used = {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
     mb = work.payload_bytes / 1e6
     row = Row(
         server=name,
@@ -229,8 +291,11 @@ def measure(target: Target, name: str, work: Workload, clients: int, rep: int) -
         stored=stored,
         failed=failed,
         http_errors=errors,
+        server_cpu_ms=round(sum(used.values()) * 1000 / work.instances, 2) if used else None,
+        cpu_by_process=used or None,
     )
-    log(f"  {label}: {row.inst_per_s:.1f} inst/s, {row.mb_per_s:.1f} MB/s ({seconds:.2f} s, {failed} failed)")
+    cpu = f", server CPU {row.server_cpu_ms:.1f} ms/inst" if row.server_cpu_ms is not None else ""
+    log(f"  {label}: {row.inst_per_s:.1f} inst/s, {row.mb_per_s:.1f} MB/s ({seconds:.2f} s, {failed} failed{cpu})")
     return row
 
 
@@ -255,14 +320,14 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ingest API exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"ingest API not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
@@ -279,7 +344,9 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
 class Servers:
     """The private stack plus the ingest API process; a context manager that always tears down."""
 
-    def __init__(self, state_dir: Path, fsync: bool, profile: Path | None) -> None:
+    def __init__(
+        self, state_dir: Path, fsync: bool, profile: Path | None, workers: int = 1, orthanc_pg: bool = False
+    ) -> None:
         from shared.stack import Stack, StackConfig
 
         self.state_dir = state_dir
@@ -288,6 +355,10 @@ class Servers:
         self.ingest_port = self.stack.components["ingest-api"].ports[0]
         self.ingest_url = f"http://127.0.0.1:{self.ingest_port}"
         self.profile = profile
+        self.workers = 1 if profile is not None else workers
+        self.orthanc_pg = orthanc_pg
+        self.orthanc_pg_url = ""
+        self.orthanc_pg_proc: subprocess.Popen[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.token = ""
 
@@ -320,8 +391,13 @@ class Servers:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # Migrations once, before the workers start (each worker's startup migration is then a no-op):
+        # several processes creating the same tables at once would race.
+        subprocess.run([sys.executable, "-c", MIGRATE], cwd=REPO_ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         uvicorn_args = [
             "services.ingest.main:app",
+            "--workers",
+            str(self.workers),
             "--host",
             "127.0.0.1",
             "--port",
@@ -337,7 +413,7 @@ class Servers:
         else:
             argv = [sys.executable, "-m", "uvicorn", *uvicorn_args]
         log_path = self.state_dir / "ingest.log"
-        log(f"starting ingest API on {self.ingest_url} (log: {log_path})")
+        log(f"starting ingest API on {self.ingest_url}, {self.workers} worker process(es) (log: {log_path})")
         with log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(
                 argv,
@@ -350,6 +426,73 @@ class Servers:
         wait_ready(f"{self.ingest_url}/readyz", self.proc, log_path)
         self.token = self._create_token()
         log("ingest API ready (migrations applied, pacs token created)")
+        if self.orthanc_pg:
+            self._start_orthanc_pg()
+
+    def _start_orthanc_pg(self) -> None:
+        """A second Orthanc, configured as the stack's but with its index in PostgreSQL (the Debian plugin),
+        on the stack's PostgreSQL server (its own database), so both PACS set-ups face voxelflow's."""
+        import shutil
+        import socket
+
+        from sqlalchemy import create_engine, text
+
+        from shared.stack import PortOffsets
+
+        engine = create_engine(self.stack.database_url("postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("CREATE DATABASE orthanc_index"))
+        finally:
+            engine.dispose()
+        base = self.state_dir / "orthanc-pg"
+        (base / "db").mkdir(parents=True)
+        config = json.loads((self.stack.state_dir / "orthanc" / "orthanc.json").read_text())
+        ports = []
+        for _ in range(2):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+        config.update(
+            {
+                "Name": "voxelflow-pacs-pg",
+                "StorageDirectory": str(base / "db"),
+                "IndexDirectory": str(base / "db"),
+                "HttpPort": ports[0],
+                "DicomPort": ports[1],
+                "DicomModalities": {},
+                "Plugins": [*config["Plugins"], str(PG_INDEX_PLUGIN)],
+                "PostgreSQL": {
+                    "EnableIndex": True,
+                    "EnableStorage": False,  # files on disk, as the default Orthanc's
+                    "Host": "127.0.0.1",
+                    "Port": self.stack.config.port(PortOffsets.POSTGRES),
+                    "Database": "orthanc_index",
+                    "Username": "postgres",
+                    "Password": "",
+                    "Lock": False,
+                },
+            }
+        )
+        (base / "orthanc.json").write_text(json.dumps(config, indent=2))
+        self.orthanc_pg_url = f"http://127.0.0.1:{ports[0]}"
+        log_path = base / "orthanc.log"
+        log(f"starting Orthanc with the PostgreSQL index on {self.orthanc_pg_url} (log: {log_path})")
+        with log_path.open("wb") as log_file:
+            self.orthanc_pg_proc = subprocess.Popen(
+                [shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(base / "orthanc.json")],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_ready(f"{self.orthanc_pg_url}/system", self.orthanc_pg_proc, log_path, timeout=60)
+
+    def process_roots(self) -> dict[str, int]:
+        """Root pid of each server process tree (for the CPU accounting)."""
+        roots = {name: self.stack.procs.running_pid(name) for name in INFRA_NEEDED}
+        roots["ingest-api"] = self.proc.pid if self.proc is not None else None
+        roots["orthanc-pg"] = self.orthanc_pg_proc.pid if self.orthanc_pg_proc is not None else None
+        return {name: pid for name, pid in roots.items() if pid is not None}
 
     def _create_token(self) -> str:
         from shared.auth import Role, create_token
@@ -370,6 +513,9 @@ class Servers:
                     self.proc.wait(timeout=30)
             stop_process(self.proc)
             log("stopped ingest API")
+        if self.orthanc_pg_proc is not None:
+            stop_process(self.orthanc_pg_proc)
+            log("stopped Orthanc (PostgreSQL index)")
         self.stack.down(purge=True)
 
 
@@ -392,24 +538,29 @@ def profiled_server(profile_path: str, uvicorn_args: list[str]) -> None:
 
 
 def table(rows: list[Row]) -> str:
+    width = max(24, *(len(r.server) for r in rows))
     header = (
-        f"{'server':<24} {'clients':>7} {'instances':>9} {'MB':>8} {'seconds':>8} "
-        f"{'inst/s':>8} {'MB/s':>7} {'ratio':>6}"
+        f"{'server':<{width}} {'clients':>7} {'instances':>9} {'MB':>8} {'seconds':>8} "
+        f"{'inst/s':>8} {'MB/s':>7} {'ratio':>6} {'ratio PG':>8} {'CPU ms/inst':>11}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
+        ratio_pg = f"{r.ratio_pg:.2f}" if r.ratio_pg is not None else ""
+        cpu = f"{r.server_cpu_ms:.1f}" if r.server_cpu_ms is not None else ""
         note = f"  ({r.failed} failed, {r.http_errors} HTTP errors)" if r.failed or r.http_errors else ""
         lines.append(
-            f"{r.server:<24} {r.clients:>7} {r.instances:>9} {r.mb:>8.1f} {r.seconds:>8.2f} "
-            f"{r.inst_per_s:>8.1f} {r.mb_per_s:>7.1f} {ratio:>6}{note}"
+            f"{r.server:<{width}} {r.clients:>7} {r.instances:>9} {r.mb:>8.1f} {r.seconds:>8.2f} "
+            f"{r.inst_per_s:>8.1f} {r.mb_per_s:>7.1f} {ratio:>6} {ratio_pg:>8} {cpu:>11}{note}"
         )
     return "\n".join(lines)
 
 
 def summarise(rows: list[Row]) -> list[Row]:
-    """One row per (server, clients), summed over repetitions; ratio = inst/s over Orthanc's, same clients."""
+    """One row per (server, clients), summed over repetitions; ratio = inst/s over Orthanc's (default index),
+    ratio PG = over Orthanc's with the PostgreSQL index, same clients; CPU = server CPU ms per instance."""
     merged: dict[tuple[str, int], Row] = {}
+    cpu_seconds: dict[tuple[str, int], float] = {}
     for r in rows:
         key = (r.server, r.clients)
         if key not in merged:
@@ -422,14 +573,20 @@ def summarise(rows: list[Row]) -> list[Row]:
         m.stored += r.stored
         m.failed += r.failed
         m.http_errors += r.http_errors
-    for m in merged.values():
+        if r.server_cpu_ms is not None:
+            cpu_seconds[key] = cpu_seconds.get(key, 0.0) + r.server_cpu_ms * r.instances / 1000
+    for key, m in merged.items():
         m.inst_per_s = round(m.instances / m.seconds, 2)
         m.mb_per_s = round(m.mb / m.seconds, 2)
+        if key in cpu_seconds:
+            m.server_cpu_ms = round(cpu_seconds[key] * 1000 / m.instances, 2)
     for (server, clients), m in merged.items():
-        orthanc = merged.get(("orthanc", clients))
-        if server != "orthanc" and orthanc is not None:
+        orthanc, orthanc_pg = merged.get((ORTHANC, clients)), merged.get((ORTHANC_PG, clients))
+        if server != ORTHANC and orthanc is not None:
             m.ratio = round(m.inst_per_s / orthanc.inst_per_s, 3)
-    order = {"voxelflow": 0, "voxelflow (duplicates)": 1, "orthanc": 2}
+        if server not in (ORTHANC, ORTHANC_PG) and orthanc_pg is not None:
+            m.ratio_pg = round(m.inst_per_s / orthanc_pg.inst_per_s, 3)
+    order = {"voxelflow": 0, "voxelflow (duplicates)": 1, ORTHANC: 2, ORTHANC_PG: 3}
     return sorted(merged.values(), key=lambda r: (r.clients, order.get(r.server, 9)))
 
 
@@ -438,11 +595,23 @@ def summarise(rows: list[Row]) -> list[Row]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent clients, comma-separated")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(2, os.cpu_count() or 1),
+        help="uvicorn worker processes of the ingest API (default: the CPU count, at least 2)",
+    )
     parser.add_argument("--batch", type=int, default=10, help="instances per STOW-RS request (default 10)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per (server, clients) (default 1)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N files (default: all 283)")
     parser.add_argument("--no-duplicates", action="store_true", help="skip the 'voxelflow (duplicates)' rows")
+    parser.add_argument(
+        "--orthanc-pg",
+        action=argparse.BooleanOptionalAction,
+        default=PG_INDEX_PLUGIN.exists(),
+        help="also Orthanc with its PostgreSQL index plugin (default: when Debian orthanc-postgresql is installed)",
+    )
     parser.add_argument(
         "--fsync",
         action=argparse.BooleanOptionalAction,
@@ -457,8 +626,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "out" / "bench-ingest.json")
     args = parser.parse_args(argv)
     args.client_counts = [int(c) for c in str(args.clients).split(",") if c.strip()]
-    if not args.client_counts or min(args.client_counts) < 1 or args.batch < 1 or args.repeat < 1:
-        parser.error("--clients, --batch and --repeat must be positive")
+    if not args.client_counts or min(args.client_counts) < 1 or min(args.batch, args.repeat, args.workers) < 1:
+        parser.error("--clients, --batch, --repeat and --workers must be positive")
     return args
 
 
@@ -486,7 +655,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="vf-bench-") as tmp,
-        Servers(Path(tmp), args.fsync, args.profile) as servers,
+        Servers(Path(tmp), args.fsync, args.profile, args.workers, args.orthanc_pg) as servers,
     ):
         targets = {
             "voxelflow": Target(
@@ -494,8 +663,10 @@ def main(argv: list[str]) -> int:
                 f"{servers.ingest_url}/dicomweb/studies",
                 {"Authorization": f"Bearer {servers.token}"},
             ),
-            "orthanc": Target("orthanc", f"{servers.stack.orthanc_url}/dicom-web/studies", {}),
+            ORTHANC: Target(ORTHANC, f"{servers.stack.orthanc_url}/dicom-web/studies", {}),
         }
+        if servers.orthanc_pg:
+            targets[ORTHANC_PG] = Target(ORTHANC_PG, f"{servers.orthanc_pg_url}/dicom-web/studies", {})
         for name, target in targets.items():  # warm-up: one request each, not timed
             warm = make_workload(with_fresh_uids(datasets[: args.batch]), args.batch)
             _, stored, failed, errors = run_load(target, warm, 1, f"{name:<24} warm-up")
@@ -503,16 +674,19 @@ def main(argv: list[str]) -> int:
                 raise RuntimeError(f"{name}: warm-up request failed ({errors} HTTP errors, {failed} failed)")
         for rep in range(1, args.repeat + 1):
             for clients in args.client_counts:
-                for name in ("voxelflow", "orthanc"):
+                for name, target in targets.items():
                     work = fresh_workload()  # encoded before the timer starts
-                    rows.append(measure(targets[name], name, work, clients, rep))
+                    rows.append(measure(target, name, work, clients, rep, servers.process_roots))
                     if name == "voxelflow" and not args.no_duplicates:
-                        rows.append(measure(targets[name], "voxelflow (duplicates)", work, clients, rep))
+                        dup = "voxelflow (duplicates)"
+                        rows.append(measure(target, dup, work, clients, rep, servers.process_roots))
     summary = summarise(rows)
     print()
     print(
-        f"STOW-RS throughput, {DATASET}, batch {args.batch}, repeat {args.repeat} "
-        f"(MB = 10^6 bytes of DICOM; ratio = inst/s / Orthanc's at the same client count)"
+        f"STOW-RS throughput, {DATASET}, batch {args.batch}, repeat {args.repeat}, "
+        f"{servers.workers} ingest API worker(s), PostgreSQL fsync {'on' if args.fsync else 'off'} "
+        "(MB = 10^6 bytes of DICOM; ratio = inst/s / Orthanc's at the same client count, ratio PG = / Orthanc's "
+        "with the PostgreSQL index; CPU ms/inst = CPU time of all server processes per instance)"
     )
     print(table(summary))
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -522,6 +696,8 @@ def main(argv: list[str]) -> int:
         "batch": args.batch,
         "clients": args.client_counts,
         "repeat": args.repeat,
+        "api_workers": servers.workers,
+        "orthanc_postgresql_index": servers.orthanc_pg,
         "postgres_fsync": args.fsync,
         "cpus": os.cpu_count(),
         "wall_seconds": round(time.monotonic() - started, 1),

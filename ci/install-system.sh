@@ -16,8 +16,10 @@ set -euo pipefail
 # for the tests that run the chart's scrape jobs, dashboards and alert rules on a real Prometheus; python3-venv makes
 # the virtual environment (`make install-python`); dcm2niix is the reference the series -> volume tests compare
 # against (tests/ingest/test_reconstruction_dcm2niix.py); chromium (headless) opens the OHIF viewer on the
-# inference service's DICOM SEG (tests/inference/test_viewer_ohif.py). Add new system dependencies here and nowhere else.
-PACKAGES=(orthanc orthanc-dicomweb dcmtk postgresql redis-server python3-venv prometheus dcm2niix chromium)
+# inference service's DICOM SEG (tests/inference/test_viewer_ohif.py); orthanc-postgresql is Orthanc's PostgreSQL
+# index plugin, the second PACS configuration `make bench-ingest` compares with. Add new system dependencies here
+# and nowhere else.
+PACKAGES=(orthanc orthanc-dicomweb orthanc-postgresql dcmtk postgresql redis-server python3-venv prometheus dcm2niix chromium)
 if [ "$#" -gt 0 ]; then
     PACKAGES=("$@")
 fi

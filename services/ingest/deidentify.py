@@ -69,7 +69,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-from pydicom.dataelem import DataElement, empty_value_for_VR
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -330,6 +330,9 @@ class Deidentifier:
             if _is_overlay_group(tag):
                 del ds[tag]
                 continue
+            raw = ds.get_item(tag)
+            if isinstance(raw, RawDataElement) and _left_as_is(tag, raw.VR, dummy_leaves=dummy_leaves):
+                continue  # not decoded: written back byte for byte, which is most of the cost of a re-encode
             elem = ds[tag]  # converts a RawDataElement; pixel data stays encoded bytes
             if tag == _PATIENT_ID:
                 elem.value = self.pseudonymise_patient_id(str(elem.value or ""))
@@ -423,6 +426,22 @@ def _is_safe_private(ds: Dataset, tag: BaseTag) -> bool:
     if offsets is None or (tag.element & 0xFF) not in offsets:
         return False
     return not (ds[tag].VR == "UN" and (tag.group, tag.element & 0xFF) == (0x0065, 0x51))
+
+
+def _left_as_is(tag: BaseTag, vr: str | None, *, dummy_leaves: bool) -> bool:
+    """True when :meth:`Deidentifier._apply` would keep this element unchanged, judged from its raw form.
+
+    Only for a VR read from the file (explicit VR): an implicit-VR element (``vr`` None) or one read as UN
+    gets its VR from the dictionary on decoding (a UN date becomes a DA to shift), so it is decoded and
+    judged as usual; so are dates, sequences, the patient's name and ID, and any string a dummy replaces.
+    Times are kept whatever the action (whole-day shift), as in ``_apply``."""
+    if vr is None or vr in ("UN", "SQ", "DA", "DT") or tag in (_PATIENT_ID, _PATIENT_NAME) or tag in _BIRTH_TAGS:
+        return False
+    if vr == "TM":
+        return True
+    if dummy_leaves and vr in _STRING_VRS:
+        return False
+    return profile_action(tag) is None
 
 
 def _is_overlay_group(tag: BaseTag) -> bool:

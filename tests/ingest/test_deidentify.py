@@ -501,3 +501,61 @@ def test_uih_grid_keeps_its_slice_positions_with_dates_shifted(deid: Deidentifie
     out.save_as(tmp_path / "clean.dcm")
     (volume,) = reconstruct_series([tmp_path / "clean.dcm"])
     assert volume.array.shape == (8, 6, 5) and volume.metadata["mosaic"] == "uih"
+
+
+# -- elements left undecoded ---------------------------------------------------------------
+
+
+def _encoded(ds: Dataset, *, implicit_vr: bool) -> bytes:
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _deidentified_bytes(deid: Deidentifier, data: bytes, *, decode_first: bool) -> bytes:
+    from services.ingest.validation import read_instance
+
+    ds = read_instance(io.BytesIO(data))  # as the receiver reads it
+    if decode_first:  # every element decoded before de-identification: nothing can be left raw
+        for element in ds.iterall():
+            _ = element.value
+    out = deid.deidentify(ds, in_place=True).dataset
+    buffer = io.BytesIO()
+    out.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("implicit_vr", [False, True], ids=["explicit-vr", "implicit-vr"])
+def test_elements_left_undecoded_give_the_same_file_as_decoded_ones(deid: Deidentifier, implicit_vr: bool) -> None:
+    """De-identification leaves the elements it does not change undecoded (copied byte for byte on
+    writing). That must not change what it does: a date read as UN (explicit VR) or without a VR (implicit
+    VR) is still shifted, names and IDs still replaced, and the file is the one a fully decoded copy gives."""
+    ds = _instance("1.2.3.100.1.7", refs=("1.2.3.100.1.8",))
+    ds.add_new(0x00080021, "UN", b"20200101")  # SeriesDate as UN: its VR comes from the dictionary on decoding
+    # a date the profile table does not list (shifted all the same), as UN
+    ds.add_new(0x00143076, "UN", b"20200101")  # DateOfGainCalibration
+    ds.OperatorsName = "Smith^Op"
+    ds.ScanningSequence = "SE"
+    data = _encoded(ds, implicit_vr=implicit_vr)
+    fast = _deidentified_bytes(deid, data, decode_first=False)
+    assert fast == _deidentified_bytes(deid, data, decode_first=True)
+    out = pydicom.dcmread(io.BytesIO(fast), force=True)
+    shifted = _shift_date("20200101", deid.date_offset_days(PID))
+    assert out.StudyDate == shifted and out.SeriesDate == shifted and out.DateOfGainCalibration == shifted
+    assert out.PatientID == deid.pseudonymise_patient_id(PID) and "Doe" not in str(out.PatientName)
+    assert "OperatorsName" not in out or str(out.OperatorsName) != "Smith^Op"
+    assert out.ScanningSequence == "SE" and out.Manufacturer == "ACME"
+    assert out.ReferencedImageSequence[0].ReferencedSOPInstanceUID == deid.pseudonymise_uid("1.2.3.100.1.8")
+
+
+def test_real_files_left_undecoded_give_the_same_file_as_decoded_ones(deid: Deidentifier, shared_data: Path) -> None:
+    files = _dicom_files(shared_data / "tcia_brain_tumor_progression_mr")[:20]
+    for folder in ("lidc_idri_ct_slabs", "enhanced_multiframe_mr", "dicom_seg"):
+        files += [p for p in _dicom_files(shared_data / folder) if p.suffix == ".dcm"][:3]
+    if not files:
+        pytest.skip("no shared DICOM files")
+    for path in files:
+        data = path.read_bytes()
+        fast = _deidentified_bytes(deid, data, decode_first=False)
+        assert fast == _deidentified_bytes(deid, data, decode_first=True), path

@@ -277,6 +277,66 @@ def test_parts_of_one_stow_received_concurrently_are_reported_in_order_and_store
     assert stored == 12
 
 
+def test_one_stow_claims_its_rows_with_a_few_statements_not_a_few_per_instance(ingest_service: IngestService) -> None:
+    """The parts of a request are one batch: one multi-row INSERT per catalogue table, the Series row updated
+    once for the request (not once per instance), one UPDATE marks the instances stored. The old way took
+    ~10 statements and two commits per instance, and hit the hot Series row once per instance."""
+    from sqlalchemy import event
+
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    slices = [
+        minimal_image(StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=n, PatientID="BATCH-1")
+        for n in range(1, 13)
+    ]
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if "ingest_" in statement:
+            statements.append(" ".join(statement.split()[:3]).lower())
+
+    engine = ingest_service.ctx.engine  # type: ignore[attr-defined]
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with ingest_service.client("pacs") as client:
+            response = stow(client, slices)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert response.status_code == 200, response.text
+    assert len(response.json()[REFERENCED]["Value"]) == 12
+    assert statements.count("insert into ingest_instances") == 1
+    assert statements.count("update ingest_instances set") == 1
+    assert statements.count("update ingest_series set") == 1  # a new series: opened once, for all twelve
+    assert len(statements) <= 12, statements
+
+
+def test_same_uid_twice_in_one_stow_with_other_content_fails_alone(ingest_service: IngestService) -> None:
+    """Within one request as across requests: a later part with the UID of an earlier one and other content is a
+    conflict (0x0111); an identical later copy is a success; the earlier part and the others are stored."""
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    first = minimal_image(StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=1)
+    uid = str(pydicom.dcmread(io.BytesIO(first), force=True).SOPInstanceUID)
+    other = minimal_image(
+        StudyInstanceUID=study,
+        SeriesInstanceUID=series,
+        SOPInstanceUID=uid,
+        InstanceNumber=1,
+        PixelData=bytes(reversed(range(32))),
+    )
+    second = minimal_image(StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=2)
+    with ingest_service.client("pacs") as client:
+        before = count_instances(ingest_service)
+        response = stow(client, [first, other, second, first])
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert [item["00081197"]["Value"][0] for item in body[FAILED]["Value"]] == [0x0111]
+    assert [item["00081155"]["Value"][0] for item in body[REFERENCED]["Value"]] == [
+        uid,
+        str(pydicom.dcmread(io.BytesIO(second), force=True).SOPInstanceUID),
+        uid,
+    ]
+    assert count_instances(ingest_service) == before + 2
+
+
 def _bare_real_file(path: Path, implicit_vr: bool) -> tuple[bytes, str]:
     """A bundled real MR (GE, explicit VR, with private tags) rewritten as an old Siemens-style file: fresh
     SOP Instance UID, no 128-byte preamble, no File Meta group; returns the bytes and the original UID."""

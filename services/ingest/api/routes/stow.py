@@ -4,7 +4,6 @@ bad ones reported one by one in FailedSOPSequence, and one bad file never fails 
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any
 
 import anyio
@@ -14,7 +13,6 @@ from fastapi.responses import JSONResponse
 from services.ingest.api.deps import ContextDep, StoreCaller
 from services.ingest.dicomweb import (
     MultipartError,
-    Part,
     UnsupportedMediaTypeError,
     failed_sop_item,
     read_parts,
@@ -22,6 +20,7 @@ from services.ingest.dicomweb import (
     stow_boundary,
     stow_response,
 )
+from services.ingest.receiver import batches
 from services.ingest.validation import FAILURE_STATUS, InstanceRejectedError, RejectReason
 from shared.http import add_audit_uids
 from shared.validation import DicomUID
@@ -30,8 +29,6 @@ log = logging.getLogger("voxelflow.ingest.stow")
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb STOW-RS"])
 
 DICOM_JSON = "application/dicom+json"
-# Parts of one STOW request received at the same time (threads: the waits on PostgreSQL and S3 overlap).
-STOW_PART_CONCURRENCY = 4
 
 
 async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JSONResponse:
@@ -54,15 +51,8 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
         (None, None, None) for _ in parts
     ]
 
-    def store_part(index: int, part: Part) -> None:
-        try:
-            if part.content_type.split(";")[0].strip().lower() != "application/dicom":
-                raise InstanceRejectedError(
-                    RejectReason.UNPARSEABLE,
-                    f"part Content-Type {part.content_type!r} is not application/dicom",
-                )
-            received = ctx.receiver.receive_stream(part.file, part.size, "stow", expected_study_uid=study_uid)
-        except InstanceRejectedError as exc:
+    def refused(index: int, exc: Exception) -> None:
+        if isinstance(exc, InstanceRejectedError):
             item = failed_sop_item(
                 exc.sop_class_uid,
                 exc.sop_instance_uid,
@@ -71,34 +61,65 @@ async def _store(request: Request, ctx: ContextDep, study_uid: str | None) -> JS
             )
             # The audit log holds no original identifiers: a refused instance is named by its pseudonym.
             audit = ctx.deidentifier.pseudonymise_uid(exc.sop_instance_uid) if exc.sop_instance_uid else None
-            outcomes[index - 1] = (None, item, audit)
-        except Exception as exc:
-            # An unforeseen failure of one part must not turn the whole request into a 500: the parts
-            # stored before it would go unreported and the PACS would send them again, or give up.
-            log.exception("STOW part %d failed unexpectedly", index)
-            item = failed_sop_item(
-                "",
-                "",
-                FAILURE_STATUS[RejectReason.STORAGE_ERROR],
-                f"{RejectReason.STORAGE_ERROR.value}: part {index} could not be processed ({type(exc).__name__})",
-            )
-            outcomes[index - 1] = (None, item, None)
-        else:
-            url = (
-                f"{base}/dicomweb/studies/{received.study_instance_uid}/series/{received.series_instance_uid}"
-                f"/instances/{received.sop_instance_uid}"
-            )
-            item_ref = referenced_sop_item(received.sop_class_uid, received.original_sop_instance_uid, url)
-            outcomes[index - 1] = (item_ref, None, received.sop_instance_uid)
-        finally:
-            part.file.close()
+            outcomes[index] = (None, item, audit)
+            return
+        # An unforeseen failure of one part must not turn the whole request into a 500: the parts
+        # stored before it would go unreported and the PACS would send them again, or give up.
+        log.error("STOW part %d failed unexpectedly", index + 1, exc_info=exc)
+        item = failed_sop_item(
+            "",
+            "",
+            FAILURE_STATUS[RejectReason.STORAGE_ERROR],
+            f"{RejectReason.STORAGE_ERROR.value}: part {index + 1} could not be processed ({type(exc).__name__})",
+        )
+        outcomes[index] = (None, item, None)
 
-    # Parts are received concurrently (bounded): each waits on PostgreSQL and S3 most of its time, and
-    # every part is its own idempotent claim-put-mark sequence, as concurrent STOW requests already are.
-    limiter = anyio.CapacityLimiter(STOW_PART_CONCURRENCY)
-    async with anyio.create_task_group() as group:
-        for index, part in enumerate(parts, start=1):
-            group.start_soon(partial(anyio.to_thread.run_sync, store_part, index, part, limiter=limiter))
+    def store_batch(batch: range) -> None:
+        """One batch of parts: the receiver parses each once and claims their rows in one transaction."""
+        accepted: list[int] = []
+        try:
+            for index in batch:
+                part = parts[index]
+                if part.content_type.split(";")[0].strip().lower() != "application/dicom":
+                    refused(
+                        index,
+                        InstanceRejectedError(
+                            RejectReason.UNPARSEABLE,
+                            f"part Content-Type {part.content_type!r} is not application/dicom",
+                        ),
+                    )
+                else:
+                    accepted.append(index)
+            received = ctx.receiver.receive_streams(
+                [(parts[i].file, parts[i].size) for i in accepted], "stow", expected_study_uid=study_uid
+            )
+            for index, outcome in zip(accepted, received, strict=True):
+                if isinstance(outcome, Exception):
+                    refused(index, outcome)
+                    continue
+                url = (
+                    f"{base}/dicomweb/studies/{outcome.study_instance_uid}/series/{outcome.series_instance_uid}"
+                    f"/instances/{outcome.sop_instance_uid}"
+                )
+                item_ref = referenced_sop_item(outcome.sop_class_uid, outcome.original_sop_instance_uid, url)
+                outcomes[index] = (item_ref, None, outcome.sop_instance_uid)
+        except Exception as exc:  # the receiver itself failed (a bug): every part of the batch fails, reported
+            log.exception("STOW batch of parts %d-%d failed unexpectedly", batch.start + 1, batch.stop)
+            for index in batch:
+                if outcomes[index] == (None, None, None):
+                    refused(index, exc)
+        finally:
+            for index in batch:
+                parts[index].file.close()
+
+    # A request is received in batches of at most BATCH_MAX_INSTANCES parts (bounded memory: a batch's
+    # encoded copies are held until its rows are claimed), one after the other, in a worker thread.
+    try:
+        for batch in batches(len(parts)):
+            await anyio.to_thread.run_sync(store_batch, batch)
+    finally:  # also when the request is cancelled half-way
+        for part in parts:
+            part.file.close()
 
     referenced = [ref for ref, _, _ in outcomes if ref is not None]
     failed = [fail for _, fail, _ in outcomes if fail is not None]
