@@ -988,7 +988,9 @@ class Stack:
             url=component.url,
             health=component.health,
             ports=component.ports,
-            env=host_env,
+            # the row's variables stay readable as in host mode (the demo reports VOXELFLOW_BACKEND from them);
+            # podman does not hand its own environment to the container, which gets only the env file
+            env={**component.env, **host_env},
             cwd=REPO_ROOT,
             requires=component.requires,
             prepare=prepare,

@@ -160,6 +160,7 @@ def test_every_service_of_the_table_runs_from_its_image_and_the_servers_stay_hos
         command = component.argv[component.argv.index(image) + 1 :]
         assert command == ["python", *host.argv[1:]]  # the same uvicorn/celery options and 127.0.0.1 port
         assert (component.url, component.ports, component.requires) == (host.url, host.ports, host.requires)
+        assert host.env.items() <= component.env.items()  # e.g. the demo reads VOXELFLOW_BACKEND from it
         assert _option(list(component.argv), "--name") == [container_name(stack.state_dir, component.name)]
     for name in ("postgres", "redis", "s3", "orthanc", "mlflow", "triton"):
         assert stack.components[name].argv == plain.components[name].argv
