@@ -96,7 +96,20 @@ for target in "${TARGETS[@]}"; do
     echo "$target $(($(seconds) - start))" >>"$TIMES"
 done
 
+# Summary: size (podman's, counting every layer of the image), build seconds of this run and the revision
+# label of each image; then what the store takes on disk, where the service images share the base and the
+# venv layer (their Dockerfiles are identical up to and including the venv COPY).
 echo
-echo "voxelflow images (build seconds in $TIMES):"
-cat "$TIMES"
-podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^localhost/voxelflow' | sort
+echo "voxelflow images, built from $SHA (build seconds also in $TIMES):"
+printf '  %-52s %10s %8s  %s\n' image size build-s revision
+if grep -q '^base ' "$TIMES"; then
+    printf '  %-52s %10s %8s\n' "$BASE_IMAGE" "$(podman image inspect "$BASE_IMAGE" --format '{{.Size}}' | numfmt --to=si --format=%.2f)" \
+        "$(sed -n 's/^base //p' "$TIMES")"
+fi
+for target in "${TARGETS[@]}"; do
+    image="localhost/voxelflow/$target:$TAG"
+    size="$(podman image inspect "$image" --format '{{.Size}}' | numfmt --to=si --format=%.2f)"
+    revision="$(podman image inspect "$image" --format '{{index .Labels "org.opencontainers.image.revision"}}')"
+    printf '  %-52s %10s %8s  %s\n' "$image" "$size" "$(sed -n "s/^$target //p" "$TIMES")" "${revision:--}"
+done
+echo "  image store on disk (shared layers counted once): $(du -sh "$(podman info --format '{{.Store.GraphRoot}}')" | cut -f1)"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,27 @@ def container_env(
         if key.startswith(PASSTHROUGH_PREFIXES) and not key.startswith(STACK_ONLY_PREFIX)
     }
     return {**passed, **stack_env, **component_env}
+
+
+#: the host's key file (``services/stack.toml``) and the variable a container gets the key itself in
+DEID_KEY_FILE_VARIABLE = "VOXELFLOW_DEID_KEY_FILE"
+DEID_KEY_VARIABLE = "VOXELFLOW_DEID_KEY"
+
+
+def inline_deid_key(env: Mapping[str, str], read_key: Callable[[Path], str]) -> dict[str, str]:
+    """``env`` with the de-identification key file replaced by the key, as the chart passes it (a Secret).
+
+    Why: the stack runs as root and keeps the key in a 0600 file of its state directory; the container
+    runs as UID 10001 and could not read it, and loosening the file's mode would expose the key that
+    every pseudonym depends on. The key travels instead in the container's 0600 env file, the way a pod
+    gets ``VOXELFLOW_DEID_KEY`` from ``secretKeyRef``. A key already given in ``env`` wins (it is what a
+    host process would have used); ``read_key`` creates the file when it does not exist yet, so host and
+    container processes of one state directory share one key."""
+    inlined = dict(env)
+    key_file = inlined.pop(DEID_KEY_FILE_VARIABLE, None)
+    if key_file is not None and not inlined.get(DEID_KEY_VARIABLE):
+        inlined[DEID_KEY_VARIABLE] = read_key(Path(key_file))
+    return inlined
 
 
 def env_file_text(env: Mapping[str, str]) -> str:

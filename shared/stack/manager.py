@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from minio import Minio
 
 from shared.contracts.tasks import training_queue
+from shared.pseudonyms import resolve_key
 from shared.stack.components import dicom_modalities, expand, load_table
 from shared.stack.containers import (
     CONTAINER_UID,
@@ -39,6 +40,7 @@ from shared.stack.containers import (
     container_name,
     env_file_text,
     image_for,
+    inline_deid_key,
     podman_remove_argv,
     podman_run_argv,
 )
@@ -950,7 +952,8 @@ class Stack:
         """The component as ``podman run`` of its service's image, configured as the host process would be.
 
         The container gets (in a 0600 env file, not on the command line: it holds secrets) the host's
-        service variables, the stack's variables for what it requires and the row's own. The state
+        service variables, the stack's variables for what it requires and the row's own, with the
+        de-identification key itself instead of its root-owned 0600 file (:func:`inline_deid_key`). The state
         directory is mounted at its own path, because the stack's variables name files in it (the
         de-identification key, Triton's model repository); as root the stack hands the directory and the
         model repository to UID 10001 so that the non-root container can write them."""
@@ -965,7 +968,8 @@ class Stack:
                 for path in (self.state_dir, self.triton_model_repository):
                     path.mkdir(parents=True, exist_ok=True)
                     os.chown(path, CONTAINER_UID, CONTAINER_UID)
-            text = env_file_text(container_env(os.environ, self.env_vars(component.requires), component.env))
+            env = container_env(os.environ, self.env_vars(component.requires), component.env)
+            text = env_file_text(inline_deid_key(env, lambda path: resolve_key(None, path).decode()))
             env_file.write_text(text)
             env_file.chmod(0o600)
             self._container_marker(name).write_text(f"{cname} {mode.podman}\n")
@@ -984,7 +988,9 @@ class Stack:
             url=component.url,
             health=component.health,
             ports=component.ports,
-            env=host_env,
+            # the row's variables stay readable as in host mode (the demo reports VOXELFLOW_BACKEND from them);
+            # podman does not hand its own environment to the container, which gets only the env file
+            env={**component.env, **host_env},
             cwd=REPO_ROOT,
             requires=component.requires,
             prepare=prepare,

@@ -26,6 +26,7 @@ from shared.stack.containers import (
     container_name,
     env_file_text,
     image_for,
+    inline_deid_key,
     podman_run_argv,
 )
 from shared.stack.manager import REPO_ROOT, SERVICES_GROUP
@@ -124,6 +125,21 @@ def test_env_file_keeps_json_values_verbatim_and_refuses_line_breaks() -> None:
         env_file_text({"A": "one\ntwo"})
 
 
+def test_the_deid_key_file_becomes_the_key_itself(tmp_path: Path) -> None:
+    read: list[Path] = []
+
+    def read_key(path: Path) -> str:
+        read.append(path)
+        return "k" * 64
+
+    env = {"VOXELFLOW_DEID_KEY_FILE": str(tmp_path / "deid.key"), "VOXELFLOW_SITE": "s"}
+    assert inline_deid_key(env, read_key) == {"VOXELFLOW_DEID_KEY": "k" * 64, "VOXELFLOW_SITE": "s"}
+    assert read == [tmp_path / "deid.key"]
+    given = {**env, "VOXELFLOW_DEID_KEY": "from-host"}
+    assert inline_deid_key(given, read_key) == {"VOXELFLOW_DEID_KEY": "from-host", "VOXELFLOW_SITE": "s"}
+    assert inline_deid_key({"VOXELFLOW_SITE": "s"}, read_key) == {"VOXELFLOW_SITE": "s"} and len(read) == 1
+
+
 def test_mode_is_off_unless_asked_for(tmp_path: Path) -> None:
     assert ContainerMode.from_env({}, tmp_path) is None
     assert ContainerMode.from_env({"VOXELFLOW_STACK_IMAGES": "0"}, tmp_path) is None
@@ -144,6 +160,7 @@ def test_every_service_of_the_table_runs_from_its_image_and_the_servers_stay_hos
         command = component.argv[component.argv.index(image) + 1 :]
         assert command == ["python", *host.argv[1:]]  # the same uvicorn/celery options and 127.0.0.1 port
         assert (component.url, component.ports, component.requires) == (host.url, host.ports, host.requires)
+        assert host.env.items() <= component.env.items()  # e.g. the demo reads VOXELFLOW_BACKEND from it
         assert _option(list(component.argv), "--name") == [container_name(stack.state_dir, component.name)]
     for name in ("postgres", "redis", "s3", "orthanc", "mlflow", "triton"):
         assert stack.components[name].argv == plain.components[name].argv
@@ -169,9 +186,21 @@ def test_prepare_writes_a_private_env_file_and_down_removes_the_container(tmp_pa
     assert lines["VOXELFLOW_STORAGE_URL"].startswith("s3://") and "VOXELFLOW_DATABASE_URL" in lines
     if os.geteuid() == 0:
         assert state.stat().st_uid == CONTAINER_UID  # the non-root container writes the state files
+    # the key the stack keeps in its 0600 file (root's, as root) reaches ingest and inference as a value
+    keys = set()
+    for name in ("ingest-api", "inference-worker"):
+        prepare = stack.components[name].prepare
+        assert prepare is not None
+        prepare()
+        sent = dict(line.split("=", 1) for line in (stack.procs.run_dir / f"{name}.env").read_text().splitlines())
+        assert "VOXELFLOW_DEID_KEY_FILE" not in sent
+        keys.add(sent["VOXELFLOW_DEID_KEY"])
+    key_file = state / "deid.key"
+    assert keys == {key_file.read_text().strip()} and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert "VOXELFLOW_DEID_KEY" not in lines  # preprocessing makes no pseudonyms
     Stack(StackConfig(state_dir=state, base_port=29100), log=lambda _: None).down()
-    name = container_name(stack.state_dir, "preprocessing-api")
-    assert calls.read_text().splitlines() == [f"rm --force --ignore --time 10 {name}"]
+    names = [container_name(stack.state_dir, n) for n in ("preprocessing-api", "ingest-api", "inference-worker")]
+    assert sorted(calls.read_text().splitlines()) == sorted(f"rm --force --ignore --time 10 {n}" for n in names)
     assert not env_file.exists()
 
 
