@@ -10,7 +10,7 @@ back. The parity tests compare it with MONAI's function itself.
 Why it is not a call to ``sliding_window_inference`` any more: everything around the backend call is
 small-tensor work (cutting windows, weighting, accumulating, two whole-volume zero fills), and PyTorch runs
 each of those element-wise ops on its intra-op thread pool, whose workers spin and contend with the
-backend's own pool on a machine whose cores are shared (the predictor's stitching then took as long as
+backend's own pool on a machine whose cores are shared (the predictor's stitching then took two thirds as long as
 the network on the hippocampus crops: cProfile in docs/inference-backends.md). Here it is numpy on the
 calling thread, in place on the float32 arrays the backend returns (no tensor round trip per batch, no
 float64), and the only torch object is the result, a zero-copy view of the output array.
