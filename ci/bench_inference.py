@@ -15,14 +15,15 @@ case's volumes, ``shared.inference.quantize``), serves the fp32 ONNX from a priv
 S3 + tritonserver from .venv-triton, model-control API) and times, per volume and interleaved (each
 volume through every path before the next, so load from other work on a shared machine hits every path
 alike): plain ``monai.inferers.sliding_window_inference`` on the PyTorch network, and the inference
-service's ``SlidingWindowPredictor`` over ``OnnxRuntimeBackend`` (fp32 and INT8) and over ``TritonBackend``
-(gRPC). Every path gets the same model, volumes, window, overlap, Gaussian blending, ``--sw-batch-size``
-and ``--threads``. Each path's logits are compared with PyTorch's (max |diff|, label agreement Dice);
-an fp32 path that does not reproduce PyTorch fails the run.
+service's ``SlidingWindowPredictor`` over ``OnnxRuntimeBackend`` (fp32 and INT8), over ``OpenVinoBackend``
+(fp32 and bf16) and over ``TritonBackend`` (gRPC). Every path gets the same model, volumes, window,
+overlap, Gaussian blending, ``--sw-batch-size`` and ``--threads``, and none spin-waits between calls
+(PyTorch's OpenMP included: ``OMP_WAIT_POLICY=PASSIVE``). Each path's logits are compared with
+PyTorch's (max |diff|, label agreement Dice); an fp32 path that does not reproduce PyTorch fails the run.
 
-It prints p50/p99 per volume, volumes/s and the ratio to PyTorch, model sizes, and the peak RSS of an
-inference worker (a fresh process: ONNX Runtime backend + predictor + argmax) on the ct-512 volume, and
-writes ``out/bench-inference.json``.
+It prints p50/p99 per volume, volumes/s, CPU time per volume and the ratios to PyTorch, model sizes, and
+the peak RSS of an inference worker (a fresh process: ONNX Runtime backend + predictor + argmax) on the
+ct-512 volume, and writes ``out/bench-inference.json``.
 """
 
 from __future__ import annotations
