@@ -25,7 +25,7 @@ from monai.transforms import Compose
 from services.inference.backends import ModelControl, TritonBackend
 from services.inference.triton_repository import TritonModelConfig, model_prefix
 from shared.contracts import artifacts as artifact_names
-from shared.inference import InferenceBackend, OnnxRuntimeBackend, SlidingWindowPredictor
+from shared.inference import InferenceBackend, OnnxRuntimeBackend, OpenVinoBackend, SlidingWindowPredictor
 
 if TYPE_CHECKING:
     from shared.storage import ObjectStore
@@ -170,7 +170,8 @@ class _TritonVersions:
 class RegistryModelSource:
     """Versions of one registered model, read through ``shared.registry.ModelRegistry``, run on a backend.
 
-    ``onnxruntime``: the version's ``model/onnx/model.onnx`` artifact in an embedded ONNX Runtime session.
+    ``onnxruntime``: the version's ``model/onnx/model.onnx`` artifact in an embedded ONNX Runtime session;
+    ``openvino``: the same artifact compiled by OpenVINO in this process (fp32).
     ``triton``: the version of ``triton/<model>/`` in object storage, loaded into a Triton server (synced
     into ``triton_repository`` first when the server reads a local directory). Either way the window size
     and channels come from the export itself, and windows go through one :class:`SlidingWindowPredictor`:
@@ -194,8 +195,8 @@ class RegistryModelSource:
         onnxruntime_threads: int | None = None,
         tracking_uri: str | None = None,
     ):
-        if backend not in ("onnxruntime", "triton"):
-            raise ValueError(f"unknown backend {backend!r}: onnxruntime or triton")
+        if backend not in ("onnxruntime", "openvino", "triton"):
+            raise ValueError(f"unknown backend {backend!r}: onnxruntime, openvino or triton")
         if backend == "triton" and store is None:
             raise ValueError("the triton backend reads its model repository from object storage: give a store")
         self.model_name = model_name
@@ -229,8 +230,8 @@ class RegistryModelSource:
     def load(self, version: str) -> ServedModel:
         artifacts = read_version_artifacts(self.registry, self.model_name, version)
         backend: InferenceBackend
-        if self.backend == "onnxruntime":
-            onnx, close = self._open_onnxruntime(artifacts)
+        if self.backend in ("onnxruntime", "openvino"):
+            onnx, close = self._open_onnx(artifacts)
             in_shape = onnx.input_shape
             backend, in_channels, roi = onnx, int(in_shape[1]), tuple(int(d) for d in in_shape[2:])
         else:
@@ -238,7 +239,9 @@ class RegistryModelSource:
             in_channels, roi = config.in_channels, config.roi_size
         return served_model(artifacts, backend, roi, in_channels, self.sw_batch_size, self.overlap, close)
 
-    def _open_onnxruntime(self, artifacts: VersionArtifacts) -> tuple[OnnxRuntimeBackend, Callable[[], None]]:
+    def _open_onnx(
+        self, artifacts: VersionArtifacts
+    ) -> tuple[OnnxRuntimeBackend | OpenVinoBackend, Callable[[], None]]:
         import shutil
         import tempfile
 
@@ -246,7 +249,11 @@ class RegistryModelSource:
             raise ModelNotServableError(
                 f"version {artifacts.version} has no ONNX export; run voxelflow models export --model {artifacts.uri}"
             )
-        backend = OnnxRuntimeBackend(intra_op_threads=self.onnxruntime_threads)
+        backend: OnnxRuntimeBackend | OpenVinoBackend
+        if self.backend == "openvino":
+            backend = OpenVinoBackend(threads=self.onnxruntime_threads)
+        else:
+            backend = OnnxRuntimeBackend(intra_op_threads=self.onnxruntime_threads)
         workdir = tempfile.mkdtemp(prefix=f"vf-serve-{artifacts.name}-{artifacts.version}-")
         try:
             onnx_path = self.registry.download_artifacts(artifacts.run_id, ONNX_ARTIFACT, workdir)

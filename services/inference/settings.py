@@ -26,10 +26,11 @@ class InferenceSettings(PseudonymSettings):
     alias_poll_seconds: float = Field(
         default=30.0, gt=0, description="How often the registry is asked where the aliases point."
     )
-    backend: Literal["onnxruntime", "triton"] = Field(
+    backend: Literal["onnxruntime", "openvino", "triton"] = Field(
         default="onnxruntime",
-        description="Where windows run: onnxruntime (the version's model/onnx export, in-process) or triton "
-        "(the version under triton/<model>/ in object storage, on a Triton server).",
+        description="Where windows run: onnxruntime (the version's model/onnx export, in-process), openvino "
+        "(the same export compiled by OpenVINO, in-process, fp32: the faster of the two on CPU for 3-D UNets) or "
+        "triton (the version under triton/<model>/ in object storage, on a Triton server).",
     )
     triton_url: str = Field(default="127.0.0.1:8001", description="Triton gRPC address (backend=triton).")
     triton_model_repository: str | None = Field(
@@ -60,7 +61,7 @@ class InferenceSettings(PseudonymSettings):
         default=None, description="MLflow tracking/registry server (else MLFLOW_TRACKING_URI)."
     )
     onnxruntime_threads: int = Field(
-        default=0, ge=0, description="Intra-op threads of the embedded ONNX Runtime session; 0 = its default."
+        default=0, ge=0, description="Threads of the embedded ONNX Runtime session or OpenVINO model; 0 = its default."
     )
     sw_batch_size: int = Field(default=4, ge=1, description="Sliding-window windows sent per inference call.")
     sw_overlap: float = Field(default=0.25, ge=0.0, lt=1.0, description="Sliding-window overlap.")

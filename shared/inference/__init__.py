@@ -11,6 +11,7 @@ from shared.inference.backends import (
     BackendError,
     InferenceBackend,
     OnnxRuntimeBackend,
+    OpenVinoBackend,
     TorchModuleBackend,
     check_batch,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "BackendError",
     "InferenceBackend",
     "OnnxRuntimeBackend",
+    "OpenVinoBackend",
     "SegmentedVolume",
     "SlidingWindowPredictor",
     "TorchModuleBackend",

@@ -149,6 +149,114 @@ class OnnxRuntimeBackend:
             self._session, self.model_name, self.version = None, None, None
 
 
+#: the precisions :class:`OpenVinoBackend` runs at: f32 reproduces the export (the parity gate's tolerance);
+#: bf16 (AMX / AVX-512 BF16 CPUs) is a lower-precision variant that has to pass a Dice gate like INT8
+OPENVINO_PRECISIONS = ("f32", "bf16")
+
+
+class OpenVinoBackend:
+    """The same ONNX export compiled by OpenVINO's CPU plugin, inside the calling process.
+
+    Why next to ONNX Runtime: the models served here are 3-D UNets, and ONNX Runtime's CPU provider runs a
+    3-D convolution as im2col + GEMM (its blocked NCHWc kernels are 2-D only), while OpenVINO compiles the
+    graph to oneDNN's blocked 3-D convolutions with the norm and activation fused; on this project's CPUs it
+    is the faster runtime for the same file and the same fp32 arithmetic (``make bench-inference``).
+
+    ``precision="f32"`` (default) keeps fp32 arithmetic (OpenVINO would otherwise pick bf16 on an AMX CPU),
+    so it reproduces PyTorch to the parity gate's tolerance. The batch axis stays dynamic in the file, but
+    each batch size seen (the predictor sends ``sw_batch_size`` windows and one remainder) gets its own
+    statically shaped compilation, which OpenVINO runs faster than a dynamic one; at most
+    ``max_compiled`` of them are kept. ``threads`` is the size of its pool (what PyTorch and ONNX Runtime
+    get in a comparison); no CPU pinning, because the cores are shared with the predictor's stitching and
+    other work. ``infer`` is safe to call from several threads (one infer request per call).
+    """
+
+    def __init__(self, threads: int | None = None, precision: str = "f32", max_compiled: int = 8) -> None:
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"precision must be one of {OPENVINO_PRECISIONS}, got {precision!r}")
+        self.threads = threads
+        self.precision = precision
+        self.max_compiled = max(1, max_compiled)
+        self.model_name: str | None = None
+        self.version: str | None = None
+        self._core: Any = None
+        self._model: Any = None
+        self._compiled: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    @property
+    def input_shape(self) -> tuple[int | str, ...]:
+        """The loaded model's input shape (the batch axis as ``"batch"``, the window size as integers)."""
+        model = self._model
+        if model is None:
+            raise BackendError("no model loaded")
+        shape = model.input(INPUT_NAME).get_partial_shape()
+        return tuple(int(d.get_length()) if d.is_static else "batch" for d in shape)
+
+    def _config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": self.precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "ENABLE_CPU_PINNING": False,
+        }
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        return config
+
+    def load(self, model_name: str, version: int | str, path: str | Path | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise BackendError("the OpenVINO backend needs the openvino package (requirements.txt)") from exc
+
+        onnx_path = _resolve_onnx(model_name, version, path)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(onnx_path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for bad files
+            raise BackendError(f"OpenVINO could not read {onnx_path}: {exc}") from exc
+        names = {name for port in model.inputs for name in port.get_names()}
+        if INPUT_NAME not in names:
+            raise BackendError(f"{onnx_path} has inputs {sorted(names)}, expected {INPUT_NAME!r}")
+        with self._lock:  # the swap is atomic for concurrent infer() callers
+            self._core, self._model, self._compiled = core, model, {}
+            self.model_name, self.version = model_name, str(version)
+
+    def _compiled_for(self, batch_size: int) -> Any:
+        with self._lock:
+            model = self._model
+            if model is None:
+                raise BackendError("no model loaded")
+            compiled = self._compiled.get(batch_size)
+            if compiled is not None:
+                return compiled
+            shaped = model.clone()
+            window = [int(d.get_length()) for d in list(shaped.input(INPUT_NAME).get_partial_shape())[1:]]
+            shaped.reshape({INPUT_NAME: [batch_size, *window]})
+            compiled = self._core.compile_model(shaped, "CPU", self._config())
+            if len(self._compiled) >= self.max_compiled:
+                self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[batch_size] = compiled
+            return compiled
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self._model is None:
+            raise BackendError("no model loaded")
+        batch = check_batch(batch)
+        request = self._compiled_for(int(batch.shape[0])).create_infer_request()
+        result = request.infer({INPUT_NAME: batch})  # copies the outputs out of the request's buffers
+        return np.asarray(result[OUTPUT_NAME])
+
+    def unload(self) -> None:
+        with self._lock:
+            self._model, self._compiled, self.model_name, self.version = None, {}, None, None
+
+
 class TorchModuleBackend:
     """A PyTorch network inside the calling process: what evaluation runs before (or without) an export.
 
