@@ -166,9 +166,14 @@ def test_every_service_of_the_table_runs_from_its_image_and_the_servers_stay_hos
         assert stack.components[name].argv == plain.components[name].argv
 
 
-def test_prepare_writes_a_private_env_file_and_down_removes_the_container(tmp_path: Path) -> None:
+def test_prepare_writes_a_private_env_file_and_down_removes_the_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The env file (it holds the S3 secret) is 0600; ``down`` asks podman to remove the container even
     when the stack is no longer in container mode (``make down`` after ``make up-images``)."""
+    # a key in this process's environment (an earlier test's) would win over the stack's key file
+    monkeypatch.delenv("VOXELFLOW_DEID_KEY", raising=False)
+    monkeypatch.delenv("VOXELFLOW_DEID_KEY_FILE", raising=False)
     calls = tmp_path / "podman-calls"
     fake = tmp_path / "podman"
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')

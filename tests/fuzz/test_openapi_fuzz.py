@@ -48,6 +48,8 @@ DOCUMENTED_RULES: dict[tuple[str, str], str] = {
     ("POST", "/datasets"): "a site manifest gives each case or patient one site",
     ("POST", "/federated-runs"): "min_sites is at most the number of sites",
     ("POST", "/v1/segmentations"): "send_to_pacs needs a PACS configured on the service",
+    ("POST", "/v1/routing-rules"): "model_alias is one the service serves; an empty destination needs its pacs_url",
+    ("PUT", "/v1/routing-rules/{id}"): "model_alias is one the service serves; an empty destination needs its pacs_url",
 }
 
 

@@ -45,12 +45,14 @@ SCANNER_AE = "ROUTE-SCANNER"
 
 
 def fresh_series(files: list[Path], study_uid: str, series_number: int) -> list[pydicom.Dataset]:
-    """The files as a new series of ``study_uid`` (new series and instance UIDs, same pixels and geometry)."""
+    """The files as a new series of ``study_uid`` (new series and instance UIDs, same pixels and geometry), of
+    a patient of its own: the ingest catalogue is shared with tests that count the studies of the TCIA ones."""
     series_uid = generate_uid()
     datasets: list[pydicom.Dataset] = []
     for path in files:
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study_uid, series_uid, series_number
+        ds.PatientID, ds.PatientName = "ROUTING-TEST", "Routing^Test"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         datasets.append(ds)
     return datasets
