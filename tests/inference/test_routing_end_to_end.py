@@ -35,7 +35,6 @@ from tests.ingest.conftest import (  # noqa: F401  (fixtures)
     ingest_env,
     ingest_service,
     ingest_worker,
-    pacs_receiver,
     stow,
 )
 from tests.service_harness import free_port, wait_for
@@ -112,7 +111,6 @@ def test_matching_series_is_segmented_and_sent_the_other_is_not(
     inference: InferenceService,
     ingest_service: IngestService,
     ingest_worker: object,
-    pacs_receiver: int,
     orthanc: Any,
     shared_data: Path,
 ) -> None:
@@ -120,6 +118,7 @@ def test_matching_series_is_segmented_and_sent_the_other_is_not(
 
     import services.inference.tasks  # noqa: F401  (registers the tasks with the worker)
     from services.inference import series_routing, worker
+    from services.ingest.dimse import start_receiver
 
     dead_port = free_port()  # nothing listens: every send is refused at once, so the task retries, then gives up
     rules = [
@@ -161,7 +160,15 @@ def test_matching_series_is_segmented_and_sent_the_other_is_not(
             perform_ping_check=False,
             shutdown_timeout=30,
         ):
-            c_store(matching, pacs_receiver)  # a scanner sends the series it matches (AE, description)
+            # a scanner sends the series it matches (AE, description). The receiver is this test's own, on a
+            # free port: the session-scoped one of tests/ingest, imported here, would be a second instance
+            # holding Orthanc's receiver port for the rest of the session.
+            receiver_port = free_port()
+            receiver = start_receiver(ingest_service.ctx, port=receiver_port)  # type: ignore[arg-type]
+            try:
+                c_store(matching, receiver_port)
+            finally:
+                receiver.shutdown()
             with ingest_service.client("pacs") as client:  # the other series comes by STOW-RS, described T1post
                 assert stow(client, [part10(ds) for ds in other]).status_code == 200
             study, routed_series = pseudonymised_series(ingest_service, matching[0])
